@@ -1,0 +1,426 @@
+//! Build a file from its plan: local reads, fetched chunks and holes go, in order, into a
+//! temporary file in the destination directory; the whole-file BLAKE3 is checked; only then is
+//! the temporary renamed over the old file. A failure at any point leaves the old file as it was.
+
+use crate::error::{Error, IoContext, Result};
+use crate::id::{is_zero, ChunkId};
+use crate::index::ChunkIndex;
+use crate::manifest::ChunkSpec;
+use crate::plan::{FilePlan, Piece};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// Read access to the files of a [`ChunkIndex`] that stays correct while the sync replaces them:
+/// before a path is renamed over, its old inode is opened and kept ("pinned"), so chunks still to
+/// be copied from the old version are read from the old version.
+pub struct FileTable<'a> {
+    index: &'a ChunkIndex,
+    by_path: HashMap<&'a Path, u32>,
+    pinned: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+impl<'a> FileTable<'a> {
+    /// A table over `index`'s files.
+    pub fn new(index: &'a ChunkIndex) -> Self {
+        let by_path = index
+            .files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.path.as_path(), i as u32))
+            .collect();
+        FileTable {
+            index,
+            by_path,
+            pinned: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Open index file `n` for reading (its pinned old version if it was replaced).
+    pub fn open(&self, n: u32) -> Result<Arc<File>> {
+        let pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = pinned.get(&n) {
+            return Ok(f.clone());
+        }
+        let path = &self.index.files[n as usize].path;
+        Ok(Arc::new(open_nofollow(path)?))
+    }
+
+    /// Keep index file `n` readable in its current version, whatever happens to its path.
+    pub fn pin(&self, n: u32) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Vacant(v) = pinned.entry(n) {
+            if let Ok(f) = open_nofollow(&self.index.files[n as usize].path) {
+                v.insert(Arc::new(f));
+            }
+        }
+    }
+
+    /// Rename `tmp` over `dest`, first pinning the old file at `dest` if it is indexed.
+    pub fn replace(&self, tmp: &Path, dest: &Path) -> Result<()> {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&n) = self.by_path.get(dest) {
+            if let std::collections::hash_map::Entry::Vacant(v) = pinned.entry(n) {
+                if let Ok(f) = open_nofollow(dest) {
+                    v.insert(Arc::new(f));
+                }
+            }
+        }
+        std::fs::rename(tmp, dest).ctx("rename into place", dest)
+    }
+}
+
+fn open_nofollow(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ctx("open", path)
+}
+
+/// Block size for hole detection: runs of zero blocks of this size are not written.
+const BLOCK: u64 = 4096;
+/// Buffered bytes before a write.
+const WRITE_BUF: usize = 1 << 20;
+
+/// Sequential writer that leaves aligned all-zero blocks as holes (the file is new, so skipped
+/// blocks read back as zeros).
+struct SparseWriter<'f> {
+    file: &'f File,
+    path: &'f Path,
+    pos: u64,
+    buf: Vec<u8>,
+    buf_start: u64,
+    sparse: bool,
+}
+
+impl<'f> SparseWriter<'f> {
+    fn new(file: &'f File, path: &'f Path, sparse: bool) -> Self {
+        SparseWriter {
+            file,
+            path,
+            pos: 0,
+            buf: Vec::with_capacity(WRITE_BUF),
+            buf_start: 0,
+            sparse,
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if !self.buf.is_empty() {
+            self.file
+                .write_all_at(&self.buf, self.buf_start)
+                .ctx("write", self.path)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, data: &[u8]) -> Result<()> {
+        if self.buf.is_empty() {
+            self.buf_start = self.pos;
+        }
+        self.buf.extend_from_slice(data);
+        self.pos += data.len() as u64;
+        if self.buf.len() >= WRITE_BUF {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        if !self.sparse {
+            return self.push(data);
+        }
+        while !data.is_empty() {
+            let to_boundary = (BLOCK - self.pos % BLOCK) as usize;
+            let n = to_boundary.min(data.len());
+            let (block, rest) = data.split_at(n);
+            if n as u64 == BLOCK && is_zero(block) {
+                self.flush()?;
+                self.pos += BLOCK;
+            } else {
+                self.push(block)?;
+            }
+            data = rest;
+        }
+        Ok(())
+    }
+
+    fn zeros(&mut self, mut len: u64) -> Result<()> {
+        if !self.sparse {
+            const Z: [u8; 65536] = [0; 65536];
+            while len > 0 {
+                let n = len.min(Z.len() as u64) as usize;
+                self.push(&Z[..n])?;
+                len -= n as u64;
+            }
+            return Ok(());
+        }
+        // Pad to the next block boundary with real zeros, then skip whole blocks.
+        let head = ((BLOCK - self.pos % BLOCK) % BLOCK).min(len);
+        self.push(&vec![0u8; head as usize])?;
+        len -= head;
+        if len > 0 {
+            self.flush()?;
+            self.pos += len;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<u64> {
+        self.flush()?;
+        self.file
+            .set_len(self.pos)
+            .ctx("set length of", self.path)?;
+        Ok(self.pos)
+    }
+}
+
+/// Options for assembly.
+#[derive(Clone, Copy, Debug)]
+pub struct AssembleOptions {
+    /// Leave zero blocks as holes.
+    pub sparse: bool,
+    /// fsync the file before it is renamed into place.
+    pub fsync: bool,
+}
+
+/// A fetched chunk: its number in the file and its (decoded) bytes.
+pub type Fetched = (u32, Vec<u8>);
+
+/// Hash zeros without allocating.
+fn hash_zeros(h: &mut blake3::Hasher, mut len: u64) {
+    const Z: [u8; 65536] = [0; 65536];
+    while len > 0 {
+        let n = len.min(Z.len() as u64) as usize;
+        h.update(&Z[..n]);
+        len -= n as u64;
+    }
+}
+
+/// Write the file described by `chunks`/`plan` into a new temporary file next to `dest`, taking
+/// fetched chunks from `next`, which yields them in the order of `plan.fetch`. Every fetched
+/// chunk is checked against its id, and the whole result against `hash`. Returns the temporary
+/// file, ready to be renamed into place.
+#[allow(clippy::too_many_arguments)]
+pub fn assemble(
+    dest: &Path,
+    size: u64,
+    hash: &ChunkId,
+    chunks: &[ChunkSpec],
+    plan: &FilePlan,
+    files: &FileTable<'_>,
+    next: &mut dyn FnMut() -> Result<Fetched>,
+    opts: AssembleOptions,
+) -> Result<tempfile::TempPath> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(dest.file_name().unwrap_or_default());
+    prefix.push(".hop.");
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempfile_in(dir)
+        .ctx("create temporary file in", dir)?;
+    let (file, tmp_path) = tmp.into_parts();
+    let mut w = SparseWriter::new(&file, &tmp_path, opts.sparse);
+    let mut hasher = blake3::Hasher::new();
+    let mut open: HashMap<u32, Arc<File>> = HashMap::new();
+    let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut buf = Vec::new();
+
+    for piece in &plan.pieces {
+        match *piece {
+            Piece::Zero(len) => {
+                hash_zeros(&mut hasher, len);
+                w.zeros(len)?;
+            }
+            Piece::Local {
+                file: n,
+                offset,
+                len,
+            } => {
+                let f = match open.get(&n) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = files.open(n)?;
+                        open.insert(n, f.clone());
+                        f
+                    }
+                };
+                let mut left = len;
+                let mut off = offset;
+                while left > 0 {
+                    let step = left.min(WRITE_BUF as u64) as usize;
+                    buf.resize(step, 0);
+                    let src = &files.index.files[n as usize].path;
+                    f.read_exact_at(&mut buf, off).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            Error::SourceChanged { path: src.clone() }
+                        } else {
+                            Error::Io {
+                                op: "read",
+                                path: src.clone(),
+                                source: e,
+                            }
+                        }
+                    })?;
+                    hasher.update(&buf);
+                    w.write(&buf)?;
+                    left -= step as u64;
+                    off += step as u64;
+                }
+            }
+            Piece::Fetch(n) => {
+                let (got, bytes) = next()?;
+                if got != n {
+                    return Err(Error::Protocol(format!(
+                        "expected chunk {n} of {}, got chunk {got}",
+                        dest.display()
+                    )));
+                }
+                let spec = chunks
+                    .get(n as usize)
+                    .ok_or_else(|| Error::Protocol(format!("chunk {n} out of range")))?;
+                let actual = ChunkId::of(&bytes);
+                if bytes.len() != spec.len as usize || actual != spec.id {
+                    return Err(Error::Integrity {
+                        what: format!("chunk {n} of {}", dest.display()),
+                        expected: spec.id.to_hex(),
+                        actual: actual.to_hex(),
+                    });
+                }
+                hasher.update(&bytes);
+                w.write(&bytes)?;
+                if plan.keep.binary_search(&n).is_ok() {
+                    kept.insert(n, bytes);
+                }
+            }
+            Piece::Repeat(n) => {
+                let bytes = kept.get(&n).ok_or_else(|| {
+                    Error::Protocol(format!("repeat of chunk {n} that was not fetched"))
+                })?;
+                hasher.update(bytes);
+                w.write(bytes)?;
+            }
+        }
+    }
+    let written = w.finish()?;
+    let actual = ChunkId::from(hasher.finalize());
+    if written != size || actual != *hash {
+        return Err(Error::Integrity {
+            what: dest.display().to_string(),
+            expected: hash.to_hex(),
+            actual: actual.to_hex(),
+        });
+    }
+    if opts.fsync {
+        file.sync_all().ctx("fsync", &*tmp_path)?;
+    }
+    Ok(tmp_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{chunk_bytes, tests_support::noise, ChunkParams};
+    use crate::plan::plan_file;
+
+    fn build(old: &[u8], new: &[u8], sparse: bool) -> (tempfile::TempDir, Vec<u8>, u64) {
+        let d = tempfile::tempdir().unwrap();
+        let p = ChunkParams::default();
+        let oldp = d.path().join("old");
+        std::fs::write(&oldp, old).unwrap();
+        let mut idx = ChunkIndex::default();
+        idx.add(oldp.clone(), chunk_bytes(old, p));
+        let fc = chunk_bytes(new, p);
+        let plan = plan_file(&fc.chunks, &idx);
+        let offs = crate::manifest::chunk_offsets(&fc.chunks);
+        let mut fetch = plan.fetch.clone().into_iter();
+        let mut next = || {
+            let n = fetch.next().unwrap();
+            let o = offs[n as usize] as usize;
+            Ok((n, new[o..o + fc.chunks[n as usize].len as usize].to_vec()))
+        };
+        let table = FileTable::new(&idx);
+        let dest = d.path().join("new");
+        let tmp = assemble(
+            &dest,
+            fc.size,
+            &fc.hash,
+            &fc.chunks,
+            &plan,
+            &table,
+            &mut next,
+            AssembleOptions {
+                sparse,
+                fsync: false,
+            },
+        )
+        .unwrap();
+        table.replace(&tmp, &dest).unwrap();
+        std::mem::forget(tmp);
+        let out = std::fs::read(&dest).unwrap();
+        (d, out, plan.literal)
+    }
+
+    #[test]
+    fn rebuilds_edited_file_byte_identical() {
+        let old = noise(1, 2 << 20);
+        let mut new = old.clone();
+        new[500_000..504_096].copy_from_slice(&noise(2, 4096));
+        new.splice(1_500_000..1_500_000, noise(3, 777));
+        let (_d, out, literal) = build(&old, &new, true);
+        assert_eq!(out, new);
+        assert!(literal < 200_000, "literal {literal}");
+    }
+
+    #[test]
+    fn zero_runs_become_holes() {
+        use std::os::unix::fs::MetadataExt;
+        let mut new = noise(4, 8192);
+        new.extend(vec![0u8; 4 << 20]);
+        new.extend(noise(5, 8192));
+        let (d, out, _) = build(&[], &new, true);
+        assert_eq!(out, new);
+        let md = std::fs::metadata(d.path().join("new")).unwrap();
+        assert!(
+            md.blocks() * 512 < 1 << 20,
+            "file not sparse: {} blocks",
+            md.blocks()
+        );
+    }
+
+    #[test]
+    fn corrupt_fetched_chunk_is_refused_and_nothing_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let new = noise(6, 100_000);
+        let fc = chunk_bytes(&new, ChunkParams::default());
+        let idx = ChunkIndex::default();
+        let plan = plan_file(&fc.chunks, &idx);
+        let dest = d.path().join("f");
+        std::fs::write(&dest, b"old content").unwrap();
+        let table = FileTable::new(&idx);
+        let mut next = || Ok((0u32, vec![0xAA; fc.chunks[0].len as usize]));
+        let r = assemble(
+            &dest,
+            fc.size,
+            &fc.hash,
+            &fc.chunks,
+            &plan,
+            &table,
+            &mut next,
+            AssembleOptions {
+                sparse: true,
+                fsync: false,
+            },
+        );
+        assert!(matches!(r, Err(Error::Integrity { .. })), "{r:?}");
+        assert_eq!(std::fs::read(&dest).unwrap(), b"old content");
+        // The temporary file was removed.
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}

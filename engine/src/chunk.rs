@@ -1,0 +1,360 @@
+//! Content-defined chunking (FastCDC 2020) and BLAKE3 chunk ids.
+//!
+//! Cut points depend only on content, so an insertion shifts the data after it without changing
+//! the chunks there. Files larger than two segments are cut in parallel: every segment is chunked
+//! on its own, then the sequential chunking is continued from each boundary until it lands on one
+//! of the next segment's cut points, after which the two agree by construction (a FastCDC cut
+//! depends only on the bytes since the previous cut). The result is identical to chunking the
+//! whole file on one core, which a property test checks.
+
+use crate::error::{Error, IoContext, Result};
+use crate::id::{is_zero, ChunkId};
+use crate::manifest::ChunkSpec;
+use fastcdc::v2020::FastCDC;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+/// Chunk size bounds for FastCDC.
+///
+/// Smaller chunks find more of what the receiver already has when changes are scattered (a 4 KiB
+/// page rewritten here and there costs one chunk each), at the price of more ids in the manifest
+/// and index (40 bytes per chunk) and slower chunking. See `benchmarks/README.md` for the sweep
+/// behind the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChunkParams {
+    /// No cut before this many bytes (FastCDC skips them without hashing). 64 B ..= 1 MiB.
+    pub min: u32,
+    /// Target average. 256 B ..= 4 MiB.
+    pub avg: u32,
+    /// Forced cut at this many bytes. 1 KiB ..= 16 MiB.
+    pub max: u32,
+}
+
+impl Default for ChunkParams {
+    /// min 4 KiB, avg 8 KiB, max 64 KiB: measured on the 1 GiB edit benchmark (scattered 4 KiB
+    /// rewrites) as the best trade between literal bytes and chunking speed.
+    fn default() -> Self {
+        ChunkParams {
+            min: 4 * 1024,
+            avg: 8 * 1024,
+            max: 64 * 1024,
+        }
+    }
+}
+
+impl ChunkParams {
+    /// Validated parameters.
+    pub fn new(min: u32, avg: u32, max: u32) -> Result<Self> {
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
+        let bad = |s: String| Err(Error::ChunkParams(s));
+        if !(MINIMUM_MIN..=MINIMUM_MAX).contains(&min) {
+            return bad(format!("min {min} not in {MINIMUM_MIN}..={MINIMUM_MAX}"));
+        }
+        if !(AVERAGE_MIN..=AVERAGE_MAX).contains(&avg) {
+            return bad(format!("avg {avg} not in {AVERAGE_MIN}..={AVERAGE_MAX}"));
+        }
+        if !(MAXIMUM_MIN..=MAXIMUM_MAX).contains(&max) {
+            return bad(format!("max {max} not in {MAXIMUM_MIN}..={MAXIMUM_MAX}"));
+        }
+        if !(min <= avg && avg <= max) {
+            return bad(format!("need min <= avg <= max, got {min}/{avg}/{max}"));
+        }
+        Ok(ChunkParams { min, avg, max })
+    }
+
+    /// Derive min = avg/2 and max = avg*8 from an average, the shape used by `--chunk-size`.
+    pub fn from_avg(avg: u32) -> Result<Self> {
+        ChunkParams::new((avg / 2).max(64), avg, avg.saturating_mul(8).max(1024))
+    }
+}
+
+/// Segment size for parallel chunking of one large buffer.
+const SEGMENT: usize = 16 << 20;
+
+/// Chunk lengths of `data`, cut on one core.
+fn cut_sequential(data: &[u8], p: ChunkParams) -> Vec<u32> {
+    if data.is_empty() {
+        return Vec::new();
+    }
+    FastCDC::new(data, p.min, p.avg, p.max)
+        .map(|c| c.length as u32)
+        .collect()
+}
+
+/// Chunk lengths of `data`; identical to [`cut_sequential`], computed in parallel for large data.
+pub fn cut_points(data: &[u8], p: ChunkParams) -> Vec<u32> {
+    if data.len() < 2 * SEGMENT {
+        return cut_sequential(data, p);
+    }
+    let starts: Vec<usize> = (0..data.len()).step_by(SEGMENT).collect();
+    // End offsets (absolute) of the chunks each segment finds on its own, last one excluded unless
+    // it is the end of the data (a cut at a segment's end may only be the slice ending).
+    let seg_cuts: Vec<Vec<usize>> = starts
+        .par_iter()
+        .map(|&s| {
+            let e = (s + SEGMENT).min(data.len());
+            let mut ends: Vec<usize> = FastCDC::new(&data[s..e], p.min, p.avg, p.max)
+                .map(|c| s + c.offset + c.length)
+                .collect();
+            if e != data.len() {
+                ends.pop();
+            }
+            ends
+        })
+        .collect();
+
+    let mut ends: Vec<usize> = seg_cuts[0].clone();
+    let mut pos = ends.last().copied().unwrap_or(0);
+    for seg in seg_cuts.iter().skip(1) {
+        // Continue sequentially from `pos` until a cut coincides with one of this segment's cuts.
+        let mut joined = false;
+        while pos < data.len() {
+            if let Ok(i) = seg.binary_search(&pos) {
+                ends.extend_from_slice(&seg[i + 1..]);
+                pos = ends.last().copied().unwrap_or(pos);
+                joined = true;
+                break;
+            }
+            if seg.last().is_none_or(|&last| pos >= last) {
+                break; // this segment is passed without meeting it: carry on into the next
+            }
+            let len = FastCDC::new(&data[pos..], p.min, p.avg, p.max)
+                .next()
+                .map_or(data.len() - pos, |c| c.length);
+            pos += len;
+            ends.push(pos);
+        }
+        let _ = joined;
+    }
+    // Finish whatever is left after the last segment's cuts (only when no segment joined the end).
+    while pos < data.len() {
+        let len = FastCDC::new(&data[pos..], p.min, p.avg, p.max)
+            .next()
+            .map_or(data.len() - pos, |c| c.length);
+        pos += len;
+        ends.push(pos);
+    }
+    let mut prev = 0usize;
+    ends.into_iter()
+        .map(|e| {
+            let l = (e - prev) as u32;
+            prev = e;
+            l
+        })
+        .collect()
+}
+
+/// The chunks of one file or buffer, and the hash of its whole content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileChunks {
+    /// Total length.
+    pub size: u64,
+    /// BLAKE3 of the whole content.
+    pub hash: ChunkId,
+    /// The chunks in order.
+    pub chunks: Vec<ChunkSpec>,
+}
+
+/// Below this size a whole-buffer hash is computed on one thread (BLAKE3 threads only pay off on
+/// large inputs).
+const PARALLEL_HASH_MIN: usize = 1 << 20;
+
+/// Cut `data` into chunks and hash each chunk and the whole.
+pub fn chunk_bytes(data: &[u8], p: ChunkParams) -> FileChunks {
+    let hash_chunks = || -> Vec<ChunkSpec> {
+        let lens = cut_points(data, p);
+        let mut offs = Vec::with_capacity(lens.len());
+        let mut o = 0usize;
+        for &l in &lens {
+            offs.push(o);
+            o += l as usize;
+        }
+        let spec = |(&off, &len): (&usize, &u32)| {
+            let c = &data[off..off + len as usize];
+            ChunkSpec {
+                len,
+                id: ChunkId::of(c),
+                zero: is_zero(c),
+            }
+        };
+        if data.len() >= PARALLEL_HASH_MIN {
+            offs.par_iter().zip(lens.par_iter()).map(spec).collect()
+        } else {
+            offs.iter().zip(lens.iter()).map(spec).collect()
+        }
+    };
+    let (chunks, hash) = if data.len() >= PARALLEL_HASH_MIN {
+        rayon::join(hash_chunks, || {
+            let mut h = blake3::Hasher::new();
+            h.update_rayon(data);
+            ChunkId::from(h.finalize())
+        })
+    } else {
+        (hash_chunks(), ChunkId::of(data))
+    };
+    FileChunks {
+        size: data.len() as u64,
+        hash,
+        chunks,
+    }
+}
+
+/// Files up to this size are read into memory; larger ones are memory-mapped.
+const MMAP_MIN: u64 = 256 * 1024;
+
+/// Chunk a file on disk (memory-mapped when large). Fails with [`Error::SourceChanged`] when the
+/// file's size changes while it is read.
+pub fn chunk_file(path: &Path, p: ChunkParams) -> Result<FileChunks> {
+    let mut f = File::open(path).ctx("open", path)?;
+    let len = f.metadata().ctx("stat", path)?.len();
+    if len < MMAP_MIN {
+        let mut buf = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut buf).ctx("read", path)?;
+        if buf.len() as u64 != len {
+            return Err(Error::SourceChanged { path: path.into() });
+        }
+        return Ok(chunk_bytes(&buf, p));
+    }
+    // SAFETY: the map is read-only and private to this call. A concurrent truncation by another
+    // process could fault; the size is re-checked below to report concurrent changes.
+    let map = unsafe { memmap2::MmapOptions::new().map(&f) }.ctx("mmap", path)?;
+    #[cfg(unix)]
+    let _ = map.advise(memmap2::Advice::Sequential);
+    let out = chunk_bytes(&map, p);
+    if f.metadata().ctx("stat", path)?.len() != len {
+        return Err(Error::SourceChanged { path: path.into() });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// Deterministic pseudo-random bytes (SplitMix64).
+    pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut s = seed;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            s = s.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^= z >> 31;
+            out.extend_from_slice(&z.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::noise;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(fc: &FileChunks) -> Vec<ChunkId> {
+        fc.chunks.iter().map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn params_are_validated() {
+        assert!(ChunkParams::new(4096, 8192, 65536).is_ok());
+        assert!(ChunkParams::new(8192, 4096, 65536).is_err());
+        assert!(ChunkParams::new(10, 8192, 65536).is_err());
+        assert!(ChunkParams::new(4096, 8192, 1 << 30).is_err());
+        assert!(ChunkParams::from_avg(65536).is_ok());
+    }
+
+    #[test]
+    fn lengths_cover_the_data_and_respect_bounds() {
+        let p = ChunkParams::default();
+        let data = noise(1, 3 << 20);
+        let fc = chunk_bytes(&data, p);
+        assert_eq!(
+            fc.chunks.iter().map(|c| c.len as u64).sum::<u64>(),
+            data.len() as u64
+        );
+        let n = fc.chunks.len();
+        for c in &fc.chunks[..n - 1] {
+            assert!(c.len >= p.min && c.len <= p.max, "chunk of {}", c.len);
+        }
+        assert_eq!(fc.hash, ChunkId::of(&data));
+    }
+
+    /// Pin the cut points of a fixed input: a dependency bump must not silently change chunking
+    /// (and with it every deduplication figure).
+    #[test]
+    fn cut_points_snapshot() {
+        let data = noise(42, 256 * 1024);
+        let lens = cut_sequential(&data, ChunkParams::default());
+        let digest = ChunkId::of(
+            &lens
+                .iter()
+                .flat_map(|l| l.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+        assert_eq!(lens.len(), 24, "cut points changed: {lens:?}");
+        assert_eq!(
+            &digest.to_hex()[..16],
+            "9492bc0bbeb1c55d",
+            "cut points changed: {lens:?}"
+        );
+    }
+
+    #[test]
+    fn insertion_only_disturbs_nearby_chunks() {
+        let p = ChunkParams::default();
+        let data = noise(7, 2 << 20);
+        let mut edited = data[..1_000_000].to_vec();
+        edited.extend_from_slice(b"inserted bytes that shift everything after them");
+        edited.extend_from_slice(&data[1_000_000..]);
+        let a = ids(&chunk_bytes(&data, p));
+        let b = ids(&chunk_bytes(&edited, p));
+        let set: std::collections::HashSet<_> = a.iter().collect();
+        let new = b.iter().filter(|id| !set.contains(id)).count();
+        assert!(new <= 3, "{new} new chunks after one insertion");
+    }
+
+    #[test]
+    fn parallel_cutting_equals_sequential_on_large_data() {
+        let p = ChunkParams::default();
+        let mut data = noise(3, 5 * SEGMENT + 12345);
+        // Long zero runs force max-size cuts across a segment boundary.
+        data[SEGMENT - 100_000..SEGMENT + 300_000].fill(0);
+        assert_eq!(cut_points(&data, p), cut_sequential(&data, p));
+        let big = ChunkParams::new(1 << 20, 4 << 20, 16 << 20).unwrap();
+        assert_eq!(cut_points(&data, big), cut_sequential(&data, big));
+    }
+
+    #[test]
+    fn zero_chunks_are_flagged() {
+        let mut data = noise(5, 600_000);
+        data[100_000..400_000].fill(0);
+        let fc = chunk_bytes(&data, ChunkParams::default());
+        assert!(fc.chunks.iter().any(|c| c.zero));
+        assert!(fc.chunks.iter().any(|c| !c.zero));
+    }
+
+    #[test]
+    fn empty_file() {
+        let fc = chunk_bytes(&[], ChunkParams::default());
+        assert!(fc.chunks.is_empty());
+        assert_eq!(fc.size, 0);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(8))]
+        #[test]
+        fn parallel_equals_sequential(seed in any::<u64>(), extra in 0usize..SEGMENT, avg_shift in 8u32..16) {
+            let avg = 1u32 << avg_shift;
+            let p = ChunkParams::new((avg / 4).max(64), avg, avg * 4).unwrap();
+            let data = noise(seed, 2 * SEGMENT + extra);
+            prop_assert_eq!(cut_points(&data, p), cut_sequential(&data, p));
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The receiver's index of the chunks it already holds: the files of the destination tree plus
+//! any basis directories, with a cache persisted next to the destination so that unchanged files
+//! (same size, mtime, ctime and inode) are not read again on the next run.
+
+use crate::chunk::{chunk_file, ChunkParams, FileChunks};
+use crate::error::{Error, IoContext, Result};
+use crate::id::ChunkId;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// A hasher for keys that already are uniformly random (BLAKE3 ids): it takes 8 of their bytes.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Hash impls of [u8; 32] write the bytes once; keep the last 8 seen.
+        let mut b = [0u8; 8];
+        let n = bytes.len().min(8);
+        b[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(b);
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+/// HashMap keyed by chunk ids.
+pub type IdMap<V> = HashMap<ChunkId, V, BuildHasherDefault<IdHasher>>;
+
+/// Where a chunk can be read locally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// Index into [`ChunkIndex::files`].
+    pub file: u32,
+    /// Byte offset in that file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// A local file whose chunks are indexed.
+#[derive(Clone, Debug)]
+pub struct IndexedFile {
+    /// Absolute path.
+    pub path: PathBuf,
+    /// Its chunks and whole-file hash.
+    pub chunks: FileChunks,
+}
+
+/// What the receiver holds, by chunk id.
+#[derive(Debug, Default)]
+pub struct ChunkIndex {
+    /// The indexed files.
+    pub files: Vec<IndexedFile>,
+    map: IdMap<Location>,
+}
+
+impl ChunkIndex {
+    /// Where chunk `id` can be read, if anywhere.
+    pub fn get(&self, id: &ChunkId) -> Option<Location> {
+        self.map.get(id).copied()
+    }
+
+    /// Number of distinct chunks held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when nothing is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Add a file's chunks; returns its file number.
+    pub fn add(&mut self, path: PathBuf, chunks: FileChunks) -> u32 {
+        let file = self.files.len() as u32;
+        let mut off = 0u64;
+        for c in &chunks.chunks {
+            if !c.zero {
+                self.map.entry(c.id).or_insert(Location {
+                    file,
+                    offset: off,
+                    len: c.len,
+                });
+            }
+            off += c.len as u64;
+        }
+        self.files.push(IndexedFile { path, chunks });
+        file
+    }
+
+    /// Index `paths` (absolute paths of regular files), reusing `cache` for files whose stat
+    /// matches and chunking the others in parallel. Returns the file number of each path (None
+    /// where it could not be read) and the read errors.
+    pub fn add_files(
+        &mut self,
+        paths: &[PathBuf],
+        params: ChunkParams,
+        cache: &IndexCache,
+    ) -> (Vec<Option<u32>>, Vec<Error>) {
+        let results: Vec<Result<FileChunks>> = paths
+            .par_iter()
+            .map(|p| {
+                let md = std::fs::symlink_metadata(p).ctx("stat", p)?;
+                if let Some(hit) = cache.lookup(p, &md) {
+                    return Ok(hit.clone());
+                }
+                chunk_file(p, params)
+            })
+            .collect();
+        let mut ids = Vec::with_capacity(paths.len());
+        let mut errors = Vec::new();
+        for (p, r) in paths.iter().zip(results) {
+            match r {
+                Ok(fc) => ids.push(Some(self.add(p.clone(), fc))),
+                Err(e) => {
+                    ids.push(None);
+                    errors.push(e);
+                }
+            }
+        }
+        (ids, errors)
+    }
+}
+
+/// The stat fields that decide whether a cached chunk list is still valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct StatKey {
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+    ino: u64,
+}
+
+impl StatKey {
+    fn of(md: &std::fs::Metadata) -> Self {
+        StatKey {
+            size: md.len(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
+            ino: md.ino(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CacheEntry {
+    path: Vec<u8>,
+    stat: StatKey,
+    chunks: FileChunks,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheFile {
+    magic: [u8; 8],
+    params: ChunkParams,
+    entries: Vec<CacheEntry>,
+}
+
+const CACHE_MAGIC: [u8; 8] = *b"HOPIDX01";
+
+/// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
+/// file's size, mtime, ctime and inode are unchanged.
+#[derive(Debug, Default)]
+pub struct IndexCache {
+    params: Option<ChunkParams>,
+    entries: HashMap<PathBuf, (StatKey, FileChunks)>,
+}
+
+impl IndexCache {
+    /// Load the cache at `path` for chunk parameters `params`. A missing, unreadable, corrupt
+    /// or differently parameterised cache is an empty one (it is only an optimisation).
+    pub fn load(path: &Path, params: ChunkParams) -> Self {
+        let mut c = IndexCache {
+            params: Some(params),
+            entries: HashMap::new(),
+        };
+        let Ok(bytes) = std::fs::read(path) else {
+            return c;
+        };
+        let Ok(file) = postcard::from_bytes::<CacheFile>(&bytes) else {
+            tracing::warn!("ignoring unreadable index cache {}", path.display());
+            return c;
+        };
+        if file.magic != CACHE_MAGIC || file.params != params {
+            return c;
+        }
+        for e in file.entries {
+            let p = PathBuf::from(std::ffi::OsStr::from_bytes(&e.path));
+            c.entries.insert(p, (e.stat, e.chunks));
+        }
+        c
+    }
+
+    fn lookup(&self, path: &Path, md: &std::fs::Metadata) -> Option<&FileChunks> {
+        let (k, fc) = self.entries.get(path)?;
+        (*k == StatKey::of(md)).then_some(fc)
+    }
+
+    /// Record the chunk list of a file as it is on disk now.
+    pub fn record(&mut self, path: &Path, chunks: FileChunks) {
+        if let Ok(md) = std::fs::symlink_metadata(path) {
+            if md.is_file() && md.len() == chunks.size {
+                self.entries
+                    .insert(path.to_path_buf(), (StatKey::of(&md), chunks));
+            }
+        }
+    }
+
+    /// Number of cached files.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Write the cache atomically to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let Some(params) = self.params else {
+            return Ok(());
+        };
+        let file = CacheFile {
+            magic: CACHE_MAGIC,
+            params,
+            entries: self
+                .entries
+                .iter()
+                .map(|(p, (stat, chunks))| CacheEntry {
+                    path: p.as_os_str().as_bytes().to_vec(),
+                    stat: *stat,
+                    chunks: chunks.clone(),
+                })
+                .collect(),
+        };
+        let bytes = postcard::to_allocvec(&file).map_err(|e| Error::Protocol(e.to_string()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".hopidx.")
+            .tempfile_in(dir)
+            .ctx("create index cache in", dir)?;
+        tmp.write_all(&bytes)
+            .ctx("write", tmp.path().to_path_buf())?;
+        tmp.persist(path).map_err(|e| Error::Io {
+            op: "rename index cache to",
+            path: path.into(),
+            source: e.error,
+        })?;
+        Ok(())
+    }
+}
+
+/// Where the index cache of destination `dest` lives: next to it, as `.NAME.hopidx`.
+pub fn cache_path_for(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.as_bytes().to_vec())
+        .unwrap_or_else(|| b"root".to_vec());
+    let mut f = b".".to_vec();
+    f.extend_from_slice(&name);
+    f.extend_from_slice(b".hopidx");
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.join(std::ffi::OsStr::from_bytes(&f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_round_trip_and_invalidation() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("f");
+        std::fs::write(&f, vec![7u8; 100_000]).unwrap();
+        let p = ChunkParams::default();
+        let fc = chunk_file(&f, p).unwrap();
+        let mut c = IndexCache::load(&d.path().join("cache"), p);
+        c.record(&f, fc.clone());
+        c.save(&d.path().join("cache")).unwrap();
+        let c2 = IndexCache::load(&d.path().join("cache"), p);
+        let md = std::fs::symlink_metadata(&f).unwrap();
+        assert_eq!(c2.lookup(&f, &md), Some(&fc));
+        // Other params: the cache does not apply.
+        let c3 = IndexCache::load(
+            &d.path().join("cache"),
+            ChunkParams::from_avg(65536).unwrap(),
+        );
+        assert!(c3.is_empty());
+        // Touching the file invalidates its entry.
+        std::fs::write(&f, vec![8u8; 100_000]).unwrap();
+        let md = std::fs::symlink_metadata(&f).unwrap();
+        assert_eq!(c2.lookup(&f, &md), None);
+    }
+
+    #[test]
+    fn corrupt_cache_is_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("cache"), b"garbage").unwrap();
+        assert!(IndexCache::load(&d.path().join("cache"), ChunkParams::default()).is_empty());
+    }
+
+    #[test]
+    fn cache_path_is_beside_dest() {
+        assert_eq!(
+            cache_path_for(Path::new("/x/y/dest")),
+            Path::new("/x/y/.dest.hopidx")
+        );
+        assert_eq!(
+            cache_path_for(Path::new("dest")),
+            Path::new("./.dest.hopidx")
+        );
+    }
+}

@@ -1,0 +1,128 @@
+//! A sync between two local paths: the sender and receiver halves run in one process and pass
+//! encoded frames to each other, exactly as they would over a transport, so `bytes_wire` is the
+//! number of bytes a network would have carried.
+
+use crate::assemble::Fetched;
+use crate::error::{Error, Result};
+use crate::manifest::{Entry, EntryKind};
+use crate::protocol::{self, Frame};
+use crate::receiver::{ChunkSource, Receiver, ReceiverOptions};
+use crate::report::{Progress, Report};
+use crate::scan::Filter;
+use crate::sender::{decode_payload, Sender, SenderOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Frames passed through an encode/decode round, counting their bytes.
+struct Wire<'a> {
+    bytes: AtomicU64,
+    progress: &'a Progress,
+}
+
+impl Wire<'_> {
+    fn pass(&self, frame: &Frame) -> Result<Frame> {
+        let buf = protocol::encode_vec(frame)?;
+        self.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Progress::add(&self.progress.bytes_wire, buf.len() as u64);
+        protocol::decode(&buf)?
+            .map(|(f, _)| f)
+            .ok_or_else(|| Error::Protocol("short frame".into()))
+    }
+}
+
+struct LocalSource<'a> {
+    sender: &'a Sender,
+    manifest: &'a [Entry],
+    wire: &'a Wire<'a>,
+}
+
+impl ChunkSource for LocalSource<'_> {
+    fn fetch(
+        &self,
+        entry: u32,
+        want: &[u32],
+        sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    ) -> Result<()> {
+        let Frame::Want { entry, runs } = self.wire.pass(&Frame::Want {
+            entry,
+            runs: protocol::to_runs(want),
+        })?
+        else {
+            return Err(Error::Protocol("want frame changed in transit".into()));
+        };
+        let want = protocol::from_runs(&runs, want.len())?;
+        let EntryKind::File { chunks, .. } = &self.manifest[entry as usize].kind else {
+            return Err(Error::Protocol(format!("entry {entry} is not a file")));
+        };
+        self.sender
+            .serve(entry, &want, &mut |frame| match self.wire.pass(&frame)? {
+                Frame::Data {
+                    chunk,
+                    codec,
+                    bytes,
+                    ..
+                } => {
+                    let len = chunks
+                        .get(chunk as usize)
+                        .ok_or_else(|| Error::Protocol(format!("chunk {chunk} out of range")))?
+                        .len as usize;
+                    sink((chunk, decode_payload(codec, bytes, len)?))
+                }
+                Frame::Failed { reason, .. } => Err(Error::Protocol(format!("sender: {reason}"))),
+                other => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
+            })
+    }
+}
+
+/// Make `dest` identical to `src` (both local paths). The source is scanned and chunked while the
+/// destination is indexed.
+pub fn sync_local(
+    src: &Path,
+    dest: &Path,
+    filter: Option<Filter<'_>>,
+    sopts: SenderOptions,
+    ropts: ReceiverOptions,
+    progress: &Progress,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    if sopts.params != ropts.params {
+        return Err(Error::ChunkParams(
+            "sender and receiver chunk sizes differ".into(),
+        ));
+    }
+    let (sender, receiver) = rayon::join(
+        || Sender::new(src, filter, sopts),
+        || Receiver::prepare(dest, ropts),
+    );
+    let receiver = receiver?;
+    let wire = Wire {
+        bytes: AtomicU64::new(0),
+        progress,
+    };
+    let mut manifest = Vec::with_capacity(sender.manifest().len());
+    for e in sender.manifest() {
+        match wire.pass(&Frame::Entry(e.clone()))? {
+            Frame::Entry(e) => manifest.push(e),
+            _ => return Err(Error::Protocol("manifest frame changed in transit".into())),
+        }
+    }
+    wire.pass(&Frame::ManifestEnd)?;
+    let plan = receiver.plan(&manifest);
+    let source = LocalSource {
+        sender: &sender,
+        manifest: &manifest,
+        wire: &wire,
+    };
+    let mut report = receiver.apply(&manifest, &plan, &source, progress);
+    wire.pass(&Frame::Done)?;
+    let Sender {
+        skipped, errors, ..
+    } = sender;
+    report.skipped.extend(skipped);
+    report.errors.splice(0..0, errors);
+    report.stats.errors = report.errors.len() as u64;
+    report.stats.bytes_wire = wire.bytes.load(Ordering::Relaxed);
+    report.stats.elapsed_ms = t0.elapsed().as_millis() as u64;
+    Ok(report)
+}

@@ -1,0 +1,283 @@
+//! The receiver's plan: for every manifest entry, what to do, and for every file, where each
+//! piece of its new content comes from (a hole, local data, or a chunk the sender must send).
+//!
+//! Planning is pure: it reads the manifest, what the destination holds and the chunk index, and
+//! touches no file, so it is tested without disks or sockets.
+
+use crate::index::{ChunkIndex, IdMap, Location};
+use crate::manifest::{Entry, EntryKind, Meta};
+use crate::path::RelPath;
+use std::collections::HashMap;
+
+/// What the destination has at a path before the sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DestKind {
+    /// A directory.
+    Dir,
+    /// A regular file, with its number in the chunk index when it could be indexed.
+    File(Option<u32>),
+    /// A symbolic link with its target.
+    Symlink(Vec<u8>),
+    /// Something else (FIFO, device, socket, or unreadable).
+    Other,
+}
+
+/// One entry of the destination as scanned before the sync.
+#[derive(Clone, Debug)]
+pub struct DestEntry {
+    /// Its kind.
+    pub kind: DestKind,
+    /// Its metadata.
+    pub meta: Meta,
+}
+
+/// Where one run of a new file's bytes comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// `len` zero bytes, written as a hole.
+    Zero(u64),
+    /// Bytes the receiver already has, possibly several adjacent chunks merged into one read.
+    Local {
+        /// Index file number.
+        file: u32,
+        /// Offset in that file.
+        offset: u64,
+        /// Length of the run.
+        len: u64,
+    },
+    /// Chunk number `n` of this file, which the sender sends.
+    Fetch(u32),
+    /// Chunk number `n`, a repeat of content already fetched earlier in this file.
+    Repeat(u32),
+}
+
+/// How to build one file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FilePlan {
+    /// The pieces in file order.
+    pub pieces: Vec<Piece>,
+    /// The chunk numbers to request, in order (the want-list of this file).
+    pub fetch: Vec<u32>,
+    /// Chunk numbers that are fetched once and used again later in the file: keep their bytes.
+    pub keep: Vec<u32>,
+    /// Bytes to be sent.
+    pub literal: u64,
+    /// Bytes the receiver supplies from its own data (local copies and holes).
+    pub reused: u64,
+}
+
+/// What to do with one manifest entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Create the directory (or fix its metadata).
+    Dir,
+    /// Write the file from `FilePlan`.
+    Write(FilePlan),
+    /// The file's content is already right; fix metadata if it differs.
+    Keep,
+    /// Create or replace the symlink.
+    Symlink,
+    /// The symlink is already right; fix metadata if it differs.
+    KeepLink,
+    /// The sender could not read it: leave the destination alone.
+    Skip,
+}
+
+/// The receiver's plan for a whole manifest.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// One action per manifest entry, same order.
+    pub actions: Vec<Action>,
+    /// Destination paths to delete (deepest first), with `--delete`.
+    pub delete: Vec<RelPath>,
+}
+
+impl Plan {
+    /// Total bytes the sender must send.
+    pub fn literal_bytes(&self) -> u64 {
+        self.actions
+            .iter()
+            .map(|a| match a {
+                Action::Write(fp) => fp.literal,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// Plan how to build a file with `chunks` from what `index` holds.
+pub fn plan_file(chunks: &[crate::manifest::ChunkSpec], index: &ChunkIndex) -> FilePlan {
+    let mut fp = FilePlan::default();
+    let mut fetched: IdMap<u32> = IdMap::default();
+    let mut keep: Vec<u32> = Vec::new();
+    for (n, c) in chunks.iter().enumerate() {
+        let n = n as u32;
+        let len = c.len as u64;
+        if c.zero {
+            fp.reused += len;
+            match fp.pieces.last_mut() {
+                Some(Piece::Zero(l)) => *l += len,
+                _ => fp.pieces.push(Piece::Zero(len)),
+            }
+        } else if let Some(Location { file, offset, .. }) = index.get(&c.id) {
+            fp.reused += len;
+            match fp.pieces.last_mut() {
+                Some(Piece::Local {
+                    file: f,
+                    offset: o,
+                    len: l,
+                }) if *f == file && *o + *l == offset => *l += len,
+                _ => fp.pieces.push(Piece::Local { file, offset, len }),
+            }
+        } else if let Some(&first) = fetched.get(&c.id) {
+            fp.reused += len;
+            keep.push(first);
+            fp.pieces.push(Piece::Repeat(first));
+        } else {
+            fetched.insert(c.id, n);
+            fp.literal += len;
+            fp.fetch.push(n);
+            fp.pieces.push(Piece::Fetch(n));
+        }
+    }
+    keep.sort_unstable();
+    keep.dedup();
+    fp.keep = keep;
+    fp
+}
+
+/// Plan a whole sync. `dest` maps the destination's paths to what is there now; `protected`
+/// paths (under an entry the sender could not read) are never deleted.
+pub fn plan(
+    manifest: &[Entry],
+    dest: &HashMap<RelPath, DestEntry>,
+    index: &ChunkIndex,
+    delete: bool,
+) -> Plan {
+    let mut actions = Vec::with_capacity(manifest.len());
+    for e in manifest {
+        let have = dest.get(&e.path);
+        let a = match &e.kind {
+            EntryKind::Dir => Action::Dir,
+            EntryKind::Unreadable => Action::Skip,
+            EntryKind::Symlink { target } => match have.map(|h| &h.kind) {
+                Some(DestKind::Symlink(t)) if t == target => Action::KeepLink,
+                _ => Action::Symlink,
+            },
+            EntryKind::File { size, hash, chunks } => {
+                let same = match have.map(|h| &h.kind) {
+                    Some(DestKind::File(Some(f))) => {
+                        let held = &index.files[*f as usize].chunks;
+                        held.size == *size && held.hash == *hash
+                    }
+                    _ => false,
+                };
+                if same {
+                    Action::Keep
+                } else {
+                    Action::Write(plan_file(chunks, index))
+                }
+            }
+        };
+        actions.push(a);
+    }
+    let mut del = Vec::new();
+    if delete {
+        let in_source: std::collections::HashSet<&RelPath> =
+            manifest.iter().map(|e| &e.path).collect();
+        let protected: Vec<&RelPath> = manifest
+            .iter()
+            .filter(|e| e.kind == EntryKind::Unreadable)
+            .map(|e| &e.path)
+            .collect();
+        for p in dest.keys() {
+            if !in_source.contains(p) && !protected.iter().any(|q| p.starts_with(q)) {
+                del.push(p.clone());
+            }
+        }
+        // Deepest first, so directories are empty when their turn comes.
+        del.sort_by(|a, b| b.depth().cmp(&a.depth()).then_with(|| a.cmp(b)));
+    }
+    Plan {
+        actions,
+        delete: del,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{chunk_bytes, ChunkParams};
+
+    #[test]
+    fn unchanged_content_is_all_local_and_merged() {
+        let p = ChunkParams::default();
+        let data = crate::chunk::tests_support::noise(1, 1 << 20);
+        let fc = chunk_bytes(&data, p);
+        let mut idx = ChunkIndex::default();
+        idx.add("/old".into(), fc.clone());
+        let fp = plan_file(&fc.chunks, &idx);
+        assert_eq!(fp.literal, 0);
+        assert!(fp.fetch.is_empty());
+        assert_eq!(
+            fp.pieces,
+            vec![Piece::Local {
+                file: 0,
+                offset: 0,
+                len: 1 << 20
+            }]
+        );
+    }
+
+    #[test]
+    fn new_zero_and_repeated_chunks() {
+        let p = ChunkParams::new(1024, 4096, 32768).unwrap();
+        let a = crate::chunk::tests_support::noise(2, 100_000);
+        let mut data = a.clone();
+        data.extend(vec![0u8; 200_000]);
+        data.extend_from_slice(&a);
+        let fc = chunk_bytes(&data, p);
+        let idx = ChunkIndex::default();
+        let fp = plan_file(&fc.chunks, &idx);
+        // The second copy of `a` is (mostly) repeats and the inner zero chunks cost nothing;
+        // only the two chunks straddling the zero run (each at most `max`) are sent besides `a`.
+        assert!(
+            fp.literal <= 100_000 + 2 * 32768 + 4096,
+            "literal {}",
+            fp.literal
+        );
+        assert!(fp.pieces.iter().any(|p| matches!(p, Piece::Zero(_))));
+        assert!(fp.pieces.iter().any(|p| matches!(p, Piece::Repeat(_))));
+        assert_eq!(fp.literal + fp.reused, data.len() as u64);
+    }
+
+    #[test]
+    fn delete_spares_protected_and_orders_deepest_first() {
+        let m = vec![
+            Entry {
+                path: RelPath::root(),
+                kind: EntryKind::Dir,
+                meta: Meta::default(),
+            },
+            Entry {
+                path: RelPath::from_bytes(b"locked".to_vec()).unwrap(),
+                kind: EntryKind::Unreadable,
+                meta: Meta::default(),
+            },
+        ];
+        let mut dest = HashMap::new();
+        for p in ["old", "old/sub", "old/sub/f", "locked/keep"] {
+            dest.insert(
+                RelPath::from_bytes(p.as_bytes().to_vec()).unwrap(),
+                DestEntry {
+                    kind: DestKind::Other,
+                    meta: Meta::default(),
+                },
+            );
+        }
+        let plan = plan(&m, &dest, &ChunkIndex::default(), true);
+        let names: Vec<String> = plan.delete.iter().map(|p| p.display()).collect();
+        assert_eq!(names, ["old/sub/f", "old/sub", "old"]);
+        assert_eq!(plan.actions, vec![Action::Dir, Action::Skip]);
+    }
+}

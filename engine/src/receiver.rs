@@ -1,0 +1,609 @@
+//! The receiving half: index what the destination (and any basis directories) already hold,
+//! plan, then apply the manifest: directories, files (in parallel, each built in a temporary file
+//! and renamed into place once verified), symlinks, metadata, deletions.
+
+use crate::assemble::{assemble, AssembleOptions, Fetched, FileTable};
+use crate::chunk::{ChunkParams, FileChunks};
+use crate::error::{Error, IoContext, Result};
+use crate::index::{cache_path_for, ChunkIndex, IndexCache};
+use crate::manifest::{Entry, EntryKind, Meta};
+use crate::meta::{self, Apply};
+use crate::path::RelPath;
+use crate::plan::{plan, plan_file, Action, DestEntry, DestKind, Plan};
+use crate::report::{Change, ChangeKind, Progress, Report};
+use crate::scan::{scan, ScanKind};
+use rayon::prelude::*;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Receiver settings.
+#[derive(Clone, Debug)]
+pub struct ReceiverOptions {
+    /// Chunk sizes (must match the sender's for local data to be found).
+    pub params: ChunkParams,
+    /// Delete destination entries that are not in the source.
+    pub delete: bool,
+    /// Extra directories whose files may supply chunks (like rsync's `--copy-dest`).
+    pub basis: Vec<PathBuf>,
+    /// Plan and report, change nothing.
+    pub dry_run: bool,
+    /// fsync each written file before renaming it into place.
+    pub fsync: bool,
+    /// Write runs of zero bytes as holes.
+    pub sparse: bool,
+    /// Where to keep the index cache; `None` for the default (`.NAME.hopidx` beside the
+    /// destination).
+    pub index_cache: Option<PathBuf>,
+    /// Do not read or write an index cache.
+    pub no_index_cache: bool,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            params: ChunkParams::default(),
+            delete: false,
+            basis: Vec::new(),
+            dry_run: false,
+            fsync: false,
+            sparse: true,
+            index_cache: None,
+            no_index_cache: false,
+        }
+    }
+}
+
+/// Supplies the chunks a receiver asks for. Local syncs call the sender directly; remote ones
+/// go through the transport.
+pub trait ChunkSource: Sync {
+    /// Deliver chunks `want` of manifest entry `entry`, in order, through `sink`.
+    fn fetch(
+        &self,
+        entry: u32,
+        want: &[u32],
+        sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    ) -> Result<()>;
+}
+
+/// The receiving half of a sync.
+pub struct Receiver {
+    dest: PathBuf,
+    opts: ReceiverOptions,
+    index: ChunkIndex,
+    state: HashMap<RelPath, DestEntry>,
+    /// Index file numbers of destination files, by path.
+    dest_files: HashMap<RelPath, u32>,
+    first_basis_file: u32,
+    errors: Vec<Error>,
+}
+
+/// Files with at most this many literal bytes are fetched before assembly instead of streamed.
+const INLINE_FETCH: u64 = 8 << 20;
+
+/// A unique temporary name beside `path` for links.
+fn temp_sibling(path: &Path) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(
+        ".hop.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    path.with_file_name(name)
+}
+
+impl Receiver {
+    /// Scan and index the destination and basis directories.
+    pub fn prepare(dest: &Path, opts: ReceiverOptions) -> Result<Receiver> {
+        let s = scan(dest, None);
+        let mut errors = s.errors;
+        let mut state = HashMap::new();
+        let mut file_paths = Vec::new();
+        let mut file_rels = Vec::new();
+        for e in s.entries {
+            let kind = match e.kind {
+                ScanKind::Dir => DestKind::Dir,
+                ScanKind::File { .. } => {
+                    file_paths.push(e.path.under(dest));
+                    file_rels.push(e.path.clone());
+                    DestKind::File(None)
+                }
+                ScanKind::Symlink { target } => DestKind::Symlink(target),
+                ScanKind::Unreadable => DestKind::Other,
+            };
+            state.insert(e.path, DestEntry { kind, meta: e.meta });
+        }
+        for (p, _) in s.skipped {
+            state.insert(
+                p,
+                DestEntry {
+                    kind: DestKind::Other,
+                    meta: Meta::default(),
+                },
+            );
+        }
+        let cache = if opts.no_index_cache {
+            IndexCache::default()
+        } else {
+            IndexCache::load(&Self::cache_path(dest, &opts), opts.params)
+        };
+        let mut index = ChunkIndex::default();
+        let (ids, errs) = index.add_files(&file_paths, opts.params, &cache);
+        errors.extend(errs);
+        let mut dest_files = HashMap::new();
+        for (rel, id) in file_rels.into_iter().zip(ids) {
+            if let Some(id) = id {
+                dest_files.insert(rel.clone(), id);
+                if let Some(st) = state.get_mut(&rel) {
+                    st.kind = DestKind::File(Some(id));
+                }
+            }
+        }
+        let first_basis_file = index.files.len() as u32;
+        for b in &opts.basis {
+            let bs = scan(b, None);
+            errors.extend(bs.errors);
+            let paths: Vec<PathBuf> = bs
+                .entries
+                .iter()
+                .filter(|e| matches!(e.kind, ScanKind::File { .. }))
+                .map(|e| e.path.under(b))
+                .collect();
+            let (_, errs) = index.add_files(&paths, opts.params, &cache);
+            errors.extend(errs);
+        }
+        Ok(Receiver {
+            dest: dest.to_path_buf(),
+            opts,
+            index,
+            state,
+            dest_files,
+            first_basis_file,
+            errors,
+        })
+    }
+
+    fn cache_path(dest: &Path, opts: &ReceiverOptions) -> PathBuf {
+        opts.index_cache
+            .clone()
+            .unwrap_or_else(|| cache_path_for(dest))
+    }
+
+    /// The chunk index built by [`Receiver::prepare`].
+    pub fn index(&self) -> &ChunkIndex {
+        &self.index
+    }
+
+    /// Plan the sync of `manifest`.
+    pub fn plan(&self, manifest: &[Entry]) -> Plan {
+        plan(manifest, &self.state, &self.index, self.opts.delete)
+    }
+
+    fn owner(&self) -> Apply {
+        Apply {
+            owner: meta::can_chown(),
+        }
+    }
+
+    /// Remove what stands at `abs` when it is not of the wanted kind. Files in a removed
+    /// directory are pinned first, so their chunks stay readable for the rest of the sync.
+    fn make_way(
+        &self,
+        abs: &Path,
+        rel: &RelPath,
+        want_dir: bool,
+        table: &FileTable<'_>,
+    ) -> Result<()> {
+        let Some(have) = self.state.get(rel) else {
+            return Ok(());
+        };
+        match (&have.kind, want_dir) {
+            (DestKind::Dir, true) => Ok(()),
+            (DestKind::Dir, false) => {
+                if std::fs::remove_dir(abs).is_ok() {
+                    return Ok(());
+                }
+                if !self.opts.delete {
+                    return Err(Error::Conflict {
+                        path: abs.into(),
+                        why: "a non-empty directory is in the way; use --delete to replace it"
+                            .into(),
+                    });
+                }
+                for (p, &n) in &self.dest_files {
+                    if p.starts_with(rel) {
+                        table.pin(n);
+                    }
+                }
+                std::fs::remove_dir_all(abs).ctx("remove directory", abs)
+            }
+            (_, true) => {
+                if let Some(&n) = self.dest_files.get(rel) {
+                    table.pin(n);
+                }
+                std::fs::remove_file(abs).ctx("remove", abs)
+            }
+            (_, false) => Ok(()),
+        }
+    }
+
+    /// Apply `manifest` according to `plan`, fetching missing chunks from `source`. Per-entry
+    /// failures are collected in the report; the rest of the tree is still synced.
+    pub fn apply(
+        mut self,
+        manifest: &[Entry],
+        plan: &Plan,
+        source: &dyn ChunkSource,
+        progress: &Progress,
+    ) -> Report {
+        let mut report = Report::default();
+        report.errors.append(&mut self.errors);
+        let owner = self.owner();
+        let table = FileTable::new(&self.index);
+        let dry = self.opts.dry_run;
+        let planned: u64 = manifest
+            .iter()
+            .zip(&plan.actions)
+            .filter(|(_, a)| matches!(a, Action::Write(_)))
+            .map(|(e, _)| e.size())
+            .sum();
+        progress.bytes_planned.store(planned, Ordering::Relaxed);
+
+        for e in manifest {
+            if let EntryKind::File { size, .. } = e.kind {
+                report.stats.files += 1;
+                report.stats.bytes_total += size;
+            }
+        }
+
+        // 1. Directories, parents first. A failed directory fails everything below it.
+        let mut failed_dirs: Vec<RelPath> = Vec::new();
+        let under_failed =
+            |p: &RelPath, failed: &[RelPath]| failed.iter().any(|f| p.starts_with(f) && p != f);
+        for (e, a) in manifest.iter().zip(&plan.actions) {
+            if *a != Action::Dir {
+                continue;
+            }
+            if under_failed(&e.path, &failed_dirs) {
+                failed_dirs.push(e.path.clone());
+                continue;
+            }
+            let abs = e.path.under(&self.dest);
+            let exists = matches!(
+                self.state.get(&e.path).map(|h| &h.kind),
+                Some(DestKind::Dir)
+            );
+            if exists {
+                continue;
+            }
+            report.changes.push(Change {
+                path: e.path.clone(),
+                kind: ChangeKind::NewDir,
+            });
+            if dry {
+                continue;
+            }
+            let r = self.make_way(&abs, &e.path, true, &table).and_then(|_| {
+                if e.path.is_root() {
+                    std::fs::create_dir_all(&abs).ctx("create directory", &abs)
+                } else {
+                    std::fs::create_dir(&abs).ctx("create directory", &abs)
+                }
+            });
+            if let Err(err) = r {
+                report.errors.push(err);
+                failed_dirs.push(e.path.clone());
+            }
+        }
+
+        // 2. Files, in parallel.
+        let results: Mutex<Vec<(usize, Result<u64>)>> = Mutex::new(Vec::new());
+        let writes: Vec<(usize, &Entry, &crate::plan::FilePlan)> = manifest
+            .iter()
+            .zip(&plan.actions)
+            .enumerate()
+            .filter_map(|(i, (e, a))| match a {
+                Action::Write(fp) if !under_failed(&e.path, &failed_dirs) => Some((i, e, fp)),
+                _ => None,
+            })
+            .collect();
+        if !dry {
+            writes.par_iter().for_each(|&(i, e, fp)| {
+                let r = self.write_file(i as u32, e, fp, &table, source, owner, progress);
+                results
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((i, r));
+            });
+        }
+        let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        results.sort_by_key(|(i, _)| *i);
+        let mut written: HashSet<usize> = HashSet::new();
+        let mut literal = 0u64;
+        if dry {
+            for &(i, e, fp) in &writes {
+                literal += fp.literal;
+                let kind = if self.state.contains_key(&e.path) {
+                    ChangeKind::UpdatedFile(fp.literal)
+                } else {
+                    ChangeKind::NewFile(fp.literal)
+                };
+                report.changes.push(Change {
+                    path: e.path.clone(),
+                    kind,
+                });
+                let _ = i;
+            }
+        }
+        for (i, r) in results {
+            let e = &manifest[i];
+            match r {
+                Ok(sent) => {
+                    literal += sent;
+                    written.insert(i);
+                    report.stats.files_written += 1;
+                    let kind = if self.state.contains_key(&e.path) {
+                        ChangeKind::UpdatedFile(sent)
+                    } else {
+                        ChangeKind::NewFile(sent)
+                    };
+                    report.changes.push(Change {
+                        path: e.path.clone(),
+                        kind,
+                    });
+                }
+                Err(err) => report.errors.push(err),
+            }
+        }
+        report.stats.bytes_literal = literal;
+
+        // 3. Symlinks, 4. metadata of kept files and links.
+        for (e, a) in manifest.iter().zip(&plan.actions) {
+            if under_failed(&e.path, &failed_dirs) {
+                continue;
+            }
+            let abs = e.path.under(&self.dest);
+            let have = self.state.get(&e.path).map(|h| h.meta);
+            let r = match (a, &e.kind) {
+                (Action::Symlink, EntryKind::Symlink { target }) => {
+                    report.changes.push(Change {
+                        path: e.path.clone(),
+                        kind: ChangeKind::Symlink,
+                    });
+                    if dry {
+                        Ok(())
+                    } else {
+                        self.write_link(&abs, &e.path, target, &e.meta, owner, &table)
+                    }
+                }
+                (Action::Keep, _) | (Action::KeepLink, _) => {
+                    report.stats.files_unchanged += u64::from(*a == Action::Keep);
+                    let differs = have.is_none_or(|h| {
+                        let mode_differs = *a == Action::Keep && h.mode != e.meta.mode;
+                        mode_differs
+                            || h.mtime_sec != e.meta.mtime_sec
+                            || h.mtime_nsec != e.meta.mtime_nsec
+                            || (owner.owner && (h.uid != e.meta.uid || h.gid != e.meta.gid))
+                    });
+                    if differs {
+                        report.changes.push(Change {
+                            path: e.path.clone(),
+                            kind: ChangeKind::Metadata,
+                        });
+                    }
+                    if dry || !differs {
+                        Ok(())
+                    } else {
+                        meta::apply(&abs, &e.meta, have.as_ref(), *a == Action::KeepLink, owner)
+                    }
+                }
+                _ => Ok(()),
+            };
+            if let Err(err) = r {
+                report.errors.push(err);
+            }
+        }
+
+        // 5. Deletions, deepest first.
+        if !plan.delete.is_empty() {
+            // Never delete below a directory that failed: its contents were not replaced.
+            for p in &plan.delete {
+                report.changes.push(Change {
+                    path: p.clone(),
+                    kind: ChangeKind::Deleted,
+                });
+                if dry {
+                    continue;
+                }
+                let abs = p.under(&self.dest);
+                let r = match self.state.get(p).map(|h| &h.kind) {
+                    Some(DestKind::Dir) => std::fs::remove_dir(&abs)
+                        .or_else(|_| std::fs::remove_dir_all(&abs))
+                        .ctx("remove directory", &abs),
+                    _ => std::fs::remove_file(&abs).ctx("remove", &abs),
+                };
+                match r {
+                    Ok(()) => report.stats.entries_deleted += 1,
+                    Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                        report.stats.entries_deleted += 1
+                    }
+                    Err(e) => report.errors.push(e),
+                }
+            }
+        }
+
+        // 6. Directory metadata, deepest first (after their contents were written).
+        for (e, a) in manifest.iter().zip(&plan.actions).rev() {
+            if *a != Action::Dir || dry || failed_dirs.contains(&e.path) {
+                continue;
+            }
+            let abs = e.path.under(&self.dest);
+            let have = self
+                .state
+                .get(&e.path)
+                .filter(|h| h.kind == DestKind::Dir)
+                .map(|h| h.meta);
+            if let Some(h) = have {
+                if h != e.meta && !report.changes.iter().any(|c| c.path == e.path) {
+                    report.changes.push(Change {
+                        path: e.path.clone(),
+                        kind: ChangeKind::Metadata,
+                    });
+                }
+            }
+            // A directory's mtime changes whenever an entry in it changes: always set it.
+            if let Err(err) = meta::apply(&abs, &e.meta, None, false, owner) {
+                report.errors.push(err);
+            }
+        }
+
+        report.stats.bytes_reused = report
+            .stats
+            .bytes_total
+            .saturating_sub(report.stats.bytes_literal);
+        report.stats.errors = report.errors.len() as u64;
+        if !dry && !self.opts.no_index_cache {
+            self.save_cache(manifest, plan, &written);
+        }
+        report
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_file(
+        &self,
+        i: u32,
+        e: &Entry,
+        fp: &crate::plan::FilePlan,
+        table: &FileTable<'_>,
+        source: &dyn ChunkSource,
+        owner: Apply,
+        progress: &Progress,
+    ) -> Result<u64> {
+        let EntryKind::File { size, hash, chunks } = &e.kind else {
+            return Err(Error::Protocol("write of a non-file".into()));
+        };
+        let abs = e.path.under(&self.dest);
+        let opts = AssembleOptions {
+            sparse: self.opts.sparse,
+            fsync: self.opts.fsync,
+        };
+        let attempt = |fp: &crate::plan::FilePlan| -> Result<tempfile::TempPath> {
+            if fp.literal <= INLINE_FETCH {
+                // Little to fetch: get it first, then assemble.
+                let mut got = std::collections::VecDeque::with_capacity(fp.fetch.len());
+                if !fp.fetch.is_empty() {
+                    source.fetch(i, &fp.fetch, &mut |f| {
+                        Progress::add(&progress.bytes_literal, f.1.len() as u64);
+                        got.push_back(f);
+                        Ok(())
+                    })?;
+                }
+                let mut next = || {
+                    got.pop_front()
+                        .ok_or_else(|| Error::Protocol("sender sent too few chunks".into()))
+                };
+                return assemble(&abs, *size, hash, chunks, fp, table, &mut next, opts);
+            }
+            // Much to fetch: stream it through a bounded channel so the sender never runs far
+            // ahead of the writer.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Fetched>>(64);
+            let want = fp.fetch.clone();
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    let r = source.fetch(i, &want, &mut |f| {
+                        Progress::add(&progress.bytes_literal, f.1.len() as u64);
+                        tx.send(Ok(f))
+                            .map_err(|_| Error::Protocol("receiver gave up".into()))
+                    });
+                    if let Err(err) = r {
+                        let _ = tx.send(Err(err));
+                    }
+                });
+                let mut next = || -> Result<Fetched> {
+                    rx.recv()
+                        .map_err(|_| Error::Protocol("sender ended early".into()))?
+                };
+                let r = assemble(&abs, *size, hash, chunks, fp, table, &mut next, opts);
+                drop(rx);
+                r
+            })
+        };
+        let (tmp, sent) = match attempt(fp) {
+            Ok(t) => (t, fp.literal),
+            Err(Error::Integrity { .. }) if fp.literal < *size => {
+                // Local data was not what the index said (changed behind our back): fetch it all.
+                tracing::warn!(
+                    "{}: local data changed, fetching the whole file",
+                    abs.display()
+                );
+                let full = plan_file(chunks, &ChunkIndex::default());
+                (attempt(&full)?, full.literal)
+            }
+            Err(err) => return Err(err),
+        };
+        meta::apply(&tmp, &e.meta, None, false, owner)?;
+        self.make_way(&abs, &e.path, false, table)?;
+        table.replace(&tmp, &abs)?;
+        std::mem::forget(tmp); // renamed: nothing to clean up
+        Progress::add(&progress.bytes_done, *size);
+        Progress::add(&progress.files_done, 1);
+        Ok(sent)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_link(
+        &self,
+        abs: &Path,
+        rel: &RelPath,
+        target: &[u8],
+        m: &Meta,
+        owner: Apply,
+        table: &FileTable<'_>,
+    ) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        let tmp = temp_sibling(abs);
+        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &tmp)
+            .ctx("create symlink", &tmp)?;
+        let r = meta::apply(&tmp, m, None, true, owner)
+            .and_then(|_| self.make_way(abs, rel, false, table))
+            .and_then(|_| std::fs::rename(&tmp, abs).ctx("rename into place", abs));
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r
+    }
+
+    fn save_cache(&self, manifest: &[Entry], plan: &Plan, written: &HashSet<usize>) {
+        let path = Self::cache_path(&self.dest, &self.opts);
+        let mut cache = IndexCache::load(Path::new("/nonexistent"), self.opts.params);
+        for f in &self.index.files[self.first_basis_file as usize..] {
+            cache.record(&f.path, f.chunks.clone());
+        }
+        let deleted: HashSet<&RelPath> = plan.delete.iter().collect();
+        let mut replaced: HashSet<&RelPath> = HashSet::new();
+        for (i, e) in manifest.iter().enumerate() {
+            if let (true, EntryKind::File { size, hash, chunks }) = (written.contains(&i), &e.kind)
+            {
+                replaced.insert(&e.path);
+                let fc = FileChunks {
+                    size: *size,
+                    hash: *hash,
+                    chunks: chunks.clone(),
+                };
+                cache.record(&e.path.under(&self.dest), fc);
+            }
+        }
+        for (rel, &n) in &self.dest_files {
+            if !replaced.contains(rel) && !deleted.contains(rel) {
+                let f = &self.index.files[n as usize];
+                cache.record(&f.path, f.chunks.clone());
+            }
+        }
+        if let Err(e) = cache.save(&path) {
+            tracing::warn!("could not save the index cache: {e}");
+        }
+    }
+}
