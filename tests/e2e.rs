@@ -1,1 +1,365 @@
+//! End-to-end tests of `hop sync` between local paths, through the real binary.
 
+mod util;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use util::*;
+
+fn s(p: &std::path::Path) -> &OsStr {
+    p.as_os_str()
+}
+
+/// A tree with every kind of entry hop syncs.
+fn sample_tree(d: &Dir) -> std::path::PathBuf {
+    let src = d.mkdir("src");
+    d.write("src/big.img", &noise(1, 3 << 20));
+    d.write("src/a/b/c.txt", b"hello world\n");
+    d.write("src/a/empty", b"");
+    d.write(
+        "src/text.txt",
+        &b"line of compressible text\n".repeat(20_000),
+    );
+    d.symlink("a/b/c.txt", "src/link-rel");
+    d.symlink("/nonexistent/target", "src/link-dangling");
+    d.mkdir("src/emptydir");
+    // A sparse file: data, a 16 MiB hole, data.
+    let f = fs::File::create(d.path("src/sparse.img")).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", 16 << 20).unwrap();
+    fs::set_permissions(d.path("src/a/b/c.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(d.path("src/a"), fs::Permissions::from_mode(0o750)).unwrap();
+    src
+}
+
+#[test]
+fn fresh_copy_is_identical_with_modes_times_links_and_holes() {
+    let d = Dir::new();
+    let src = sample_tree(&d);
+    let dst = d.path("dst");
+    let st = sync_stats(&[OsStr::new("-a"), s(&d.path("src/")), s(&dst)]);
+    assert_same_tree(&src, &dst);
+    assert_eq!(st["files"], 5);
+    let total = st["bytes_total"].as_u64().unwrap();
+    assert_eq!(
+        total,
+        fs::metadata(src.join("big.img")).unwrap().len() + 12 + 520_000 + (16 << 20) + 4
+    );
+    assert_eq!(st["errors"], 0);
+    // The hole was not written.
+    let blocks = fs::metadata(dst.join("sparse.img")).unwrap().blocks();
+    assert!(blocks * 512 < 1 << 20, "sparse file took {} blocks", blocks);
+    // Literal + reused add up; a fresh copy sends the non-zero data.
+    assert_eq!(
+        st["bytes_literal"].as_u64().unwrap() + st["bytes_reused"].as_u64().unwrap(),
+        total
+    );
+    assert!(st["bytes_wire"].as_u64().unwrap() >= st["bytes_literal"].as_u64().unwrap());
+}
+
+#[test]
+fn second_run_sends_nothing_and_rewrites_nothing() {
+    let d = Dir::new();
+    let src = sample_tree(&d);
+    let dst = d.path("dst");
+    ok({
+        let mut c = hop();
+        c.args(["sync", "-q"]).arg(d.path("src/")).arg(&dst);
+        c
+    });
+    let ino = fs::metadata(dst.join("big.img")).unwrap().ino();
+    let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    assert_eq!(st["bytes_literal"], 0);
+    assert_eq!(st["files_written"], 0);
+    assert_eq!(st["files_unchanged"], 5);
+    assert_eq!(
+        fs::metadata(dst.join("big.img")).unwrap().ino(),
+        ino,
+        "unchanged file was rewritten"
+    );
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn scattered_edits_insertions_truncation_growth_send_little() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    let base = noise(2, 8 << 20);
+    d.write("src/edit.img", &base);
+    d.write("src/insert.img", &base);
+    d.write("src/trunc.img", &base);
+    d.write("src/grow.img", &base);
+    let dst = d.path("dst");
+    sync_stats(&[s(&d.path("src/")), s(&dst)]);
+
+    let mut edited = base.clone();
+    for (i, off) in [100_000usize, 2_000_000, 5_000_000, 7_777_777]
+        .iter()
+        .enumerate()
+    {
+        edited[*off..off + 4096].copy_from_slice(&noise(100 + i as u64, 4096));
+    }
+    d.write("src/edit.img", &edited);
+    let mut inserted = base[..3_000_000].to_vec();
+    inserted.extend_from_slice(b"a few inserted bytes that shift everything after them");
+    inserted.extend_from_slice(&base[3_000_000..]);
+    d.write("src/insert.img", &inserted);
+    d.write("src/trunc.img", &base[..5_000_123]);
+    let mut grown = base.clone();
+    grown.extend_from_slice(&noise(3, 1 << 20));
+    d.write("src/grow.img", &grown);
+
+    let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    assert_same_tree(&src, &dst);
+    let literal = st["bytes_literal"].as_u64().unwrap();
+    // 4 pages edited, one insertion, an appended MiB, and the tails at two cut points.
+    assert!(literal < (1 << 20) + 400_000, "sent {literal} bytes");
+    assert_eq!(st["files_written"], 4);
+}
+
+#[test]
+fn type_changes_file_symlink_dir() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    d.write("src/f2link", b"file");
+    d.symlink("target", "src/link2dir");
+    d.mkdir("src/dir2file/sub");
+    d.write("src/dir2file/sub/x", b"x");
+    d.write("src/file2dir", b"file");
+    let dst = d.path("dst");
+    sync_stats(&[s(&d.path("src/")), s(&dst)]);
+
+    fs::remove_file(src.join("f2link")).unwrap();
+    d.symlink("elsewhere", "src/f2link");
+    fs::remove_file(src.join("link2dir")).unwrap();
+    d.write("src/link2dir/inner", b"now a dir");
+    fs::remove_dir_all(src.join("dir2file")).unwrap();
+    d.write("src/dir2file", b"now a file");
+    fs::remove_file(src.join("file2dir")).unwrap();
+    d.write("src/file2dir/y", b"y");
+
+    sync_stats(&[OsStr::new("--delete"), s(&d.path("src/")), s(&dst)]);
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn delete_removes_extras_only_when_asked() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    d.write("src/keep", b"k");
+    let dst = d.path("dst");
+    d.write("dst/extra/deep/file", b"e");
+    d.write("dst/extra2", b"e");
+    let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    assert_eq!(st["entries_deleted"], 0);
+    assert!(dst.join("extra2").exists() && dst.join("extra/deep/file").exists());
+    let st = sync_stats(&[OsStr::new("--delete"), s(&d.path("src/")), s(&dst)]);
+    assert_eq!(st["entries_deleted"], 4);
+    assert_same_tree(&src, &dst);
+}
+
+#[test]
+fn dry_run_lists_changes_and_changes_nothing() {
+    let d = Dir::new();
+    sample_tree(&d);
+    let dst = d.path("dst");
+    d.write("dst/old", b"old");
+    let out = ok({
+        let mut c = hop();
+        c.args(["sync", "-n", "--delete"])
+            .arg(d.path("src/"))
+            .arg(&dst);
+        c
+    });
+    assert!(out.contains("new file big.img"), "{out}");
+    assert!(out.contains("deleting old"), "{out}");
+    assert_eq!(
+        describe_tree(&dst).len(),
+        2,
+        "dry run changed the destination"
+    );
+}
+
+#[test]
+fn rsync_trailing_slash_rule() {
+    let d = Dir::new();
+    d.write("src/f", b"1");
+    let dst = d.mkdir("dst");
+    ok({
+        let mut c = hop();
+        c.args(["sync", "-q"]).arg(d.path("src")).arg(&dst);
+        c
+    });
+    assert_eq!(fs::read(dst.join("src/f")).unwrap(), b"1");
+    ok({
+        let mut c = hop();
+        c.args(["sync", "-q"]).arg(d.path("src/")).arg(&dst);
+        c
+    });
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"1");
+    // A single file into an existing directory.
+    ok({
+        let mut c = hop();
+        c.args(["sync", "-q"])
+            .arg(d.path("src/f"))
+            .arg(d.path("dst/sub/"));
+        c
+    });
+    assert_eq!(fs::read(dst.join("sub/f")).unwrap(), b"1");
+}
+
+#[test]
+fn basis_directory_supplies_chunks() {
+    let d = Dir::new();
+    let old = noise(5, 4 << 20);
+    let mut new = old.clone();
+    new[1_000_000..1_004_096].copy_from_slice(&noise(6, 4096));
+    d.write("round1/pages.img", &old);
+    d.write("round2/pages.img", &new);
+    let dst = d.path("dst");
+    let st = sync_stats(&[
+        OsStr::new("--basis"),
+        s(&d.path("round1")),
+        s(&d.path("round2/")),
+        s(&dst),
+    ]);
+    assert_same_tree(&d.path("round2"), &dst);
+    assert!(st["bytes_literal"].as_u64().unwrap() < 100_000, "{st}");
+}
+
+#[test]
+fn compression_gives_identical_trees_and_fewer_wire_bytes() {
+    let d = Dir::new();
+    let src = sample_tree(&d);
+    let plain = sync_stats(&[s(&d.path("src/")), s(&d.path("plain"))]);
+    let z = sync_stats(&[
+        OsStr::new("--compress"),
+        OsStr::new("zstd:3"),
+        s(&d.path("src/")),
+        s(&d.path("z")),
+    ]);
+    assert_same_tree(&src, &d.path("plain"));
+    assert_same_tree(&src, &d.path("z"));
+    assert_eq!(plain["bytes_literal"], z["bytes_literal"]);
+    assert!(
+        z["bytes_wire"].as_u64().unwrap() < plain["bytes_wire"].as_u64().unwrap() - 400_000,
+        "{z} vs {plain}"
+    );
+}
+
+#[test]
+fn index_cache_is_written_beside_dest_and_reused() {
+    let d = Dir::new();
+    d.write("src/f.img", &noise(7, 1 << 20));
+    let dst = d.path("dst");
+    sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    let cache = d.path(".dst.hopidx");
+    assert!(cache.exists(), "no index cache beside the destination");
+    // A corrupt cache is ignored, not trusted.
+    fs::write(&cache, b"garbage").unwrap();
+    let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    assert_eq!(st["bytes_literal"], 0);
+    assert_eq!(st["files_unchanged"], 1);
+}
+
+#[test]
+fn unreadable_source_file_is_reported_and_the_rest_synced() {
+    if !is_root() {
+        eprintln!("skipped: needs root to switch to an unprivileged user");
+        return;
+    }
+    let d = Dir::new();
+    d.write("src/ok1", b"fine");
+    d.write("src/secret", b"new secret");
+    d.write("src/z/ok2", b"fine too");
+    let dst = d.path("dst");
+    d.write("dst/secret", b"old secret");
+    open_up(d.tmp.path());
+    fs::set_permissions(d.path("src/secret"), fs::Permissions::from_mode(0o000)).unwrap();
+    let mut c = hop_as_nobody();
+    c.args(["sync", "--delete"]).arg(d.path("src/")).arg(&dst);
+    let err = fails(c, 23);
+    assert!(
+        err.contains("secret") && err.contains("ermission denied"),
+        "{err}"
+    );
+    assert_eq!(fs::read(dst.join("ok1")).unwrap(), b"fine");
+    assert_eq!(fs::read(dst.join("z/ok2")).unwrap(), b"fine too");
+    // The old version is intact, and --delete did not remove it.
+    assert_eq!(fs::read(dst.join("secret")).unwrap(), b"old secret");
+}
+
+#[test]
+fn unwritable_destination_is_a_clear_error_and_loses_nothing() {
+    if !is_root() {
+        eprintln!("skipped: needs root to switch to an unprivileged user");
+        return;
+    }
+    let d = Dir::new();
+    d.write("src/f", b"new");
+    let dst = d.path("dst");
+    d.write("dst/f", b"old");
+    open_up(&d.path("src"));
+    fs::set_permissions(d.tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o555)).unwrap();
+    let mut c = hop_as_nobody();
+    c.args(["sync"]).arg(d.path("src/")).arg(&dst);
+    let err = fails(c, 23);
+    assert!(
+        err.contains(&*dst.to_string_lossy()) && err.contains("ermission denied"),
+        "{err}"
+    );
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"old");
+    let leftovers: Vec<_> = fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "temporary files left behind: {leftovers:?}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    let d = Dir::new();
+    let err = fails(
+        {
+            let mut c = hop();
+            c.args(["sync"]).arg(d.path("missing")).arg(d.path("x"));
+            c
+        },
+        1,
+    );
+    assert!(
+        err.contains("cannot read source") && err.contains("missing"),
+        "{err}"
+    );
+    d.write("src/f", b"1");
+    let err = fails(
+        {
+            let mut c = hop();
+            c.args(["sync", "--chunk-avg", "10"])
+                .arg(d.path("src/"))
+                .arg(d.path("x"));
+            c
+        },
+        1,
+    );
+    assert!(err.contains("chunk"), "{err}");
+    let err = fails(
+        {
+            let mut c = hop();
+            c.args(["sync", "--compress", "gzip"])
+                .arg(d.path("src/"))
+                .arg(d.path("x"));
+            c
+        },
+        1,
+    );
+    assert!(err.contains("gzip"), "{err}");
+    assert!(!d.path("x").exists());
+}

@@ -1,1 +1,66 @@
-fn main() {}
+//! `hop`: delta sync of directory trees and live migration of containers.
+//!
+//! Exit codes: 0 success; 1 usage or setup error (nothing was changed); 23 partial transfer
+//! (some entries failed, the rest is correct at the destination), like rsync.
+
+mod commands;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Live-migrate containers and sync directory trees, moving only the data the other side lacks.
+#[derive(Parser)]
+#[command(name = "hop", version, about, long_about = None)]
+struct Cli {
+    /// More output (-v: per-file changes, -vv: debug logs). HOP_LOG / RUST_LOG set log filters.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Sync(commands::sync::SyncArgs),
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (_, 0 | 1) => "warn",
+        (_, 2) => "debug",
+        _ => "trace",
+    };
+    let filter = std::env::var("HOP_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let out = commands::Output {
+        verbose: cli.verbose,
+        quiet: cli.quiet,
+    };
+    let r = match cli.command {
+        Command::Sync(a) => commands::sync::run(a, out),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hop: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

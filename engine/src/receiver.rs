@@ -299,6 +299,19 @@ impl Receiver {
             }
         }
 
+        // A single file synced to a path whose directory does not exist yet (`hop sync f dir/`).
+        if let Some(first) = manifest.first() {
+            if first.path.is_root() && first.kind != EntryKind::Dir && !dry {
+                if let Some(parent) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    if let Err(err) =
+                        std::fs::create_dir_all(parent).ctx("create directory", parent)
+                    {
+                        report.errors.push(err);
+                    }
+                }
+            }
+        }
+
         // 2. Files, in parallel.
         let results: Mutex<Vec<(usize, Result<u64>)>> = Mutex::new(Vec::new());
         let writes: Vec<(usize, &Entry, &crate::plan::FilePlan)> = manifest
@@ -427,7 +440,13 @@ impl Receiver {
                 };
                 match r {
                     Ok(()) => report.stats.entries_deleted += 1,
-                    Err(e) if e.io_kind() == Some(std::io::ErrorKind::NotFound) => {
+                    // Already gone: it was inside a directory replaced by another kind of entry.
+                    Err(e)
+                        if matches!(
+                            e.io_kind(),
+                            Some(std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory)
+                        ) =>
+                    {
                         report.stats.entries_deleted += 1
                     }
                     Err(e) => report.errors.push(e),

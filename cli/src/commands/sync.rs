@@ -1,0 +1,256 @@
+//! `hop sync SRC DEST`: make DEST identical to SRC, sending only what DEST lacks.
+
+use super::{Output, EXIT_PARTIAL};
+use crate::progress::Display;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hop_engine::{ChangeKind, ChunkParams, Progress, ReceiverOptions, Report, SenderOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Make DEST identical to SRC, copying only the data DEST does not already hold.
+///
+/// Like rsync, a SRC directory without a trailing slash is copied *into* DEST (as DEST/NAME);
+/// with a trailing slash its contents are synced onto DEST.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  hop sync -a photos/ /backup/photos          sync contents of photos into /backup/photos
+  hop sync --delete build/ /srv/www           mirror, deleting what is gone from build/
+  hop sync -n -v src/ dst/                    show what would change
+  hop sync --basis /images/round1 round2/ dst/   reuse chunks from another tree
+  hop sync --stats-json stats.json a/ b/      write figures as JSON")]
+pub struct SyncArgs {
+    /// Source path.
+    pub src: PathBuf,
+    /// Destination path.
+    pub dest: PathBuf,
+    /// Archive mode: accepted for rsync habits; hop always keeps links, modes, times and (as root) owners.
+    #[arg(short = 'a', long)]
+    pub archive: bool,
+    /// Show what would change, change nothing.
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+    /// Delete destination entries that are not in the source.
+    #[arg(long)]
+    pub delete: bool,
+    /// Also take chunks from the files under DIR (like rsync --copy-dest). Repeatable.
+    #[arg(long, value_name = "DIR")]
+    pub basis: Vec<PathBuf>,
+    /// Average chunk size in bytes (min = avg/2, max = avg*8 unless given).
+    #[arg(long, value_name = "BYTES")]
+    pub chunk_avg: Option<u32>,
+    /// Minimum chunk size in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub chunk_min: Option<u32>,
+    /// Maximum chunk size in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub chunk_max: Option<u32>,
+    /// Compress chunk payloads: "zstd" or "zstd:LEVEL" (1-19). Chunks that do not shrink go raw.
+    #[arg(long, value_name = "ALGO[:LEVEL]")]
+    pub compress: Option<String>,
+    /// fsync each written file before it replaces the old one.
+    #[arg(long)]
+    pub fsync: bool,
+    /// Write zero runs as data instead of holes.
+    #[arg(long)]
+    pub no_sparse: bool,
+    /// Do not read or write the destination's chunk index cache (.NAME.hopidx beside DEST).
+    #[arg(long)]
+    pub no_index_cache: bool,
+    /// Print a summary table at the end, like rsync --stats.
+    #[arg(long)]
+    pub stats: bool,
+    /// Write the figures as one JSON object to FILE ("-" for standard output).
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Show a progress bar on a terminal.
+    #[arg(long)]
+    pub progress: bool,
+}
+
+fn parse_compress(s: &str) -> Result<i32> {
+    let (algo, level) = s.split_once(':').unwrap_or((s, "1"));
+    if algo != "zstd" {
+        bail!("unknown compression {algo:?}: use zstd or zstd:LEVEL");
+    }
+    let level: i32 = level
+        .parse()
+        .with_context(|| format!("bad zstd level {level:?}"))?;
+    if !(-7..=19).contains(&level) {
+        bail!("zstd level {level} out of range (-7..=19)");
+    }
+    Ok(level)
+}
+
+fn chunk_params(a: &SyncArgs) -> Result<ChunkParams> {
+    let base = match a.chunk_avg {
+        Some(avg) => ChunkParams::from_avg(avg)?,
+        None => ChunkParams::default(),
+    };
+    Ok(ChunkParams::new(
+        a.chunk_min.unwrap_or(base.min),
+        a.chunk_avg.unwrap_or(base.avg),
+        a.chunk_max.unwrap_or(base.max),
+    )?)
+}
+
+/// Resolve rsync's trailing-slash rule into the two roots actually synced.
+fn resolve_roots(src: &Path, dest: &Path) -> Result<(PathBuf, PathBuf)> {
+    let s = src.as_os_str().to_string_lossy();
+    if s.contains("://") || dest.as_os_str().to_string_lossy().contains("://") {
+        bail!(
+            "remote paths (quic://) are not supported by this build yet; both paths must be local"
+        );
+    }
+    let md = std::fs::symlink_metadata(src)
+        .with_context(|| format!("cannot read source {}", src.display()))?;
+    let name = src.file_name().map(PathBuf::from);
+    let into_dest = if md.is_dir() {
+        !s.ends_with('/') && name.is_some()
+    } else {
+        dest.to_string_lossy().ends_with('/') || dest.is_dir()
+    };
+    let dest = match (into_dest, name) {
+        (true, Some(n)) => dest.join(n),
+        _ => dest.to_path_buf(),
+    };
+    Ok((src.to_path_buf(), dest))
+}
+
+/// Run `hop sync`.
+pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
+    let params = chunk_params(&a)?;
+    let compress = a.compress.as_deref().map(parse_compress).transpose()?;
+    let (src, dest) = resolve_roots(&a.src, &a.dest)?;
+    if dest.starts_with(&src) && src.is_dir() && dest != src {
+        bail!(
+            "destination {} lies inside the source {}",
+            dest.display(),
+            src.display()
+        );
+    }
+    let sopts = SenderOptions { params, compress };
+    let ropts = ReceiverOptions {
+        params,
+        delete: a.delete,
+        basis: a.basis.clone(),
+        dry_run: a.dry_run,
+        fsync: a.fsync,
+        sparse: !a.no_sparse,
+        index_cache: None,
+        no_index_cache: a.no_index_cache,
+    };
+    let progress = Arc::new(Progress::default());
+    let json_to_stdout = a.stats_json.as_deref() == Some(Path::new("-"));
+    let display = Display::start(progress.clone(), a.progress && !out.quiet);
+    let report = hop_engine::sync_local(&src, &dest, None, sopts, ropts, &progress)
+        .with_context(|| format!("sync {} -> {}", src.display(), dest.display()))?;
+    drop(display);
+
+    let quiet_stdout = out.quiet || json_to_stdout;
+    print_report(&report, &a, quiet_stdout, out)?;
+    if let Some(path) = &a.stats_json {
+        let json = serde_json::to_string(&report.stats)?;
+        if json_to_stdout {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("cannot write stats to {}", path.display()))?;
+        }
+    }
+    if report.errors.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "hop: {} error(s); the entries above were not synced, everything else was (exit {EXIT_PARTIAL})",
+            report.errors.len()
+        );
+        Ok(ExitCode::from(EXIT_PARTIAL))
+    }
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn print_report(r: &Report, a: &SyncArgs, quiet_stdout: bool, out: Output) -> Result<()> {
+    for e in &r.errors {
+        eprintln!("hop: error: {e}");
+    }
+    for (p, what) in &r.skipped {
+        eprintln!("hop: skipping {what} {}", p.display());
+    }
+    if quiet_stdout {
+        return Ok(());
+    }
+    let mut o = std::io::stdout().lock();
+    if a.dry_run || out.verbose > 0 {
+        for c in &r.changes {
+            let (tag, extra) = match &c.kind {
+                ChangeKind::NewFile(n) => ("new file ", format!(" ({} to send)", human(*n))),
+                ChangeKind::UpdatedFile(n) => ("updated  ", format!(" ({} to send)", human(*n))),
+                ChangeKind::NewDir => ("new dir  ", String::new()),
+                ChangeKind::Symlink => ("symlink  ", String::new()),
+                ChangeKind::Metadata => ("metadata ", String::new()),
+                ChangeKind::Deleted => ("deleting ", String::new()),
+            };
+            writeln!(o, "{tag}{}{extra}", c.path.display())?;
+        }
+    }
+    let s = &r.stats;
+    if a.stats {
+        writeln!(o, "Number of files: {}", s.files)?;
+        writeln!(o, "Number of files written: {}", s.files_written)?;
+        writeln!(o, "Number of files unchanged: {}", s.files_unchanged)?;
+        writeln!(o, "Number of entries deleted: {}", s.entries_deleted)?;
+        writeln!(o, "Total file size: {} bytes", s.bytes_total)?;
+        writeln!(o, "Reused data: {} bytes", s.bytes_reused)?;
+        writeln!(o, "Literal data: {} bytes", s.bytes_literal)?;
+        writeln!(o, "Bytes on the wire: {} bytes", s.bytes_wire)?;
+        writeln!(o, "Elapsed: {:.3} s", s.elapsed_ms as f64 / 1000.0)?;
+    } else {
+        let pct = if s.bytes_total > 0 {
+            100.0 * s.bytes_literal as f64 / s.bytes_total as f64
+        } else {
+            0.0
+        };
+        writeln!(
+            o,
+            "{}{} files, {} total, {} sent ({pct:.1}%), {} on the wire, {:.2} s",
+            if a.dry_run { "(dry run) " } else { "" },
+            s.files,
+            human(s.bytes_total),
+            human(s.bytes_literal),
+            human(s.bytes_wire),
+            s.elapsed_ms as f64 / 1000.0
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compress_parsing() {
+        assert_eq!(parse_compress("zstd").unwrap(), 1);
+        assert_eq!(parse_compress("zstd:9").unwrap(), 9);
+        assert!(parse_compress("gzip").is_err());
+        assert!(parse_compress("zstd:99").is_err());
+        assert!(parse_compress("zstd:x").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what hop's build, tests and demo need on a fresh Debian bookworm machine.
+# Idempotent: packages already present are left alone. Needs root (apt-get).
+set -euo pipefail
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+PKGS=(rsync python3 util-linux iproute2 diffutils)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        log "missing packages ${missing[*]}; run as root to install them"; exit 1
+    fi
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { log "cargo not found: this machine kind ships a Rust toolchain"; exit 1; }
+log "ok: $(rsync --version | head -n1)"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run every test: set-up, unit and property tests, end-to-end tests through the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --workspace --all-targets --locked 2>&1 | tail -n 3
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
