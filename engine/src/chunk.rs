@@ -163,12 +163,42 @@ pub struct FileChunks {
     pub chunks: Vec<ChunkSpec>,
 }
 
-/// Below this size a whole-buffer hash is computed on one thread (BLAKE3 threads only pay off on
-/// large inputs).
-const PARALLEL_HASH_MIN: usize = 1 << 20;
+/// Granularity at which the fused pass feeds the whole-file hash.
+const WHOLE_BLOCK: usize = 128 * 1024;
 
 /// Cut `data` into chunks and hash each chunk and the whole.
+///
+/// Below two segments this is one fused pass: each chunk is cut, hashed, checked for zeros and
+/// fed to the whole-file hash while it is still in cache. Larger buffers are cut in parallel and
+/// hashed on all cores, the whole-file hash beside the chunk hashes.
 pub fn chunk_bytes(data: &[u8], p: ChunkParams) -> FileChunks {
+    if data.len() < 2 * SEGMENT {
+        let mut whole = blake3::Hasher::new();
+        let mut chunks = Vec::with_capacity(data.len() / p.avg as usize + 1);
+        // The whole-file hash is fed in blocks of at least WHOLE_BLOCK bytes (BLAKE3's SIMD
+        // wants long inputs), each right after its chunks were hashed, while still in cache.
+        let mut fed = 0usize;
+        if !data.is_empty() {
+            for c in FastCDC::new(data, p.min, p.avg, p.max) {
+                let bytes = &data[c.offset..c.offset + c.length];
+                let end = c.offset + c.length;
+                if end - fed >= WHOLE_BLOCK || end == data.len() {
+                    whole.update(&data[fed..end]);
+                    fed = end;
+                }
+                chunks.push(ChunkSpec {
+                    len: c.length as u32,
+                    id: ChunkId::of(bytes),
+                    zero: is_zero(bytes),
+                });
+            }
+        }
+        return FileChunks {
+            size: data.len() as u64,
+            hash: whole.finalize().into(),
+            chunks,
+        };
+    }
     let hash_chunks = || -> Vec<ChunkSpec> {
         let lens = cut_points(data, p);
         let mut offs = Vec::with_capacity(lens.len());
@@ -177,29 +207,23 @@ pub fn chunk_bytes(data: &[u8], p: ChunkParams) -> FileChunks {
             offs.push(o);
             o += l as usize;
         }
-        let spec = |(&off, &len): (&usize, &u32)| {
-            let c = &data[off..off + len as usize];
-            ChunkSpec {
-                len,
-                id: ChunkId::of(c),
-                zero: is_zero(c),
-            }
-        };
-        if data.len() >= PARALLEL_HASH_MIN {
-            offs.par_iter().zip(lens.par_iter()).map(spec).collect()
-        } else {
-            offs.iter().zip(lens.iter()).map(spec).collect()
-        }
+        offs.par_iter()
+            .zip(lens.par_iter())
+            .map(|(&off, &len)| {
+                let c = &data[off..off + len as usize];
+                ChunkSpec {
+                    len,
+                    id: ChunkId::of(c),
+                    zero: is_zero(c),
+                }
+            })
+            .collect()
     };
-    let (chunks, hash) = if data.len() >= PARALLEL_HASH_MIN {
-        rayon::join(hash_chunks, || {
-            let mut h = blake3::Hasher::new();
-            h.update_rayon(data);
-            ChunkId::from(h.finalize())
-        })
-    } else {
-        (hash_chunks(), ChunkId::of(data))
-    };
+    let (chunks, hash) = rayon::join(hash_chunks, || {
+        let mut h = blake3::Hasher::new();
+        h.update_rayon(data);
+        ChunkId::from(h.finalize())
+    });
     FileChunks {
         size: data.len() as u64,
         hash,
