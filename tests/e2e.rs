@@ -363,3 +363,39 @@ fn bad_arguments_are_clear_errors() {
     assert!(err.contains("gzip"), "{err}");
     assert!(!d.path("x").exists());
 }
+
+#[test]
+fn read_only_filesystem_destination_is_a_clear_error() {
+    if !is_root() {
+        eprintln!("skipped: needs root to mount a read-only tmpfs");
+        return;
+    }
+    let d = Dir::new();
+    d.write("src/f", b"new");
+    let ro = d.mkdir("ro");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&ro)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        mounted,
+        "could not mount a read-only tmpfs (root is required for this test)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(ro.clone());
+    let mut c = hop();
+    c.arg("sync").arg(d.path("src/")).arg(&ro);
+    let err = fails(c, 23);
+    assert!(
+        err.contains("Read-only file system") && err.contains(&*ro.to_string_lossy()),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&ro).unwrap().count(), 0);
+}

@@ -96,6 +96,10 @@ pub fn sync_local(
         || Receiver::prepare(dest, ropts),
     );
     let receiver = receiver?;
+    tracing::debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        "scanned+chunked source, indexed destination"
+    );
     let wire = Wire {
         bytes: AtomicU64::new(0),
         progress,
@@ -109,6 +113,11 @@ pub fn sync_local(
     }
     wire.pass(&Frame::ManifestEnd)?;
     let plan = receiver.plan(&manifest);
+    tracing::debug!(
+        ms = t0.elapsed().as_millis() as u64,
+        literal = plan.literal_bytes(),
+        "planned"
+    );
     let source = LocalSource {
         sender: &sender,
         manifest: &manifest,
@@ -116,6 +125,7 @@ pub fn sync_local(
     };
     let mut report = receiver.apply(&manifest, &plan, &source, progress);
     wire.pass(&Frame::Done)?;
+    tracing::debug!(ms = t0.elapsed().as_millis() as u64, "applied");
     let Sender {
         skipped, errors, ..
     } = sender;
