@@ -399,3 +399,53 @@ fn read_only_filesystem_destination_is_a_clear_error() {
     );
     assert_eq!(fs::read_dir(&ro).unwrap().count(), 0);
 }
+
+#[test]
+fn keygen_prints_only_the_fingerprint_and_protects_the_key() {
+    let d = Dir::new();
+    let dir = d.path("id");
+    let out = ok({
+        let mut c = hop();
+        c.arg("keygen").arg("--out").arg(&dir);
+        c
+    });
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1, "{out:?}");
+    let fp = lines[0];
+    assert!(
+        fp.starts_with("sha256:")
+            && fp.len() == 71
+            && fp[7..].chars().all(|c| c.is_ascii_hexdigit()),
+        "{fp}"
+    );
+    let mode = fs::metadata(dir.join("key.pem"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(fs::read_to_string(dir.join("cert.pem"))
+        .unwrap()
+        .contains("BEGIN CERTIFICATE"));
+    // A second keygen into the same directory is refused and the key is unchanged.
+    let key = fs::read(dir.join("key.pem")).unwrap();
+    let err = fails(
+        {
+            let mut c = hop();
+            c.arg("keygen").arg("--out").arg(&dir);
+            c
+        },
+        1,
+    );
+    assert!(
+        err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(fs::read(dir.join("key.pem")).unwrap(), key);
+    let out2 = ok({
+        let mut c = hop();
+        c.arg("keygen").arg("--force").arg("--out").arg(&dir);
+        c
+    });
+    assert_ne!(out2.trim(), fp);
+}

@@ -4,6 +4,7 @@
 //! (some entries failed, the rest is correct at the destination), like rsync.
 
 mod commands;
+mod identity;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Sync(commands::sync::SyncArgs),
+    Keygen(commands::keygen::KeygenArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
     };
     let r = match cli.command {
         Command::Sync(a) => commands::sync::run(a, out),
+        Command::Keygen(a) => commands::keygen::run(a, out),
     };
     match r {
         Ok(code) => code,

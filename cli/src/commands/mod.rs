@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+pub mod keygen;
 pub mod sync;
 
 /// How chatty the command should be.
