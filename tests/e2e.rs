@@ -449,3 +449,21 @@ fn keygen_prints_only_the_fingerprint_and_protects_the_key() {
     });
     assert_ne!(out2.trim(), fp);
 }
+
+#[test]
+fn same_size_same_mtime_edit_is_still_detected() {
+    // rsync's quick check (size + mtime) misses this edit; hop's caches also key on ctime and
+    // inode, and the content is compared by hash, so it is synced.
+    let d = Dir::new();
+    let f = d.write("src/f.img", &noise(8, 1 << 20));
+    let dst = d.path("dst");
+    sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    let mtime = fs::metadata(&f).unwrap().modified().unwrap();
+    let mut data = fs::read(&f).unwrap();
+    data[500_000] ^= 0xff;
+    fs::write(&f, &data).unwrap();
+    fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+    let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    assert!(st["bytes_literal"].as_u64().unwrap() > 0, "{st}");
+    assert_same_tree(&d.path("src"), &dst);
+}

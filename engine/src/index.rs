@@ -200,7 +200,8 @@ impl IndexCache {
         c
     }
 
-    fn lookup(&self, path: &Path, md: &std::fs::Metadata) -> Option<&FileChunks> {
+    /// The cached chunk list of `path` if its stat `md` still matches.
+    pub fn lookup(&self, path: &Path, md: &std::fs::Metadata) -> Option<&FileChunks> {
         let (k, fc) = self.entries.get(path)?;
         (*k == StatKey::of(md)).then_some(fc)
     }
@@ -211,6 +212,17 @@ impl IndexCache {
             if md.is_file() && md.len() == chunks.size {
                 self.entries
                     .insert(path.to_path_buf(), (StatKey::of(&md), chunks));
+            }
+        }
+    }
+
+    /// Record a chunk list computed from the file as `md` described it before it was read; if
+    /// the file's stat changed meanwhile, nothing is recorded.
+    pub fn record_read(&mut self, path: &Path, before: &std::fs::Metadata, chunks: FileChunks) {
+        if let Ok(after) = std::fs::symlink_metadata(path) {
+            let key = StatKey::of(before);
+            if StatKey::of(&after) == key && key.size == chunks.size {
+                self.entries.insert(path.to_path_buf(), (key, chunks));
             }
         }
     }
@@ -258,6 +270,19 @@ impl IndexCache {
         })?;
         Ok(())
     }
+}
+
+/// Where the sender's chunk cache for source tree `src` lives: under `$XDG_CACHE_HOME/hop` (or
+/// `~/.cache/hop`), named after the BLAKE3 of the source's absolute path. `None` when no cache
+/// directory can be determined.
+pub fn source_cache_path(src: &Path) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let abs = std::path::absolute(src).ok()?;
+    let id = blake3::hash(abs.as_os_str().as_bytes()).to_hex();
+    Some(base.join("hop").join(format!("src-{}.hopidx", &id[..32])))
 }
 
 /// Where the index cache of destination `dest` lives: next to it, as `.NAME.hopidx`.

@@ -92,7 +92,7 @@ pub fn sync_local(
         ));
     }
     let (sender, receiver) = rayon::join(
-        || Sender::new(src, filter, sopts),
+        || Sender::new(src, filter, sopts.clone()),
         || Receiver::prepare(dest, ropts),
     );
     let receiver = receiver?;
@@ -210,7 +210,7 @@ mod tests {
             std::fs::create_dir(&src).unwrap();
             let mut files: Vec<Vec<u8>> = seeds.iter().map(|&(s, len)| noise(s, len)).collect();
             let params = if small { ChunkParams::new(256, 1024, 4096).unwrap() } else { ChunkParams::default() };
-            let sopts = SenderOptions { params, compress: if small { Some(1) } else { None } };
+            let sopts = SenderOptions { params, compress: if small { Some(1) } else { None }, cache: None };
             let ropts = ReceiverOptions { params, delete: true, ..Default::default() };
             for round in 0..2 {
                 if round == 1 {
@@ -223,7 +223,7 @@ mod tests {
                 for (i, data) in files.iter().enumerate() {
                     std::fs::write(src.join(format!("f{i}")), data).unwrap();
                 }
-                let r = sync_local(&src, &dst, None, sopts, ropts.clone(), &Progress::default()).unwrap();
+                let r = sync_local(&src, &dst, None, sopts.clone(), ropts.clone(), &Progress::default()).unwrap();
                 prop_assert!(r.errors.is_empty(), "{:?}", r.errors);
                 for (i, data) in files.iter().enumerate() {
                     let got = std::fs::read(dst.join(format!("f{i}"))).unwrap();

@@ -1,8 +1,9 @@
 //! The sending half: scan and chunk the source tree into a manifest, then supply the chunks the
 //! receiver asks for (optionally zstd-compressed).
 
-use crate::chunk::{chunk_file, ChunkParams};
+use crate::chunk::{chunk_file, ChunkParams, FileChunks};
 use crate::error::{Error, IoContext, Result};
+use crate::index::IndexCache;
 use crate::manifest::{chunk_offsets, Entry, EntryKind};
 use crate::path::RelPath;
 use crate::protocol::{Codec, Frame};
@@ -12,13 +13,16 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Sender settings.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SenderOptions {
     /// Chunk sizes.
     pub params: ChunkParams,
     /// zstd level for chunk payloads; `None` sends them raw. Chunks that do not shrink are sent
     /// raw either way.
     pub compress: Option<i32>,
+    /// Where to keep the chunk lists of source files between runs, so that unchanged files
+    /// (same size, mtime, ctime, inode) are not read again. `None`: no cache.
+    pub cache: Option<PathBuf>,
 }
 
 impl Default for SenderOptions {
@@ -26,6 +30,7 @@ impl Default for SenderOptions {
         SenderOptions {
             params: ChunkParams::default(),
             compress: None,
+            cache: None,
         }
     }
 }
@@ -47,6 +52,12 @@ impl Sender {
     pub fn new(root: &Path, filter: Option<Filter<'_>>, opts: SenderOptions) -> Sender {
         let s = scan(root, filter);
         let mut errors = s.errors;
+        let cache = match &opts.cache {
+            Some(p) => IndexCache::load(p, opts.params),
+            None => IndexCache::default(),
+        };
+        let fresh: std::sync::Mutex<Vec<(PathBuf, std::fs::Metadata, FileChunks)>> =
+            Default::default();
         let chunked: Vec<(Entry, Option<Error>)> = s
             .entries
             .into_par_iter()
@@ -55,23 +66,25 @@ impl Sender {
                     ScanKind::Dir => EntryKind::Dir,
                     ScanKind::Unreadable => EntryKind::Unreadable,
                     ScanKind::Symlink { target } => EntryKind::Symlink { target },
-                    ScanKind::File { .. } => match chunk_file(&e.path.under(root), opts.params) {
-                        Ok(fc) => EntryKind::File {
-                            size: fc.size,
-                            hash: fc.hash,
-                            chunks: fc.chunks,
-                        },
-                        Err(err) => {
-                            return (
-                                Entry {
-                                    path: e.path,
-                                    kind: EntryKind::Unreadable,
-                                    meta: e.meta,
-                                },
-                                Some(err),
-                            )
+                    ScanKind::File { .. } => {
+                        match chunk_cached(&e.path.under(root), opts.params, &cache, &fresh) {
+                            Ok(fc) => EntryKind::File {
+                                size: fc.size,
+                                hash: fc.hash,
+                                chunks: fc.chunks,
+                            },
+                            Err(err) => {
+                                return (
+                                    Entry {
+                                        path: e.path,
+                                        kind: EntryKind::Unreadable,
+                                        meta: e.meta,
+                                    },
+                                    Some(err),
+                                )
+                            }
                         }
-                    },
+                    }
                 };
                 (
                     Entry {
@@ -83,6 +96,18 @@ impl Sender {
                 )
             })
             .collect();
+        if let Some(p) = &opts.cache {
+            let mut cache = cache;
+            for (path, md, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                cache.record_read(&path, &md, fc);
+            }
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(e) = cache.save(p) {
+                tracing::warn!("could not save the source chunk cache: {e}");
+            }
+        }
         let mut manifest = Vec::with_capacity(chunked.len());
         for (e, err) in chunked {
             errors.extend(err);
@@ -161,6 +186,29 @@ impl Sender {
         }
         Ok(())
     }
+}
+
+/// Chunk lists of files chunked in this run, with the stat they were read under.
+type Fresh = std::sync::Mutex<Vec<(PathBuf, std::fs::Metadata, FileChunks)>>;
+
+/// The chunks of `path`, from the cache when its stat is unchanged, else read (and remembered in
+/// `fresh` for the next run).
+fn chunk_cached(
+    path: &Path,
+    params: ChunkParams,
+    cache: &IndexCache,
+    fresh: &Fresh,
+) -> Result<FileChunks> {
+    let md = std::fs::symlink_metadata(path).ctx("stat", path)?;
+    if let Some(fc) = cache.lookup(path, &md) {
+        return Ok(fc.clone());
+    }
+    let fc = chunk_file(path, params)?;
+    fresh
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((path.to_path_buf(), md, fc.clone()));
+    Ok(fc)
 }
 
 fn open_regular(path: &Path) -> Result<std::fs::File> {

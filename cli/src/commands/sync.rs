@@ -56,7 +56,8 @@ pub struct SyncArgs {
     /// Write zero runs as data instead of holes.
     #[arg(long)]
     pub no_sparse: bool,
-    /// Do not read or write the destination's chunk index cache (.NAME.hopidx beside DEST).
+    /// Do not read or write chunk caches: the destination's (.NAME.hopidx beside DEST) and the
+    /// source's (under ~/.cache/hop), which spare re-reading unchanged files.
     #[arg(long)]
     pub no_index_cache: bool,
     /// Print a summary table at the end, like rsync --stats.
@@ -131,7 +132,16 @@ pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
             src.display()
         );
     }
-    let sopts = SenderOptions { params, compress };
+    let cache = if a.no_index_cache {
+        None
+    } else {
+        hop_engine::index::source_cache_path(&src)
+    };
+    let sopts = SenderOptions {
+        params,
+        compress,
+        cache,
+    };
     let ropts = ReceiverOptions {
         params,
         delete: a.delete,
