@@ -442,6 +442,12 @@ fn keygen_prints_only_the_fingerprint_and_protects_the_key() {
         "{err}"
     );
     assert_eq!(fs::read(dir.join("key.pem")).unwrap(), key);
+    let shown = ok({
+        let mut c = hop();
+        c.arg("keygen").arg("--show").arg("--out").arg(&dir);
+        c
+    });
+    assert_eq!(shown.trim(), fp);
     let out2 = ok({
         let mut c = hop();
         c.arg("keygen").arg("--force").arg("--out").arg(&dir);
@@ -462,7 +468,12 @@ fn same_size_same_mtime_edit_is_still_detected() {
     let mut data = fs::read(&f).unwrap();
     data[500_000] ^= 0xff;
     fs::write(&f, &data).unwrap();
-    fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
     let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
     assert!(st["bytes_literal"].as_u64().unwrap() > 0, "{st}");
     assert_same_tree(&d.path("src"), &dst);

@@ -72,7 +72,8 @@ impl<'a> FileTable<'a> {
     }
 }
 
-fn open_nofollow(path: &Path) -> Result<File> {
+/// Open a file for reading without following a symlink in its last component.
+pub(crate) fn open_nofollow(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)

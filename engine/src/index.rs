@@ -176,13 +176,18 @@ pub struct IndexCache {
 }
 
 impl IndexCache {
+    /// An empty cache for chunk parameters `params`.
+    pub fn new(params: ChunkParams) -> Self {
+        IndexCache {
+            params: Some(params),
+            entries: HashMap::new(),
+        }
+    }
+
     /// Load the cache at `path` for chunk parameters `params`. A missing, unreadable, corrupt
     /// or differently parameterised cache is an empty one (it is only an optimisation).
     pub fn load(path: &Path, params: ChunkParams) -> Self {
-        let mut c = IndexCache {
-            params: Some(params),
-            entries: HashMap::new(),
-        };
+        let mut c = IndexCache::new(params);
         let Ok(bytes) = std::fs::read(path) else {
             return c;
         };

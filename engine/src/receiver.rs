@@ -337,7 +337,7 @@ impl Receiver {
         let mut written: HashSet<usize> = HashSet::new();
         let mut literal = 0u64;
         if dry {
-            for &(i, e, fp) in &writes {
+            for &(_, e, fp) in &writes {
                 literal += fp.literal;
                 let kind = if self.state.contains_key(&e.path) {
                     ChangeKind::UpdatedFile(fp.literal)
@@ -348,7 +348,6 @@ impl Receiver {
                     path: e.path.clone(),
                     kind,
                 });
-                let _ = i;
             }
         }
         for (i, r) in results {
@@ -597,7 +596,7 @@ impl Receiver {
 
     fn save_cache(&self, manifest: &[Entry], plan: &Plan, written: &HashSet<usize>) {
         let path = Self::cache_path(&self.dest, &self.opts);
-        let mut cache = IndexCache::load(Path::new("/nonexistent"), self.opts.params);
+        let mut cache = IndexCache::new(self.opts.params);
         for f in &self.index.files[self.first_basis_file as usize..] {
             cache.record(&f.path, f.chunks.clone());
         }

@@ -152,7 +152,7 @@ impl Sender {
             return Err(Error::Protocol(format!("entry {entry} is not a file")));
         };
         let path = e.path.under(&self.root);
-        let file = match open_regular(&path) {
+        let file = match crate::assemble::open_nofollow(&path) {
             Ok(f) => f,
             Err(err) => {
                 return emit(Frame::Failed {
@@ -209,15 +209,6 @@ fn chunk_cached(
         .unwrap_or_else(|e| e.into_inner())
         .push((path.to_path_buf(), md, fc.clone()));
     Ok(fc)
-}
-
-fn open_regular(path: &Path) -> Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-        .ctx("open", path)
 }
 
 /// Compress a chunk payload when that makes it smaller.

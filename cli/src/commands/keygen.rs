@@ -16,19 +16,27 @@ use std::process::ExitCode;
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   hop keygen --out /etc/hop/identity
-  hop keygen --out ~/.config/hop/identity >> /tmp/my-fingerprint")]
+  hop keygen --out ~/.config/hop/identity >> /tmp/my-fingerprint
+  hop keygen --out /etc/hop/identity --show   print the fingerprint of an existing identity")]
 pub struct KeygenArgs {
     /// Directory for key.pem and cert.pem (created, mode 0700, if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Replace an existing identity (peers must then trust the new fingerprint).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "show")]
     pub force: bool,
+    /// Do not create anything: check the identity in DIR and print its fingerprint.
+    #[arg(long)]
+    pub show: bool,
 }
 
 /// Run `hop keygen`.
 pub fn run(a: KeygenArgs, _out: Output) -> Result<ExitCode> {
-    let id = identity::generate(&a.out, a.force)?;
+    let id = if a.show {
+        identity::load(&a.out)?
+    } else {
+        identity::generate(&a.out, a.force)?
+    };
     println!("{}", id.fingerprint);
     Ok(ExitCode::SUCCESS)
 }
