@@ -478,3 +478,40 @@ fn same_size_same_mtime_edit_is_still_detected() {
     assert!(st["bytes_literal"].as_u64().unwrap() > 0, "{st}");
     assert_same_tree(&d.path("src"), &dst);
 }
+
+#[test]
+fn killed_mid_transfer_leaves_old_or_new_file_and_no_junk() {
+    let d = Dir::new();
+    let old = noise(20, 8 << 20);
+    let new = noise(21, 192 << 20);
+    d.write("src/big.img", &new);
+    d.write("dst/big.img", &old);
+    let dst = d.path("dst");
+    for delay_ms in [30u64, 120, 400] {
+        let mut child = hop()
+            .args(["sync", "-q", "--no-index-cache"])
+            .arg(d.path("src/"))
+            .arg(&dst)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        let got = fs::read(dst.join("big.img")).unwrap();
+        assert!(
+            got == old || got == new,
+            "after a kill at {delay_ms} ms the file is neither old nor new"
+        );
+        let names: Vec<_> = fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "kill at {delay_ms} ms left {names:?}");
+        if got == new {
+            break;
+        }
+    }
+    // A re-run completes.
+    sync_stats(&[s(&d.path("src/")), s(&dst)]);
+    assert_eq!(fs::read(dst.join("big.img")).unwrap(), new);
+}

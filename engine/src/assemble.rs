@@ -10,7 +10,7 @@ use crate::plan::{FilePlan, Piece};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Read access to the files of a [`ChunkIndex`] that stays correct while the sync replaces them:
@@ -190,6 +190,127 @@ pub struct AssembleOptions {
     pub fsync: bool,
 }
 
+/// A file being built: an unnamed `O_TMPFILE` inode in the destination directory where the
+/// filesystem supports it (a killed sync then leaves nothing behind), else a named temporary file
+/// (`.NAME.hop.XXXXXX`, removed on error). It only gets a name in [`Staged::commit`].
+#[derive(Debug)]
+pub struct Staged {
+    file: File,
+    dir: PathBuf,
+    named: Option<tempfile::TempPath>,
+}
+
+impl Staged {
+    /// Create an empty staged file in the directory of `dest`.
+    pub fn create(dest: &Path) -> Result<Staged> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+        {
+            Ok(file) => {
+                return Ok(Staged {
+                    file,
+                    dir: dir.to_path_buf(),
+                    named: None,
+                })
+            }
+            Err(e)
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                return Err(Error::Io {
+                    op: "create temporary file in",
+                    path: dir.into(),
+                    source: e,
+                })
+            }
+            Err(_) => {}
+        }
+        let mut prefix = std::ffi::OsString::from(".");
+        prefix.push(dest.file_name().unwrap_or_default());
+        prefix.push(".hop.");
+        let (file, path) = tempfile::Builder::new()
+            .prefix(&prefix)
+            .tempfile_in(dir)
+            .ctx("create temporary file in", dir)?
+            .into_parts();
+        Ok(Staged {
+            file,
+            dir: dir.to_path_buf(),
+            named: Some(path),
+        })
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// A path naming the staged file for messages.
+    pub fn display_path(&self) -> PathBuf {
+        self.named
+            .as_deref()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.dir.join("(unnamed temporary file)"))
+    }
+
+    /// Give the staged file the name `dest`, atomically replacing what is there (via `table`,
+    /// which keeps the old version readable).
+    pub fn commit(self, dest: &Path, table: &FileTable<'_>) -> Result<()> {
+        if let Some(named) = self.named {
+            table.replace(&named, dest)?;
+            std::mem::forget(named); // renamed: nothing left to clean up
+            return Ok(());
+        }
+        // Link the unnamed inode under a temporary name, then rename that over `dest`.
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::io::AsRawFd;
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut name = std::ffi::OsString::from(".");
+        name.push(dest.file_name().unwrap_or_default());
+        name.push(format!(
+            ".hop.{}.{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let tmp = self.dir.join(name);
+        let proc_path = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let c_tmp = std::ffi::CString::new(tmp.as_os_str().as_bytes())
+            .map_err(|e| Error::Protocol(e.to_string()))?;
+        // SAFETY: both paths are valid NUL-terminated strings.
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                proc_path.as_ptr(),
+                libc::AT_FDCWD,
+                c_tmp.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Io {
+                op: "link temporary file as",
+                path: tmp,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        table.replace(&tmp, dest).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+}
+
 /// A fetched chunk: its number in the file and its (decoded) bytes.
 pub type Fetched = (u32, Vec<u8>);
 
@@ -205,8 +326,8 @@ fn hash_zeros(h: &mut blake3::Hasher, mut len: u64) {
 
 /// Write the file described by `chunks`/`plan` into a new temporary file next to `dest`, taking
 /// fetched chunks from `next`, which yields them in the order of `plan.fetch`. Every fetched
-/// chunk is checked against its id, and the whole result against `hash`. Returns the temporary
-/// file, ready to be renamed into place.
+/// chunk is checked against its id, and the whole result against `hash`. Returns the staged
+/// file, ready to be committed into place.
 #[allow(clippy::too_many_arguments)]
 pub fn assemble(
     dest: &Path,
@@ -217,17 +338,11 @@ pub fn assemble(
     files: &FileTable<'_>,
     next: &mut dyn FnMut() -> Result<Fetched>,
     opts: AssembleOptions,
-) -> Result<tempfile::TempPath> {
-    let dir = dest.parent().unwrap_or(Path::new("."));
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(dest.file_name().unwrap_or_default());
-    prefix.push(".hop.");
-    let tmp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .tempfile_in(dir)
-        .ctx("create temporary file in", dir)?;
-    let (file, tmp_path) = tmp.into_parts();
-    let mut w = SparseWriter::new(&file, &tmp_path, opts.sparse);
+) -> Result<Staged> {
+    let staged = Staged::create(dest)?;
+    let tmp_path = staged.display_path();
+    let file = staged.file();
+    let mut w = SparseWriter::new(file, &tmp_path, opts.sparse);
     let mut hasher = blake3::Hasher::new();
     let mut open: HashMap<u32, Arc<File>> = HashMap::new();
     let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
@@ -319,9 +434,9 @@ pub fn assemble(
         });
     }
     if opts.fsync {
-        file.sync_all().ctx("fsync", &*tmp_path)?;
+        file.sync_all().ctx("fsync", &tmp_path)?;
     }
-    Ok(tmp_path)
+    Ok(staged)
 }
 
 #[cfg(test)]
@@ -362,8 +477,7 @@ mod tests {
             },
         )
         .unwrap();
-        table.replace(&tmp, &dest).unwrap();
-        std::mem::forget(tmp);
+        tmp.commit(&dest, &table).unwrap();
         let out = std::fs::read(&dest).unwrap();
         (d, out, plan.literal)
     }

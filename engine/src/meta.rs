@@ -31,6 +31,18 @@ pub struct Apply {
     pub owner: bool,
 }
 
+/// Set an open file's metadata (owner, mode, mtime) through its descriptor.
+pub fn apply_fd(file: &std::fs::File, path: &Path, want: &Meta, how: Apply) -> Result<()> {
+    if how.owner {
+        std::os::unix::fs::fchown(file, Some(want.uid), Some(want.gid)).ctx("chown", path)?;
+    }
+    file.set_permissions(fs::Permissions::from_mode(want.mode))
+        .ctx("chmod", path)?;
+    let t = FileTime::from_unix_time(want.mtime_sec, want.mtime_nsec);
+    filetime::set_file_handle_times(file, Some(t), Some(t)).ctx("set times on", path)?;
+    Ok(())
+}
+
 /// Make `path`'s metadata equal `want`, touching only what differs. `is_link` selects the
 /// symlink-safe calls (links have no mode of their own on Linux).
 pub fn apply(

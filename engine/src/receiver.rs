@@ -508,7 +508,7 @@ impl Receiver {
             sparse: self.opts.sparse,
             fsync: self.opts.fsync,
         };
-        let attempt = |fp: &crate::plan::FilePlan| -> Result<tempfile::TempPath> {
+        let attempt = |fp: &crate::plan::FilePlan| -> Result<crate::assemble::Staged> {
             if fp.literal <= INLINE_FETCH {
                 // Little to fetch: get it first, then assemble.
                 let mut got = std::collections::VecDeque::with_capacity(fp.fetch.len());
@@ -562,10 +562,9 @@ impl Receiver {
             }
             Err(err) => return Err(err),
         };
-        meta::apply(&tmp, &e.meta, None, false, owner)?;
+        meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
         self.make_way(&abs, &e.path, false, table)?;
-        table.replace(&tmp, &abs)?;
-        std::mem::forget(tmp); // renamed: nothing to clean up
+        tmp.commit(&abs, table)?;
         Progress::add(&progress.bytes_done, *size);
         Progress::add(&progress.files_done, 1);
         Ok(sent)
