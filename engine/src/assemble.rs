@@ -82,6 +82,22 @@ pub(crate) fn open_nofollow(path: &Path) -> Result<File> {
         .ctx("open", path)
 }
 
+/// A block of zeros to write or hash zero runs from, without allocating.
+const ZEROS: [u8; 65536] = [0; 65536];
+
+/// A unique temporary name beside `path`: `.NAME.hop.PID.N`.
+pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(format!(
+        ".hop.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    path.with_file_name(name)
+}
+
 /// Block size for hole detection: runs of zero blocks of this size are not written.
 const BLOCK: u64 = 4096;
 /// Buffered bytes before a write.
@@ -153,10 +169,9 @@ impl<'f> SparseWriter<'f> {
 
     fn zeros(&mut self, mut len: u64) -> Result<()> {
         if !self.sparse {
-            const Z: [u8; 65536] = [0; 65536];
             while len > 0 {
-                let n = len.min(Z.len() as u64) as usize;
-                self.push(&Z[..n])?;
+                let n = len.min(ZEROS.len() as u64) as usize;
+                self.push(&ZEROS[..n])?;
                 len -= n as u64;
             }
             return Ok(());
@@ -275,15 +290,7 @@ impl Staged {
         // Link the unnamed inode under a temporary name, then rename that over `dest`.
         use std::os::unix::ffi::OsStrExt;
         use std::os::unix::io::AsRawFd;
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let mut name = std::ffi::OsString::from(".");
-        name.push(dest.file_name().unwrap_or_default());
-        name.push(format!(
-            ".hop.{}.{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let tmp = self.dir.join(name);
+        let tmp = temp_sibling(dest);
         let proc_path = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
             .map_err(|e| Error::Protocol(e.to_string()))?;
         let c_tmp = std::ffi::CString::new(tmp.as_os_str().as_bytes())
@@ -316,10 +323,9 @@ pub type Fetched = (u32, Vec<u8>);
 
 /// Hash zeros without allocating.
 fn hash_zeros(h: &mut blake3::Hasher, mut len: u64) {
-    const Z: [u8; 65536] = [0; 65536];
     while len > 0 {
-        let n = len.min(Z.len() as u64) as usize;
-        h.update(&Z[..n]);
+        let n = len.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..n]);
         len -= n as u64;
     }
 }

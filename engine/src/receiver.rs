@@ -15,7 +15,7 @@ use crate::scan::{scan, ScanKind};
 use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 /// Receiver settings.
@@ -81,19 +81,6 @@ pub struct Receiver {
 
 /// Files with at most this many literal bytes are fetched before assembly instead of streamed.
 const INLINE_FETCH: u64 = 8 << 20;
-
-/// A unique temporary name beside `path` for links.
-fn temp_sibling(path: &Path) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let mut name = std::ffi::OsString::from(".");
-    name.push(path.file_name().unwrap_or_default());
-    name.push(format!(
-        ".hop.{}.{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    path.with_file_name(name)
-}
 
 impl Receiver {
     /// Scan and index the destination and basis directories.
@@ -180,6 +167,19 @@ impl Receiver {
     /// Plan the sync of `manifest`.
     pub fn plan(&self, manifest: &[Entry]) -> Plan {
         plan(manifest, &self.state, &self.index, self.opts.delete)
+    }
+
+    /// The change record for a file written (or to be written) with `sent` literal bytes.
+    fn file_change(&self, path: &RelPath, sent: u64) -> Change {
+        let kind = if self.state.contains_key(path) {
+            ChangeKind::UpdatedFile(sent)
+        } else {
+            ChangeKind::NewFile(sent)
+        };
+        Change {
+            path: path.clone(),
+            kind,
+        }
     }
 
     fn owner(&self) -> Apply {
@@ -339,15 +339,7 @@ impl Receiver {
         if dry {
             for &(_, e, fp) in &writes {
                 literal += fp.literal;
-                let kind = if self.state.contains_key(&e.path) {
-                    ChangeKind::UpdatedFile(fp.literal)
-                } else {
-                    ChangeKind::NewFile(fp.literal)
-                };
-                report.changes.push(Change {
-                    path: e.path.clone(),
-                    kind,
-                });
+                report.changes.push(self.file_change(&e.path, fp.literal));
             }
         }
         for (i, r) in results {
@@ -357,15 +349,7 @@ impl Receiver {
                     literal += sent;
                     written.insert(i);
                     report.stats.files_written += 1;
-                    let kind = if self.state.contains_key(&e.path) {
-                        ChangeKind::UpdatedFile(sent)
-                    } else {
-                        ChangeKind::NewFile(sent)
-                    };
-                    report.changes.push(Change {
-                        path: e.path.clone(),
-                        kind,
-                    });
+                    report.changes.push(self.file_change(&e.path, sent));
                 }
                 Err(err) => report.errors.push(err),
             }
@@ -581,7 +565,7 @@ impl Receiver {
         table: &FileTable<'_>,
     ) -> Result<()> {
         use std::os::unix::ffi::OsStrExt;
-        let tmp = temp_sibling(abs);
+        let tmp = crate::assemble::temp_sibling(abs);
         std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), &tmp)
             .ctx("create symlink", &tmp)?;
         let r = meta::apply(&tmp, m, None, true, owner)

@@ -41,10 +41,6 @@ pub struct ScanEntry {
     pub kind: ScanKind,
     /// Its metadata.
     pub meta: Meta,
-    /// Inode number (for index caching).
-    pub ino: u64,
-    /// Status change time in nanoseconds (for index caching).
-    pub ctime_ns: i64,
 }
 
 /// The result of scanning a tree.
@@ -78,14 +74,11 @@ pub fn scan(root: &Path, filter: Option<Filter<'_>>) -> Scan {
 }
 
 fn visit(abs: &Path, rel: RelPath, md: fs::Metadata, filter: Option<Filter<'_>>, out: &mut Scan) {
-    use std::os::unix::fs::MetadataExt;
     let ft = md.file_type();
     let mut entry = ScanEntry {
         path: rel.clone(),
         kind: ScanKind::Unreadable,
         meta: meta::from_metadata(&md),
-        ino: md.ino(),
-        ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
     };
     if ft.is_file() {
         entry.kind = ScanKind::File { size: md.len() };
