@@ -1,5 +1,6 @@
 //! End-to-end tests of `hop sync` between local paths, through the real binary.
 
+#[macro_use]
 mod util;
 
 use std::ffi::OsStr;
@@ -64,11 +65,7 @@ fn second_run_sends_nothing_and_rewrites_nothing() {
     let d = Dir::new();
     let src = sample_tree(&d);
     let dst = d.path("dst");
-    ok({
-        let mut c = hop();
-        c.args(["sync", "-q"]).arg(d.path("src/")).arg(&dst);
-        c
-    });
+    ok(hop_cmd!("sync", "-q", d.path("src/"), &dst));
     let ino = fs::metadata(dst.join("big.img")).unwrap().ino();
     let st = sync_stats(&[s(&d.path("src/")), s(&dst)]);
     assert_eq!(st["bytes_literal"], 0);
@@ -166,13 +163,7 @@ fn dry_run_lists_changes_and_changes_nothing() {
     sample_tree(&d);
     let dst = d.path("dst");
     d.write("dst/old", b"old");
-    let out = ok({
-        let mut c = hop();
-        c.args(["sync", "-n", "--delete"])
-            .arg(d.path("src/"))
-            .arg(&dst);
-        c
-    });
+    let out = ok(hop_cmd!("sync", "-n", "--delete", d.path("src/"), &dst));
     assert!(out.contains("new file big.img"), "{out}");
     assert!(out.contains("deleting old"), "{out}");
     assert_eq!(
@@ -187,26 +178,12 @@ fn rsync_trailing_slash_rule() {
     let d = Dir::new();
     d.write("src/f", b"1");
     let dst = d.mkdir("dst");
-    ok({
-        let mut c = hop();
-        c.args(["sync", "-q"]).arg(d.path("src")).arg(&dst);
-        c
-    });
+    ok(hop_cmd!("sync", "-q", d.path("src"), &dst));
     assert_eq!(fs::read(dst.join("src/f")).unwrap(), b"1");
-    ok({
-        let mut c = hop();
-        c.args(["sync", "-q"]).arg(d.path("src/")).arg(&dst);
-        c
-    });
+    ok(hop_cmd!("sync", "-q", d.path("src/"), &dst));
     assert_eq!(fs::read(dst.join("f")).unwrap(), b"1");
     // A single file into an existing directory.
-    ok({
-        let mut c = hop();
-        c.args(["sync", "-q"])
-            .arg(d.path("src/f"))
-            .arg(d.path("dst/sub/"));
-        c
-    });
+    ok(hop_cmd!("sync", "-q", d.path("src/f"), d.path("dst/sub/")));
     assert_eq!(fs::read(dst.join("sub/f")).unwrap(), b"1");
 }
 
@@ -326,38 +303,19 @@ fn unwritable_destination_is_a_clear_error_and_loses_nothing() {
 #[test]
 fn bad_arguments_are_clear_errors() {
     let d = Dir::new();
-    let err = fails(
-        {
-            let mut c = hop();
-            c.args(["sync"]).arg(d.path("missing")).arg(d.path("x"));
-            c
-        },
-        1,
-    );
+    let err = fails(hop_cmd!("sync", d.path("missing"), d.path("x")), 1);
     assert!(
         err.contains("cannot read source") && err.contains("missing"),
         "{err}"
     );
     d.write("src/f", b"1");
     let err = fails(
-        {
-            let mut c = hop();
-            c.args(["sync", "--chunk-avg", "10"])
-                .arg(d.path("src/"))
-                .arg(d.path("x"));
-            c
-        },
+        hop_cmd!("sync", "--chunk-avg", "10", d.path("src/"), d.path("x")),
         1,
     );
     assert!(err.contains("chunk"), "{err}");
     let err = fails(
-        {
-            let mut c = hop();
-            c.args(["sync", "--compress", "gzip"])
-                .arg(d.path("src/"))
-                .arg(d.path("x"));
-            c
-        },
+        hop_cmd!("sync", "--compress", "gzip", d.path("src/"), d.path("x")),
         1,
     );
     assert!(err.contains("gzip"), "{err}");
@@ -390,9 +348,7 @@ fn read_only_filesystem_destination_is_a_clear_error() {
         }
     }
     let _guard = Unmount(ro.clone());
-    let mut c = hop();
-    c.arg("sync").arg(d.path("src/")).arg(&ro);
-    let err = fails(c, 23);
+    let err = fails(hop_cmd!("sync", d.path("src/"), &ro), 23);
     assert!(
         err.contains("Read-only file system") && err.contains(&*ro.to_string_lossy()),
         "{err}"
@@ -404,11 +360,7 @@ fn read_only_filesystem_destination_is_a_clear_error() {
 fn keygen_prints_only_the_fingerprint_and_protects_the_key() {
     let d = Dir::new();
     let dir = d.path("id");
-    let out = ok({
-        let mut c = hop();
-        c.arg("keygen").arg("--out").arg(&dir);
-        c
-    });
+    let out = ok(hop_cmd!("keygen", "--out", &dir));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 1, "{out:?}");
     let fp = lines[0];
@@ -429,30 +381,15 @@ fn keygen_prints_only_the_fingerprint_and_protects_the_key() {
         .contains("BEGIN CERTIFICATE"));
     // A second keygen into the same directory is refused and the key is unchanged.
     let key = fs::read(dir.join("key.pem")).unwrap();
-    let err = fails(
-        {
-            let mut c = hop();
-            c.arg("keygen").arg("--out").arg(&dir);
-            c
-        },
-        1,
-    );
+    let err = fails(hop_cmd!("keygen", "--out", &dir), 1);
     assert!(
         err.contains("already exists") && err.contains("--force"),
         "{err}"
     );
     assert_eq!(fs::read(dir.join("key.pem")).unwrap(), key);
-    let shown = ok({
-        let mut c = hop();
-        c.arg("keygen").arg("--show").arg("--out").arg(&dir);
-        c
-    });
+    let shown = ok(hop_cmd!("keygen", "--show", "--out", &dir));
     assert_eq!(shown.trim(), fp);
-    let out2 = ok({
-        let mut c = hop();
-        c.arg("keygen").arg("--force").arg("--out").arg(&dir);
-        c
-    });
+    let out2 = ok(hop_cmd!("keygen", "--force", "--out", &dir));
     assert_ne!(out2.trim(), fp);
 }
 

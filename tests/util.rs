@@ -57,6 +57,15 @@ pub fn hop() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hop"))
 }
 
+/// `hop` with these arguments (anything `Command::arg` takes).
+macro_rules! hop_cmd {
+    ($($a:expr),* $(,)?) => {{
+        let mut c = $crate::util::hop();
+        $( c.arg($a); )*
+        c
+    }};
+}
+
 /// Describe a finished command for a failure message.
 pub fn describe(cmd: &Command, out: &Output) -> String {
     format!(

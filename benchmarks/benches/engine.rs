@@ -42,25 +42,26 @@ where
     pool.install(f)
 }
 
+/// One benchmark group over `LEN` bytes, one entry per chunk-size setting, run on one core.
+fn per_params_1core(c: &mut Criterion, group: &str, f: impl Fn(ChunkParams) + Sync) {
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Bytes(LEN as u64)).sample_size(10);
+    for (name, p) in params() {
+        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
+            b.iter(|| one_core(|| f(*p)))
+        });
+    }
+    g.finish();
+}
+
 fn chunking(c: &mut Criterion) {
     let data = noise(LEN);
-    let mut g = c.benchmark_group("cut_points_1core");
-    g.throughput(Throughput::Bytes(LEN as u64)).sample_size(10);
-    for (name, p) in params() {
-        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
-            b.iter(|| one_core(|| cut_points(black_box(&data), *p)))
-        });
-    }
-    g.finish();
-
-    let mut g = c.benchmark_group("chunk_and_hash_1core");
-    g.throughput(Throughput::Bytes(LEN as u64)).sample_size(10);
-    for (name, p) in params() {
-        g.bench_with_input(BenchmarkId::from_parameter(name), &p, |b, p| {
-            b.iter(|| one_core(|| chunk_bytes(black_box(&data), *p)))
-        });
-    }
-    g.finish();
+    per_params_1core(c, "cut_points_1core", |p| {
+        black_box(cut_points(black_box(&data), p));
+    });
+    per_params_1core(c, "chunk_and_hash_1core", |p| {
+        black_box(chunk_bytes(black_box(&data), p));
+    });
 
     // Cut + chunk ids only (no whole-file hash): the part of the work the receiver's lookup needs.
     let mut g = c.benchmark_group("cut_and_ids_1core");
