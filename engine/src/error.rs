@@ -61,6 +61,15 @@ pub enum Error {
     /// Compression or decompression failed.
     #[error("compression: {0}")]
     Compression(String),
+    /// The network connection failed, timed out or was closed.
+    #[error("connection: {0}")]
+    Transport(String),
+    /// Authentication failed or a peer's identity is not trusted.
+    #[error("{0}")]
+    Trust(String),
+    /// The peer refused the request or reported a failure of its own.
+    #[error("peer: {0}")]
+    Remote(String),
 }
 
 /// The engine's result type.

@@ -40,6 +40,7 @@ struct LocalSource<'a> {
 impl ChunkSource for LocalSource<'_> {
     fn fetch(
         &self,
+        _lane: usize,
         entry: u32,
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
@@ -112,7 +113,7 @@ pub fn sync_local(
         }
     }
     wire.pass(&Frame::ManifestEnd)?;
-    let plan = receiver.plan(&manifest);
+    let plan = receiver.plan(&manifest)?;
     tracing::debug!(
         ms = t0.elapsed().as_millis() as u64,
         literal = plan.literal_bytes(),
@@ -129,7 +130,9 @@ pub fn sync_local(
     let Sender {
         skipped, errors, ..
     } = sender;
-    report.skipped.extend(skipped);
+    report
+        .skipped
+        .extend(skipped.into_iter().map(|(p, w)| (p, w.to_string())));
     report.errors.splice(0..0, errors);
     report.stats.errors = report.errors.len() as u64;
     report.stats.bytes_wire = wire.bytes.load(Ordering::Relaxed);

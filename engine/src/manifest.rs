@@ -88,3 +88,122 @@ pub fn chunk_offsets(chunks: &[ChunkSpec]) -> Vec<u64> {
         })
         .collect()
 }
+
+/// Most entries a manifest may hold (a limit against a hostile sender).
+pub const MAX_ENTRIES: usize = 1 << 24;
+
+/// Check that a manifest received from a sender is well formed before anything is planned: the
+/// first entry is the root, and only the first; every other entry's parent appeared earlier as a
+/// directory (so no entry can be written through a symlink or a file); no path twice; chunk
+/// lengths are non-zero, at most `max_chunk`, and add up to the file size.
+pub fn validate(entries: &[Entry], max_chunk: u32) -> crate::Result<()> {
+    use crate::Error;
+    use std::collections::HashSet;
+    let bad = |e: &Entry, why: &str| {
+        Err(Error::Protocol(format!(
+            "malformed manifest at {:?}: {why}",
+            e.path.display()
+        )))
+    };
+    if entries.len() > MAX_ENTRIES {
+        return Err(Error::Limit(format!(
+            "manifest of {} entries (limit {MAX_ENTRIES})",
+            entries.len()
+        )));
+    }
+    let mut dirs: HashSet<&RelPath> = HashSet::new();
+    let mut seen: HashSet<&RelPath> = HashSet::new();
+    for (i, e) in entries.iter().enumerate() {
+        if (i == 0) != e.path.is_root() {
+            return bad(e, "the root must be the first entry and appear once");
+        }
+        if !seen.insert(&e.path) {
+            return bad(e, "path appears twice");
+        }
+        if i > 0 && !dirs.contains(&e.path.parent()) {
+            return bad(e, "its parent is not a directory listed before it");
+        }
+        match &e.kind {
+            EntryKind::Dir => {
+                dirs.insert(&e.path);
+            }
+            EntryKind::File { size, chunks, .. } => {
+                let mut sum = 0u64;
+                for c in chunks {
+                    if c.len == 0 || c.len > max_chunk {
+                        return bad(e, "chunk length out of range");
+                    }
+                    sum += c.len as u64;
+                }
+                if sum != *size {
+                    return bad(e, "chunk lengths do not add up to the file size");
+                }
+            }
+            EntryKind::Symlink { .. } | EntryKind::Unreadable => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind) -> Entry {
+        Entry {
+            path: RelPath::from_bytes(path.as_bytes().to_vec()).unwrap(),
+            kind,
+            meta: Meta::default(),
+        }
+    }
+
+    fn file(len: u32) -> EntryKind {
+        EntryKind::File {
+            size: len as u64,
+            hash: ChunkId::of(b""),
+            chunks: vec![ChunkSpec {
+                len,
+                id: ChunkId::of(b""),
+                zero: false,
+            }],
+        }
+    }
+
+    #[test]
+    fn validate_accepts_trees_and_refuses_crafted_ones() {
+        let link = EntryKind::Symlink {
+            target: b"/etc".to_vec(),
+        };
+        let ok = vec![
+            entry("", EntryKind::Dir),
+            entry("d", EntryKind::Dir),
+            entry("d/f", file(10)),
+            entry("l", link.clone()),
+        ];
+        assert!(validate(&ok, 100).is_ok());
+        assert!(validate(&[entry("", file(10))], 100).is_ok());
+        let cases: Vec<Vec<Entry>> = vec![
+            // A file written through a symlink sent earlier.
+            vec![entry("", EntryKind::Dir), entry("l", link), entry("l/x", file(1))],
+            // A parent that is not in the manifest.
+            vec![entry("", EntryKind::Dir), entry("a/b", file(1))],
+            // Twice the same path.
+            vec![entry("", EntryKind::Dir), entry("a", file(1)), entry("a", file(1))],
+            // No root first.
+            vec![entry("a", file(1))],
+            // Chunk larger than allowed, and lengths that do not add up.
+            vec![entry("", file(1000))],
+            vec![entry(
+                "",
+                EntryKind::File {
+                    size: 5,
+                    hash: ChunkId::of(b""),
+                    chunks: vec![],
+                },
+            )],
+        ];
+        for c in cases {
+            assert!(validate(&c, 100).is_err(), "accepted {c:?}");
+        }
+    }
+}

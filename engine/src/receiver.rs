@@ -12,7 +12,6 @@ use crate::path::RelPath;
 use crate::plan::{plan, plan_file, Action, DestEntry, DestKind, Plan};
 use crate::report::{Change, ChangeKind, Progress, Report};
 use crate::scan::{scan, ScanKind};
-use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -57,14 +56,47 @@ impl Default for ReceiverOptions {
 
 /// Supplies the chunks a receiver asks for. Local syncs call the sender directly; remote ones
 /// go through the transport.
+///
+/// Files are written by a few *lanes* at once; each lane writes its files one after another and
+/// announces, before its first file, every fetch it is going to make, so a remote source can
+/// request them all at once and keep the link busy.
 pub trait ChunkSource: Sync {
-    /// Deliver chunks `want` of manifest entry `entry`, in order, through `sink`.
+    /// How many lanes write files at once.
+    fn lanes(&self) -> usize {
+        rayon::current_num_threads().max(1)
+    }
+
+    /// The fetches lane `lane` will make, in order: `(entry, want)`. A lane may still skip an
+    /// announced fetch or make one it did not announce (a retry).
+    fn announce(&self, _lane: usize, _fetches: Vec<(u32, Vec<u32>)>) {}
+
+    /// Deliver chunks `want` of manifest entry `entry`, in order, through `sink`. If `sink`
+    /// fails, the remaining chunks are discarded and its error returned.
     fn fetch(
         &self,
+        lane: usize,
         entry: u32,
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()>;
+}
+
+/// Split file writes into `n` lanes of about equal cost (largest first onto the least loaded
+/// lane), keeping each lane's files in decreasing cost.
+fn assign_lanes<T: Copy>(items: &[(T, u64)], n: usize) -> Vec<Vec<T>> {
+    let n = n.max(1);
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(items[i].1));
+    let mut lanes: Vec<(u64, Vec<T>)> = (0..n).map(|_| (0, Vec::new())).collect();
+    for i in order {
+        let lane = lanes
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("at least one lane");
+        lane.0 += items[i].1;
+        lane.1.push(items[i].0);
+    }
+    lanes.into_iter().map(|(_, v)| v).collect()
 }
 
 /// The receiving half of a sync.
@@ -164,9 +196,11 @@ impl Receiver {
         &self.index
     }
 
-    /// Plan the sync of `manifest`.
-    pub fn plan(&self, manifest: &[Entry]) -> Plan {
-        plan(manifest, &self.state, &self.index, self.opts.delete)
+    /// Check that `manifest` is well formed (see [`crate::manifest::validate`]) and plan its
+    /// sync.
+    pub fn plan(&self, manifest: &[Entry]) -> Result<Plan> {
+        crate::manifest::validate(manifest, self.opts.params.max)?;
+        Ok(plan(manifest, &self.state, &self.index, self.opts.delete))
     }
 
     /// The change record for a file written (or to be written) with `sent` literal bytes.
@@ -324,12 +358,38 @@ impl Receiver {
             })
             .collect();
         if !dry {
-            writes.par_iter().for_each(|&(i, e, fp)| {
-                let r = self.write_file(i as u32, e, fp, &table, source, owner, progress);
-                results
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((i, r));
+            // Cost of a file: the bytes to fetch, plus a share of its size (local copies) and a
+            // fixed cost per file.
+            let costed: Vec<(usize, u64)> = writes
+                .iter()
+                .enumerate()
+                .map(|(w, &(_, e, fp))| (w, fp.literal + e.size() / 16 + 4096))
+                .collect();
+            let lanes = assign_lanes(&costed, source.lanes());
+            for (k, lane) in lanes.iter().enumerate() {
+                let fetches = lane
+                    .iter()
+                    .map(|&w| writes[w])
+                    .filter(|(_, _, fp)| !fp.fetch.is_empty())
+                    .map(|(i, _, fp)| (i as u32, fp.fetch.clone()))
+                    .collect();
+                source.announce(k, fetches);
+            }
+            std::thread::scope(|s| {
+                for (k, lane) in lanes.iter().enumerate() {
+                    let (writes, results, table) = (&writes, &results, &table);
+                    let this = &self;
+                    s.spawn(move || {
+                        for &w in lane {
+                            let (i, e, fp) = writes[w];
+                            let r = this.write_file(k, i as u32, e, fp, table, source, owner, progress);
+                            results
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .push((i, r));
+                        }
+                    });
+                }
             });
         }
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -476,6 +536,7 @@ impl Receiver {
     #[allow(clippy::too_many_arguments)]
     fn write_file(
         &self,
+        lane: usize,
         i: u32,
         e: &Entry,
         fp: &crate::plan::FilePlan,
@@ -497,7 +558,7 @@ impl Receiver {
                 // Little to fetch: get it first, then assemble.
                 let mut got = std::collections::VecDeque::with_capacity(fp.fetch.len());
                 if !fp.fetch.is_empty() {
-                    source.fetch(i, &fp.fetch, &mut |f| {
+                    source.fetch(lane, i, &fp.fetch, &mut |f| {
                         Progress::add(&progress.bytes_literal, f.1.len() as u64);
                         got.push_back(f);
                         Ok(())
@@ -515,7 +576,7 @@ impl Receiver {
             let want = fp.fetch.clone();
             std::thread::scope(|s| {
                 s.spawn(move || {
-                    let r = source.fetch(i, &want, &mut |f| {
+                    let r = source.fetch(lane, i, &want, &mut |f| {
                         Progress::add(&progress.bytes_literal, f.1.len() as u64);
                         tx.send(Ok(f))
                             .map_err(|_| Error::Protocol("receiver gave up".into()))

@@ -2,11 +2,11 @@
 
 use crate::error::Error;
 use crate::path::RelPath;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Figures of one sync, as written by `--stats-json`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stats {
     /// Regular files in the source.
     pub files: u64,
@@ -32,7 +32,7 @@ pub struct Stats {
 }
 
 /// What happened (or, in a dry run, would happen) to one path.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChangeKind {
     /// A new file, with the bytes sent for it.
     NewFile(u64),
@@ -49,7 +49,7 @@ pub enum ChangeKind {
 }
 
 /// One itemized change.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     /// The path, relative to the destination.
     pub path: RelPath,
@@ -65,7 +65,7 @@ pub struct Report {
     /// Itemized changes, in application order.
     pub changes: Vec<Change>,
     /// Entries of kinds that are not synced, with their kind.
-    pub skipped: Vec<(RelPath, &'static str)>,
+    pub skipped: Vec<(RelPath, String)>,
     /// Per-entry errors; entries not named here are correct at the destination.
     pub errors: Vec<Error>,
 }
