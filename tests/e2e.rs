@@ -12,29 +12,6 @@ fn s(p: &std::path::Path) -> &OsStr {
     p.as_os_str()
 }
 
-/// A tree with every kind of entry hop syncs.
-fn sample_tree(d: &Dir) -> std::path::PathBuf {
-    let src = d.mkdir("src");
-    d.write("src/big.img", &noise(1, 3 << 20));
-    d.write("src/a/b/c.txt", b"hello world\n");
-    d.write("src/a/empty", b"");
-    d.write(
-        "src/text.txt",
-        &b"line of compressible text\n".repeat(20_000),
-    );
-    d.symlink("a/b/c.txt", "src/link-rel");
-    d.symlink("/nonexistent/target", "src/link-dangling");
-    d.mkdir("src/emptydir");
-    // A sparse file: data, a 16 MiB hole, data.
-    let f = fs::File::create(d.path("src/sparse.img")).unwrap();
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(b"head", 0).unwrap();
-    f.write_all_at(b"tail", 16 << 20).unwrap();
-    fs::set_permissions(d.path("src/a/b/c.txt"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::set_permissions(d.path("src/a"), fs::Permissions::from_mode(0o750)).unwrap();
-    src
-}
-
 #[test]
 fn fresh_copy_is_identical_with_modes_times_links_and_holes() {
     let d = Dir::new();

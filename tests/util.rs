@@ -186,3 +186,149 @@ pub fn hop_as_nobody() -> Command {
 pub fn open_up(p: &Path) {
     let _ = Command::new("chmod").arg("-R").arg("a+rwX").arg(p).status();
 }
+
+/// A tree with every kind of entry hop syncs.
+pub fn sample_tree(d: &Dir) -> PathBuf {
+    let src = d.mkdir("src");
+    d.write("src/big.img", &noise(1, 3 << 20));
+    d.write("src/a/b/c.txt", b"hello world\n");
+    d.write("src/a/empty", b"");
+    d.write(
+        "src/text.txt",
+        &b"line of compressible text\n".repeat(20_000),
+    );
+    d.symlink("a/b/c.txt", "src/link-rel");
+    d.symlink("/nonexistent/target", "src/link-dangling");
+    d.mkdir("src/emptydir");
+    // A sparse file: data, a 16 MiB hole, data.
+    let f = fs::File::create(d.path("src/sparse.img")).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", 16 << 20).unwrap();
+    fs::set_permissions(d.path("src/a/b/c.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(d.path("src/a"), fs::Permissions::from_mode(0o750)).unwrap();
+    src
+}
+
+/// A `hop serve` on a free loopback port, with its own identity, root and authorized-keys
+/// file inside a test directory. Killed (by PID) when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub root: PathBuf,
+    pub fingerprint: String,
+    pub stderr: PathBuf,
+}
+
+/// A client's identity and known-hosts file inside a test directory.
+pub struct Client {
+    pub identity: PathBuf,
+    pub known_hosts: PathBuf,
+    pub fingerprint: String,
+}
+
+impl Client {
+    /// A new client identity under `d/name`.
+    pub fn new(d: &Dir, name: &str) -> Client {
+        let identity = d.path(&format!("{name}/id"));
+        let fingerprint = ok(hop_cmd!["keygen", "--out", &identity])
+            .trim()
+            .to_string();
+        Client {
+            identity,
+            known_hosts: d.path(&format!("{name}/known_hosts")),
+            fingerprint,
+        }
+    }
+
+    /// `hop sync` with this client's identity and known hosts, and `args`.
+    pub fn sync(&self, args: &[&std::ffi::OsStr]) -> Command {
+        let mut c = hop();
+        c.arg("sync")
+            .arg("--identity")
+            .arg(&self.identity)
+            .arg("--known-hosts")
+            .arg(&self.known_hosts)
+            .args(args);
+        c
+    }
+}
+
+impl Server {
+    /// Start a server under `d/name` that admits `clients`, on `port` (0: any).
+    pub fn start(d: &Dir, name: &str, clients: &[&Client], port: u16) -> Server {
+        let base = d.mkdir(name);
+        let identity = base.join("id");
+        if !identity.join("key.pem").exists() {
+            ok(hop_cmd!["keygen", "--out", &identity]);
+        }
+        let ak = base.join("authorized_keys");
+        let mut keys = String::from("# test clients\n");
+        for c in clients {
+            keys += &format!("{}\n", c.fingerprint);
+        }
+        fs::write(&ak, keys).unwrap();
+        let root = base.join("root");
+        fs::create_dir_all(&root).unwrap();
+        let stderr = base.join("serve.log");
+        let mut child = hop()
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--root")
+            .arg(&root)
+            .arg("--identity")
+            .arg(&identity)
+            .arg("--authorized-keys")
+            .arg(&ak)
+            .args(["--timeout", "5"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start hop serve");
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "listening on 127.0.0.1:PORT as sha256:..."
+        let mut words = line.split_whitespace().skip(2);
+        let addr = words.next().unwrap_or_else(|| {
+            panic!(
+                "hop serve did not start: {line:?}\n{}",
+                fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        });
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let fingerprint = words.nth(1).unwrap().to_string();
+        Server {
+            child,
+            port,
+            root,
+            fingerprint,
+            stderr,
+        }
+    }
+
+    /// `quic://127.0.0.1:PORT/PATH`.
+    pub fn url(&self, path: &str) -> String {
+        format!("quic://127.0.0.1:{}/{path}", self.port)
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Stop the server (SIGKILL) and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -5,8 +5,9 @@
 //! SubjectPublicKeyInfo (DER), so it survives certificate renewal with the same key.
 
 use anyhow::{bail, Context, Result};
+use hop_engine::net::trust::fingerprint_of_spki;
+use hop_engine::net::Credentials;
 use rcgen::{CertificateParams, KeyPair, PublicKeyData};
-use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -17,8 +18,7 @@ pub const KEY_FILE: &str = "key.pem";
 /// File name of the certificate inside an identity directory.
 pub const CERT_FILE: &str = "cert.pem";
 
-/// A loaded identity. The PEM fields are what the QUIC transport presents (issue 3).
-#[allow(dead_code)]
+/// A loaded identity.
 pub struct Identity {
     /// PEM of the private key.
     pub key_pem: String,
@@ -28,14 +28,29 @@ pub struct Identity {
     pub fingerprint: String,
 }
 
-/// `sha256:<hex>` of a SubjectPublicKeyInfo.
-pub fn fingerprint_of_spki(spki_der: &[u8]) -> String {
-    let digest = Sha256::digest(spki_der);
-    let mut s = String::from("sha256:");
-    for b in digest {
-        s.push_str(&format!("{b:02x}"));
+impl Identity {
+    /// The PEM pair the transport presents.
+    pub fn credentials(&self) -> Credentials {
+        Credentials {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
     }
-    s
+}
+
+/// hop's configuration directory: `$XDG_CONFIG_HOME/hop` or `~/.config/hop`.
+pub fn config_dir() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .unwrap_or_else(|| PathBuf::from("/etc"))
+        .join("hop")
+}
+
+/// Default identity directory.
+pub fn default_identity() -> PathBuf {
+    config_dir().join("identity")
 }
 
 /// Create a new identity in `dir` (created with mode 0700 if missing). Refuses to overwrite an

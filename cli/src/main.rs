@@ -28,6 +28,7 @@ struct Cli {
 enum Command {
     Sync(commands::sync::SyncArgs),
     Keygen(commands::keygen::KeygenArgs),
+    Serve(commands::serve::ServeArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -45,6 +46,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Sync(a) => commands::sync::run(a, out),
         Command::Keygen(a) => commands::keygen::run(a, out),
+        Command::Serve(a) => commands::serve::run(a, out),
     };
     match r {
         Ok(code) => code,

@@ -83,7 +83,7 @@ pub(crate) fn open_nofollow(path: &Path) -> Result<File> {
 }
 
 /// A block of zeros to write or hash zero runs from, without allocating.
-const ZEROS: [u8; 65536] = [0; 65536];
+static ZEROS: [u8; 65536] = [0; 65536];
 
 /// A unique temporary name beside `path`: `.NAME.hop.PID.N`.
 pub(crate) fn temp_sibling(path: &Path) -> PathBuf {

@@ -68,7 +68,7 @@ pub enum Error {
     #[error("{0}")]
     Trust(String),
     /// The peer refused the request or reported a failure of its own.
-    #[error("peer: {0}")]
+    #[error("{0}")]
     Remote(String),
 }
 

@@ -247,6 +247,9 @@ impl IndexCache {
         let Some(params) = self.params else {
             return Ok(());
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).ctx("create cache directory", dir)?;
+        }
         let file = CacheFile {
             magic: CACHE_MAGIC,
             params,
@@ -281,13 +284,27 @@ impl IndexCache {
 /// `~/.cache/hop`), named after the BLAKE3 of the source's absolute path. `None` when no cache
 /// directory can be determined.
 pub fn source_cache_path(src: &Path) -> Option<PathBuf> {
+    user_cache_path("src", src)
+}
+
+/// Where a `hop serve` keeps the index cache of a destination it receives into (a server does
+/// not write beside its destinations: the parent may lie outside its root). Same directory as
+/// [`source_cache_path`], prefix `dst-`.
+pub fn dest_cache_path(dest: &Path) -> Option<PathBuf> {
+    user_cache_path("dst", dest)
+}
+
+fn user_cache_path(prefix: &str, tree: &Path) -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let abs = std::path::absolute(src).ok()?;
+    let abs = std::path::absolute(tree).ok()?;
     let id = blake3::hash(abs.as_os_str().as_bytes()).to_hex();
-    Some(base.join("hop").join(format!("src-{}.hopidx", &id[..32])))
+    Some(
+        base.join("hop")
+            .join(format!("{prefix}-{}.hopidx", &id[..32])),
+    )
 }
 
 /// Where the index cache of destination `dest` lives: next to it, as `.NAME.hopidx`.

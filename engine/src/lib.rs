@@ -17,6 +17,7 @@ pub mod index;
 pub mod local;
 pub mod manifest;
 pub mod meta;
+pub mod net;
 pub mod path;
 pub mod plan;
 pub mod protocol;

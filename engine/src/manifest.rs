@@ -184,11 +184,19 @@ mod tests {
         assert!(validate(&[entry("", file(10))], 100).is_ok());
         let cases: Vec<Vec<Entry>> = vec![
             // A file written through a symlink sent earlier.
-            vec![entry("", EntryKind::Dir), entry("l", link), entry("l/x", file(1))],
+            vec![
+                entry("", EntryKind::Dir),
+                entry("l", link),
+                entry("l/x", file(1)),
+            ],
             // A parent that is not in the manifest.
             vec![entry("", EntryKind::Dir), entry("a/b", file(1))],
             // Twice the same path.
-            vec![entry("", EntryKind::Dir), entry("a", file(1)), entry("a", file(1))],
+            vec![
+                entry("", EntryKind::Dir),
+                entry("a", file(1)),
+                entry("a", file(1)),
+            ],
             // No root first.
             vec![entry("a", file(1))],
             // Chunk larger than allowed, and lengths that do not add up.

@@ -130,9 +130,15 @@ mod serde_bytes_compat {
 
 /// Encode a frame with its length prefix, appending to `out`.
 pub fn encode(frame: &Frame, out: &mut Vec<u8>) -> Result<()> {
+    encode_msg(frame, out)
+}
+
+/// Encode any message with the same framing as [`Frame`]s (the transport's control messages
+/// use it), appending to `out`.
+pub fn encode_msg<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0u8; 4]);
-    let body = postcard::to_extend(frame, std::mem::take(out))
+    let body = postcard::to_extend(msg, std::mem::take(out))
         .map_err(|e| Error::Protocol(format!("encode: {e}")))?;
     *out = body;
     let len = out.len() - start - 4;
@@ -169,10 +175,15 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>> {
 
 /// Decode one frame body (without its length prefix).
 pub fn decode_body(body: &[u8]) -> Result<Frame> {
+    decode_msg(body)
+}
+
+/// Decode one message body of any type framed like [`Frame`]s.
+pub fn decode_msg<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.len() > MAX_FRAME {
         return Err(Error::Limit(format!("frame of {} bytes", body.len())));
     }
-    let (frame, rest) = postcard::take_from_bytes::<Frame>(body)
+    let (frame, rest) = postcard::take_from_bytes::<T>(body)
         .map_err(|e| Error::Protocol(format!("decode: {e}")))?;
     if !rest.is_empty() {
         return Err(Error::Protocol(format!(

@@ -382,7 +382,8 @@ impl Receiver {
                     s.spawn(move || {
                         for &w in lane {
                             let (i, e, fp) = writes[w];
-                            let r = this.write_file(k, i as u32, e, fp, table, source, owner, progress);
+                            let r =
+                                this.write_file(k, i as u32, e, fp, table, source, owner, progress);
                             results
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Sender settings.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SenderOptions {
     /// Chunk sizes.
     pub params: ChunkParams,
@@ -25,15 +25,6 @@ pub struct SenderOptions {
     pub cache: Option<PathBuf>,
 }
 
-impl Default for SenderOptions {
-    fn default() -> Self {
-        SenderOptions {
-            params: ChunkParams::default(),
-            compress: None,
-            cache: None,
-        }
-    }
-}
 
 /// The sending half of a sync.
 pub struct Sender {

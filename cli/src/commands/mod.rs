@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 pub mod keygen;
+pub mod serve;
 pub mod sync;
 
 /// How chatty the command should be.

@@ -4,6 +4,8 @@ use super::{Output, EXIT_PARTIAL};
 use crate::progress::Display;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hop_engine::net::control::SyncSettings;
+use hop_engine::net::{ClientSettings, NetOptions, RemotePath};
 use hop_engine::{ChangeKind, ChunkParams, Progress, ReceiverOptions, Report, SenderOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,17 +16,24 @@ use std::sync::Arc;
 ///
 /// Like rsync, a SRC directory without a trailing slash is copied *into* DEST (as DEST/NAME);
 /// with a trailing slash its contents are synced onto DEST.
+///
+/// Either side may be remote, `quic://HOST[:PORT]/PATH` (PATH under the root of a `hop serve`
+/// there; port 7420 by default): hop then pushes or pulls over QUIC with TLS 1.3, both ends
+/// authenticated by key. The server's key must be in --known-hosts (or accepted once with
+/// --accept-new); this client's key must be in the server's authorized-keys file.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   hop sync -a photos/ /backup/photos          sync contents of photos into /backup/photos
   hop sync --delete build/ /srv/www           mirror, deleting what is gone from build/
   hop sync -n -v src/ dst/                    show what would change
   hop sync --basis /images/round1 round2/ dst/   reuse chunks from another tree
-  hop sync --stats-json stats.json a/ b/      write figures as JSON")]
+  hop sync --stats-json stats.json a/ b/      write figures as JSON
+  hop sync --accept-new app/ quic://10.0.0.2/apps   push into apps/app on a hop serve
+  hop sync --compress zstd quic://10.0.0.2/apps/app/ ./app   pull, compressed")]
 pub struct SyncArgs {
-    /// Source path.
+    /// Source: a local path or quic://HOST[:PORT]/PATH.
     pub src: PathBuf,
-    /// Destination path.
+    /// Destination: a local path or quic://HOST[:PORT]/PATH.
     pub dest: PathBuf,
     /// Archive mode: accepted for rsync habits; hop always keeps links, modes, times and (as root) owners.
     #[arg(short = 'a', long)]
@@ -69,6 +78,23 @@ pub struct SyncArgs {
     /// Show a progress bar on a terminal.
     #[arg(long)]
     pub progress: bool,
+    /// Remote syncs: this client's identity directory [default: ~/.config/hop/identity].
+    #[arg(long, value_name = "DIR")]
+    pub identity: Option<PathBuf>,
+    /// Remote syncs: file of trusted servers, lines `HOST:PORT FINGERPRINT`
+    /// [default: ~/.config/hop/known_hosts].
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Remote syncs: trust a server not yet in --known-hosts and record it (like ssh's
+    /// accept-new). A changed key is refused regardless.
+    #[arg(long)]
+    pub accept_new: bool,
+    /// Remote syncs: streams carrying chunks at once.
+    #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
+    pub streams: usize,
+    /// Remote syncs: give up on a peer silent for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub timeout: u64,
 }
 
 fn parse_compress(s: &str) -> Result<i32> {
@@ -97,14 +123,35 @@ fn chunk_params(a: &SyncArgs) -> Result<ChunkParams> {
     )?)
 }
 
+/// Which side of a sync is remote.
+enum Sides {
+    Local,
+    Push(RemotePath),
+    Pull(RemotePath),
+}
+
+fn sides(a: &SyncArgs) -> Result<Sides> {
+    let parse = |p: &Path| -> Result<Option<RemotePath>> {
+        let s = p.as_os_str().to_string_lossy();
+        match RemotePath::parse(&s) {
+            Some(r) => Ok(Some(r?)),
+            None if s.contains("://") => {
+                bail!("{s}: only quic://HOST[:PORT]/PATH remotes are supported")
+            }
+            None => Ok(None),
+        }
+    };
+    match (parse(&a.src)?, parse(&a.dest)?) {
+        (None, None) => Ok(Sides::Local),
+        (None, Some(r)) => Ok(Sides::Push(r)),
+        (Some(r), None) => Ok(Sides::Pull(r)),
+        (Some(_), Some(_)) => bail!("both SRC and DEST are remote; one must be local"),
+    }
+}
+
 /// Resolve rsync's trailing-slash rule into the two roots actually synced.
 fn resolve_roots(src: &Path, dest: &Path) -> Result<(PathBuf, PathBuf)> {
     let s = src.as_os_str().to_string_lossy();
-    if s.contains("://") || dest.as_os_str().to_string_lossy().contains("://") {
-        bail!(
-            "remote paths (quic://) are not supported by this build yet; both paths must be local"
-        );
-    }
     let md = std::fs::symlink_metadata(src)
         .with_context(|| format!("cannot read source {}", src.display()))?;
     let name = src.file_name().map(PathBuf::from);
@@ -120,10 +167,102 @@ fn resolve_roots(src: &Path, dest: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((src.to_path_buf(), dest))
 }
 
+fn client_settings(a: &SyncArgs) -> Result<ClientSettings> {
+    let dir = a
+        .identity
+        .clone()
+        .unwrap_or_else(crate::identity::default_identity);
+    let id = crate::identity::load(&dir)?;
+    Ok(ClientSettings {
+        identity: id.credentials(),
+        known_hosts: a
+            .known_hosts
+            .clone()
+            .unwrap_or_else(|| crate::identity::config_dir().join("known_hosts")),
+        accept_new: a.accept_new,
+        net: NetOptions {
+            streams: a.streams.clamp(1, 64),
+            timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+            ..NetOptions::default()
+        },
+    })
+}
+
+/// A push or pull; returns the report.
+fn run_remote(
+    a: &SyncArgs,
+    sides: Sides,
+    params: ChunkParams,
+    compress: Option<i32>,
+    progress: Arc<Progress>,
+) -> Result<Report> {
+    if !a.basis.is_empty() && matches!(sides, Sides::Push(_)) {
+        bail!("--basis names local directories; it works when the destination is local");
+    }
+    let cfg = client_settings(a)?;
+    let settings = SyncSettings {
+        params,
+        compress,
+        delete: a.delete,
+        dry_run: a.dry_run,
+        fsync: a.fsync,
+        sparse: !a.no_sparse,
+        no_index_cache: a.no_index_cache,
+    };
+    match sides {
+        Sides::Push(mut remote) => {
+            let s = a.src.as_os_str().to_string_lossy();
+            let md = std::fs::symlink_metadata(&a.src)
+                .with_context(|| format!("cannot read source {}", a.src.display()))?;
+            if md.is_dir() && !s.ends_with('/') {
+                if let Some(name) = a.src.file_name() {
+                    let base = remote.path.trim_end_matches('/');
+                    let name = name.to_string_lossy();
+                    remote.path = if base.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{base}/{name}")
+                    };
+                }
+            }
+            let cache = if a.no_index_cache {
+                None
+            } else {
+                hop_engine::index::source_cache_path(&a.src)
+            };
+            hop_engine::net::push(&a.src, &remote, settings, cache, &cfg)
+                .with_context(|| format!("push {} -> {}", a.src.display(), a.dest.display()))
+        }
+        Sides::Pull(remote) => {
+            let ropts = ReceiverOptions {
+                params,
+                delete: a.delete,
+                basis: a.basis.clone(),
+                dry_run: a.dry_run,
+                fsync: a.fsync,
+                sparse: !a.no_sparse,
+                index_cache: None,
+                no_index_cache: a.no_index_cache,
+            };
+            hop_engine::net::pull(&remote, &a.dest, settings, ropts, &cfg, progress)
+                .with_context(|| format!("pull {} -> {}", a.src.display(), a.dest.display()))
+        }
+        Sides::Local => unreachable!("local syncs do not come here"),
+    }
+}
+
 /// Run `hop sync`.
 pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
     let params = chunk_params(&a)?;
     let compress = a.compress.as_deref().map(parse_compress).transpose()?;
+    let sides = sides(&a)?;
+    if !matches!(sides, Sides::Local) {
+        let progress = Arc::new(Progress::default());
+        let display = Display::start(progress.clone(), a.progress && !out.quiet);
+        let report = run_remote(&a, sides, params, compress, progress)?;
+        drop(display);
+        return finish(&report, &a, out);
+    }
     let (src, dest) = resolve_roots(&a.src, &a.dest)?;
     if dest.starts_with(&src) && src.is_dir() && dest != src {
         bail!(
@@ -153,14 +292,18 @@ pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
         no_index_cache: a.no_index_cache,
     };
     let progress = Arc::new(Progress::default());
-    let json_to_stdout = a.stats_json.as_deref() == Some(Path::new("-"));
     let display = Display::start(progress.clone(), a.progress && !out.quiet);
     let report = hop_engine::sync_local(&src, &dest, None, sopts, ropts, &progress)
         .with_context(|| format!("sync {} -> {}", src.display(), dest.display()))?;
     drop(display);
+    finish(&report, &a, out)
+}
 
+/// Print the report and choose the exit code.
+fn finish(report: &Report, a: &SyncArgs, out: Output) -> Result<ExitCode> {
+    let json_to_stdout = a.stats_json.as_deref() == Some(Path::new("-"));
     let quiet_stdout = out.quiet || json_to_stdout;
-    print_report(&report, &a, quiet_stdout, out)?;
+    print_report(report, a, quiet_stdout, out)?;
     if let Some(path) = &a.stats_json {
         let json = serde_json::to_string(&report.stats)?;
         if json_to_stdout {

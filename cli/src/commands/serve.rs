@@ -1,0 +1,82 @@
+//! `hop serve`: the daemon at the other end of remote syncs (and, later, the migration target).
+
+use super::Output;
+use crate::identity;
+use anyhow::{Context, Result};
+use clap::Args;
+use hop_engine::net::{self, NetOptions, ServeSettings};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Serve remote syncs: receive pushed trees and send pulled ones, for paths under --root.
+///
+/// Clients authenticate with their key: only fingerprints listed in the authorized-keys file
+/// (one per line, as printed by `hop keygen`; `#` starts a comment) get in, and the file is read
+/// afresh at every connection. The server presents its own identity, which clients pin in their
+/// known-hosts file. Traffic is QUIC over UDP with TLS 1.3; there is no plaintext mode.
+///
+/// On start, one line goes to standard output: `listening on ADDR as FINGERPRINT`.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  hop keygen --out /etc/hop/identity
+  echo 'sha256:4f1c...  # alice laptop' >> /etc/hop/authorized_keys
+  hop serve --listen 0.0.0.0:7420 --root /srv/hop --identity /etc/hop/identity \\
+            --authorized-keys /etc/hop/authorized_keys
+  then, on a client:  hop sync --accept-new dir/ quic://server:7420/dir")]
+pub struct ServeArgs {
+    /// UDP address to listen on (port 0: any free port, printed on start).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7420")]
+    pub listen: SocketAddr,
+    /// Directory under which all remote paths are confined.
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Identity directory [default: ~/.config/hop/identity].
+    #[arg(long, value_name = "DIR")]
+    pub identity: Option<PathBuf>,
+    /// File of authorized client fingerprints [default: ~/.config/hop/authorized_keys].
+    #[arg(long, value_name = "FILE")]
+    pub authorized_keys: Option<PathBuf>,
+    /// Declare a client dead after this many seconds of silence.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub timeout: u64,
+    /// Sessions served at once; more are refused.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_sessions: usize,
+    /// Streams used to fetch chunks when receiving.
+    #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
+    pub streams: usize,
+}
+
+/// Run `hop serve`.
+pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
+    let id_dir = a.identity.unwrap_or_else(identity::default_identity);
+    let id = identity::load(&id_dir)?;
+    let authorized_keys = a
+        .authorized_keys
+        .unwrap_or_else(|| identity::config_dir().join("authorized_keys"));
+    let root = std::fs::canonicalize(&a.root)
+        .with_context(|| format!("cannot use root {}", a.root.display()))?;
+    let settings = ServeSettings {
+        listen: a.listen,
+        root,
+        identity: id.credentials(),
+        authorized_keys: authorized_keys.clone(),
+        net: NetOptions {
+            streams: a.streams.clamp(1, 64),
+            timeout: Duration::from_secs(a.timeout.max(1)),
+            ..NetOptions::default()
+        },
+        max_sessions: a.max_sessions.max(1),
+        source_cache: true,
+    };
+    let fp = id.fingerprint.clone();
+    net::serve(settings, move |addr| {
+        println!("listening on {addr} as {fp}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+    .with_context(|| format!("hop serve (authorized keys: {})", authorized_keys.display()))?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,82 @@
+//! The sender's side of chunk transfer: every stream the receiver opens carries want-lists one
+//! way and chunk data the other. Reading and compressing run on a blocking thread per stream
+//! while the async side reads want-lists and writes data, so disk, CPU and network overlap;
+//! bounded channels keep memory bounded.
+
+use super::wire::{read_msg, write_raw};
+use crate::error::{Error, Result};
+use crate::manifest::EntryKind;
+use crate::protocol::{self, Frame};
+use crate::sender::Sender;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// Answer the receiver's want-list streams on `conn` until the connection ends.
+pub async fn serve_wants(conn: quinn::Connection, sender: Arc<Sender>) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let sender = sender.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_stream(send, recv, sender).await {
+                tracing::debug!("chunk stream ended: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    sender: Arc<Sender>,
+) -> Result<()> {
+    let (want_tx, mut want_rx) = mpsc::channel::<(u32, Vec<u32>)>(256);
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let worker_sender = sender.clone();
+    let worker = tokio::task::spawn_blocking(move || -> Result<()> {
+        while let Some((entry, want)) = want_rx.blocking_recv() {
+            worker_sender.serve(entry, &want, &mut |frame| {
+                let buf = protocol::encode_vec(&frame)?;
+                out_tx
+                    .blocking_send(buf)
+                    .map_err(|_| Error::Transport("chunk stream closed".into()))
+            })?;
+        }
+        Ok(())
+    });
+    let reader = async move {
+        while let Some(frame) = read_msg::<Frame>(&mut recv).await? {
+            let Frame::Want { entry, runs } = frame else {
+                return Err(Error::Protocol(format!(
+                    "expected a want-list, got {frame:?}"
+                )));
+            };
+            let n = match sender.manifest().get(entry as usize).map(|e| &e.kind) {
+                Some(EntryKind::File { chunks, .. }) => chunks.len(),
+                _ => {
+                    return Err(Error::Protocol(format!(
+                        "want-list for entry {entry}, not a file"
+                    )))
+                }
+            };
+            let want = protocol::from_runs(&runs, n)?;
+            if want.iter().any(|&c| c as usize >= n) {
+                return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
+            }
+            if want_tx.send((entry, want)).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    };
+    let writer = async move {
+        while let Some(buf) = out_rx.recv().await {
+            write_raw(&mut send, &buf).await?;
+        }
+        let _ = send.finish();
+        Ok::<(), Error>(())
+    };
+    let (r, w) = tokio::join!(reader, writer);
+    let done = worker
+        .await
+        .map_err(|e| Error::Transport(format!("chunk reader: {e}")))?;
+    r.and(w).and(done)
+}

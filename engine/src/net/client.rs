@@ -1,0 +1,396 @@
+//! The client side of remote syncs: connect to a `hop serve`, check its key against the known
+//! hosts, then push a local tree to it or pull a tree from it.
+
+use super::control::{Control, Request, SyncSettings};
+use super::endpoint::{client_endpoint, pinned_provider, Credentials, NetOptions, SERVER_NAME};
+use super::session::{receive_tree, send_tree, Control2};
+use super::trust::{fingerprint_of_cert, KnownHosts, PinnedServer, SeenKey};
+use super::wire::{conn_error, expect_msg, write_msg};
+use crate::error::{Error, Result};
+use crate::protocol::VERSION;
+use crate::receiver::{Receiver, ReceiverOptions};
+use crate::report::{Progress, Report};
+use crate::sender::{Sender, SenderOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Port `hop serve` listens on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 7420;
+
+/// `quic://HOST[:PORT]/PATH`, PATH relative to the server's root.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemotePath {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+    /// Path under the server's root, as typed (a trailing `/` matters, as with rsync).
+    pub path: String,
+}
+
+impl RemotePath {
+    /// Parse `quic://HOST[:PORT]/PATH`; `None` if `s` is not a `quic://` address at all.
+    pub fn parse(s: &str) -> Option<Result<RemotePath>> {
+        let rest = s.strip_prefix("quic://")?;
+        let bad = |why: &str| Some(Err(Error::Transport(format!("bad remote {s:?}: {why}"))));
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let Some((h, after)) = v6.split_once(']') else {
+                return bad("unclosed [");
+            };
+            (h, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return bad("no host");
+        }
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some(p) => match p.parse() {
+                Ok(p) => p,
+                Err(_) => return bad("port is not a number"),
+            },
+        };
+        Some(Ok(RemotePath {
+            host: host.to_string(),
+            port,
+            path: path.to_string(),
+        }))
+    }
+
+    /// `HOST:PORT` as recorded in known-hosts files.
+    pub fn host_port(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The last component of the path, if the path does not end in `/`.
+    pub fn name(&self) -> Option<&str> {
+        if self.path.ends_with('/') {
+            return None;
+        }
+        self.path
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+    }
+}
+
+/// How the client identifies itself and whom it trusts.
+#[derive(Clone)]
+pub struct ClientSettings {
+    /// This client's identity.
+    pub identity: Credentials,
+    /// The known-hosts file.
+    pub known_hosts: PathBuf,
+    /// Trust (and record) a server seen for the first time.
+    pub accept_new: bool,
+    /// Transport settings.
+    pub net: NetOptions,
+}
+
+struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    ctl: Control2,
+    source_is_dir: bool,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Transport(format!("cannot start the runtime: {e}")))
+}
+
+/// Why a connection attempt failed, in terms of keys when keys were the reason.
+fn explain(
+    e: Error,
+    remote: &RemotePath,
+    seen: &SeenKey,
+    expected: Option<&str>,
+    known: &KnownHosts,
+) -> Error {
+    match (seen.get(), expected) {
+        (Some(got), Some(want)) if got != want => Error::Trust(format!(
+            "SERVER KEY CHANGED for {hp}!\n  recorded in {file}: {want}\n  presented now:       {got}\n\
+             Someone may be intercepting this connection, or the server's identity was replaced. \
+             If you are sure it is legitimate, remove the line for {hp} from {file} and connect \
+             again with --accept-new.",
+            hp = remote.host_port(),
+            file = known.path().display()
+        )),
+        (Some(got), None) => Error::Trust(format!(
+            "unknown server {hp} presents key {got}; it is not in {file}. Check the fingerprint \
+             with the server's operator (`hop keygen --show`), then add the line `{hp} {got}` to \
+             {file} or connect once with --accept-new.",
+            hp = remote.host_port(),
+            file = known.path().display()
+        )),
+        _ => e,
+    }
+}
+
+async fn open(
+    remote: &RemotePath,
+    cfg: &ClientSettings,
+    request: Request,
+    settings: SyncSettings,
+) -> Result<Session> {
+    let addr = tokio::net::lookup_host((remote.host.as_str(), remote.port))
+        .await
+        .map_err(|e| Error::Transport(format!("cannot resolve {}: {e}", remote.host)))?
+        .next()
+        .ok_or_else(|| Error::Transport(format!("{} has no address", remote.host)))?;
+    let mut known = KnownHosts::load(&cfg.known_hosts)?;
+    let hp = remote.host_port();
+    let expected = known.lookup(&hp).map(str::to_string);
+    let seen = SeenKey::default();
+    let pin = PinnedServer {
+        expected: expected.clone(),
+        accept_new: cfg.accept_new,
+        seen: seen.clone(),
+        provider: pinned_provider(),
+    };
+    let endpoint = client_endpoint(addr, &cfg.identity, pin, &cfg.net)?;
+    let connecting = endpoint
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| Error::Transport(format!("cannot connect to {hp}: {e}")))?;
+    let conn = match tokio::time::timeout(cfg.net.timeout, connecting).await {
+        Err(_) => {
+            return Err(Error::Transport(format!(
+                "no answer from {hp} within {:?} (is `hop serve` running there, and is UDP port {} open?)",
+                cfg.net.timeout, remote.port
+            )))
+        }
+        Ok(Err(e)) => {
+            return Err(explain(
+                Error::Transport(format!("cannot connect to {hp}: {}", conn_error(&e))),
+                remote,
+                &seen,
+                expected.as_deref(),
+                &known,
+            ))
+        }
+        Ok(Ok(c)) => c,
+    };
+    let refused_key = |conn: &quinn::Connection, e: Error| -> Error {
+        if let Some(quinn::ConnectionError::ConnectionClosed(c)) = conn.close_reason() {
+            if (0x100..0x200).contains(&u64::from(c.error_code)) {
+                let own = identity_fingerprint(&cfg.identity).unwrap_or_default();
+                return Error::Trust(format!(
+                    "{hp} refused this client's key {own}: add that line to the server's \
+                     authorized-keys file (see `hop serve --help`)"
+                ));
+            }
+        }
+        e
+    };
+    let hello = Control::Hello {
+        version: VERSION,
+        request,
+        settings,
+    };
+    let (send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return Err(refused_key(&conn, conn_error(&e))),
+    };
+    let mut ctl = Control2 { send, recv };
+    let answer = async {
+        write_msg(&mut ctl.send, &hello).await?;
+        expect_msg::<Control>(&mut ctl.recv, "server's answer").await
+    };
+    let answer = match tokio::time::timeout(cfg.net.timeout, answer).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => return Err(refused_key(&conn, e)),
+        Err(_) => return Err(Error::Transport(format!("{hp} did not answer the request"))),
+    };
+    // Both keys were checked once the server answers: record a newly trusted server.
+    if expected.is_none() {
+        if let Some(fp) = seen.get() {
+            known.add(&hp, &fp)?;
+            tracing::warn!(
+                "added server {hp} with key {fp} to {}",
+                known.path().display()
+            );
+        }
+    }
+    let source_is_dir = match answer {
+        Control::Welcome {
+            version,
+            source_is_dir,
+        } => {
+            if version != VERSION {
+                return Err(Error::Protocol(format!(
+                    "server speaks protocol {version}, this hop speaks {VERSION}"
+                )));
+            }
+            source_is_dir
+        }
+        Control::Refused { reason } => {
+            return Err(Error::Remote(format!("{hp} refused the request: {reason}")))
+        }
+        other => return Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+    };
+    Ok(Session {
+        endpoint,
+        conn,
+        ctl,
+        source_is_dir,
+    })
+}
+
+/// The fingerprint of an identity's key.
+pub fn identity_fingerprint(id: &Credentials) -> Result<String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(id.cert_pem.as_bytes())
+        .map_err(|e| Error::Trust(format!("identity certificate: {e}")))?;
+    fingerprint_of_cert(&der)
+}
+
+/// End a session: close the connection (with the error, if any, as the reason the peer sees),
+/// and return the bytes that crossed the network.
+async fn close(s: &Session, err: Option<&Error>) -> u64 {
+    match err {
+        None => s.conn.close(0u32.into(), b"done"),
+        Some(e) => {
+            let msg = e.to_string();
+            let msg = &msg.as_bytes()[..msg.len().min(900)];
+            s.conn.close(1u32.into(), msg)
+        }
+    }
+    let st = s.conn.stats();
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    st.udp_tx.bytes + st.udp_rx.bytes
+}
+
+/// Send the local tree `src` to `remote`. `remote.path` is where it lands; for a single file,
+/// a path ending in `/` or naming a directory on the server receives it under its own name.
+pub fn push(
+    src: &Path,
+    remote: &RemotePath,
+    settings: SyncSettings,
+    cache: Option<PathBuf>,
+    cfg: &ClientSettings,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let sopts = SenderOptions {
+            params: settings.params,
+            compress: settings.compress,
+            cache,
+        };
+        let root = src.to_path_buf();
+        let chunking = tokio::task::spawn_blocking(move || Sender::new(&root, None, sopts));
+        let name_if_dir = if src.is_dir() {
+            None
+        } else {
+            src.file_name().map(|n| n.to_string_lossy().into_owned())
+        };
+        let request = Request::Push {
+            path: remote.path.clone(),
+            name_if_dir,
+        };
+        let mut s = open(remote, cfg, request, settings).await?;
+        let sender = Arc::new(
+            chunking
+                .await
+                .map_err(|e| Error::Transport(format!("chunking: {e}")))?,
+        );
+        let r = send_tree(&s.conn, &mut s.ctl, sender.clone()).await;
+        let wire = close(&s, r.as_ref().err()).await;
+        let mut report = r?.into_report();
+        report.skipped = sender
+            .skipped
+            .iter()
+            .map(|(p, w)| (p.clone(), w.to_string()))
+            .collect();
+        report.errors.splice(
+            0..0,
+            sender
+                .errors
+                .iter()
+                .map(|e| Error::Remote(format!("(local) {e}"))),
+        );
+        report.stats.errors = report.errors.len() as u64;
+        report.stats.bytes_wire = wire;
+        report.stats.elapsed_ms = t0.elapsed().as_millis() as u64;
+        Ok(report)
+    })
+}
+
+/// Fetch the tree at `remote` into the local `dest`, with rsync's trailing-slash rule: a source
+/// without a trailing `/` lands in `dest/NAME` when it is a directory, or when `dest` is an
+/// existing directory or ends in `/`.
+pub fn pull(
+    remote: &RemotePath,
+    dest: &Path,
+    settings: SyncSettings,
+    ropts: ReceiverOptions,
+    cfg: &ClientSettings,
+    progress: Arc<Progress>,
+) -> Result<Report> {
+    let t0 = Instant::now();
+    let rt = runtime()?;
+    rt.block_on(async {
+        let request = Request::Pull {
+            path: remote.path.clone(),
+        };
+        let mut s = open(remote, cfg, request, settings).await?;
+        let into = match remote.name() {
+            Some(n)
+                if s.source_is_dir
+                    || dest.is_dir()
+                    || dest.as_os_str().to_string_lossy().ends_with('/') =>
+            {
+                dest.join(n)
+            }
+            _ => dest.to_path_buf(),
+        };
+        let prepare = move || Receiver::prepare(&into, ropts);
+        let r = receive_tree(&s.conn, &mut s.ctl, prepare, cfg.net.streams, progress).await;
+        let wire = close(&s, r.as_ref().err()).await;
+        let (mut report, notes) = r?;
+        report.skipped = notes.skipped;
+        report
+            .errors
+            .splice(0..0, notes.errors.into_iter().map(Error::Remote));
+        report.stats.errors = report.errors.len() as u64;
+        report.stats.bytes_wire = wire;
+        report.stats.elapsed_ms = t0.elapsed().as_millis() as u64;
+        Ok(report)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_remote_paths() {
+        let r = RemotePath::parse("quic://host:9000/a/b/").unwrap().unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.port, r.path.as_str()),
+            ("host", 9000, "a/b/")
+        );
+        assert_eq!(r.name(), None);
+        let r = RemotePath::parse("quic://[::1]:5/x").unwrap().unwrap();
+        assert_eq!((r.host.as_str(), r.port, r.name()), ("::1", 5, Some("x")));
+        assert_eq!(r.host_port(), "[::1]:5");
+        let r = RemotePath::parse("quic://h").unwrap().unwrap();
+        assert_eq!((r.port, r.path.as_str()), (DEFAULT_PORT, ""));
+        assert!(RemotePath::parse("/local/path").is_none());
+        assert!(RemotePath::parse("quic://h:x/").unwrap().is_err());
+        assert!(RemotePath::parse("quic://:1/").unwrap().is_err());
+    }
+}

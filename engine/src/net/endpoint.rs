@@ -1,0 +1,191 @@
+//! QUIC endpoints: TLS 1.3 configuration with pinned keys, transport settings for long fat
+//! links, and UDP sockets with large buffers.
+
+use super::trust::{AuthorizedClients, PinnedServer};
+use crate::error::{Error, Result};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// ALPN protocol name: the wire protocol's name and major version.
+pub const ALPN: &[u8] = b"hop/1";
+
+/// Server name sent in the handshake. Peers are authenticated by key fingerprint, not by name.
+pub const SERVER_NAME: &str = "hop";
+
+/// Transport settings.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// Streams (lanes) that carry chunks at once.
+    pub streams: usize,
+    /// A peer silent for this long is dead; keep-alives are sent at a fifth of it.
+    pub timeout: Duration,
+    /// Per-stream receive window in bytes; the connection window is four times this. For full
+    /// speed it must exceed the link's bandwidth-delay product (1 Gbit/s x 50 ms = 6.25 MB).
+    pub window: u64,
+    /// UDP socket send and receive buffer sizes in bytes.
+    pub udp_buffer: usize,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            streams: 4,
+            timeout: Duration::from_secs(15),
+            window: 16 << 20,
+            udp_buffer: 8 << 20,
+        }
+    }
+}
+
+/// An identity in PEM form: a certificate and its private key.
+#[derive(Clone)]
+pub struct Credentials {
+    /// PEM certificate.
+    pub cert_pem: String,
+    /// PEM private key.
+    pub key_pem: String,
+}
+
+impl Credentials {
+    fn parse(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|e| Error::Trust(format!("identity certificate: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| Error::Trust(format!("identity key: {e}")))?;
+        Ok((vec![cert], key))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport(o: &NetOptions) -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(o.timeout)
+        .map_err(|_| Error::Transport(format!("timeout {:?} out of range", o.timeout)))?;
+    let window = o.window.clamp(64 << 10, 1 << 30);
+    let varint = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some((o.timeout / 5).max(Duration::from_millis(200))))
+        .stream_receive_window(varint(window))
+        .receive_window(varint(window * 4))
+        .send_window(window * 4)
+        .max_concurrent_bidi_streams(varint(1024))
+        .max_concurrent_uni_streams(varint(0));
+    Ok(Arc::new(t))
+}
+
+/// A UDP socket bound to `addr` with large buffers (as root the system limit is bypassed).
+fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<UdpSocket> {
+    let sock = UdpSocket::bind(addr).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " (another program listens there; choose another --listen port)"
+        } else {
+            ""
+        };
+        Error::Transport(format!("cannot bind UDP {addr}: {e}{hint}"))
+    })?;
+    let fd = sock.as_raw_fd();
+    let size = buffer.min(i32::MAX as usize) as libc::c_int;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+        unsafe {
+            let p = &size as *const libc::c_int as *const libc::c_void;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::setsockopt(fd, libc::SOL_SOCKET, force, p, len) != 0 {
+                libc::setsockopt(fd, libc::SOL_SOCKET, plain, p, len);
+            }
+        }
+    }
+    Ok(sock)
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    o: &NetOptions,
+) -> Result<quinn::Endpoint> {
+    let sock = udp_socket(addr, o.udp_buffer)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        sock,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| Error::Transport(format!("cannot start QUIC on {addr}: {e}")))
+}
+
+/// A server endpoint listening on `listen`, presenting `id`, admitting only clients whose key is
+/// in `authorized_keys`. Must be called inside a tokio runtime.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    id: &Credentials,
+    authorized_keys: PathBuf,
+    o: &NetOptions,
+) -> Result<quinn::Endpoint> {
+    let provider = provider();
+    let (certs, key) = id.parse()?;
+    let verifier = Arc::new(AuthorizedClients {
+        path: authorized_keys,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Trust(format!("TLS: {e}")))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Trust(format!("identity: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| Error::Trust(format!("TLS for QUIC: {e}")))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport(o)?);
+    endpoint(listen, Some(cfg), o)
+}
+
+/// A client endpoint (on an ephemeral port of the right address family) whose connections
+/// present `id` and accept the server only as `pin` says. Must be called inside a tokio runtime.
+pub fn client_endpoint(
+    peer: SocketAddr,
+    id: &Credentials,
+    pin: PinnedServer,
+    o: &NetOptions,
+) -> Result<quinn::Endpoint> {
+    let (certs, key) = id.parse()?;
+    let provider = pin.provider.clone();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Trust(format!("TLS: {e}")))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(pin))
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| Error::Trust(format!("identity: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| Error::Trust(format!("TLS for QUIC: {e}")))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport(o)?);
+    let local: SocketAddr = if peer.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut ep = endpoint(local, None, o)?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}
+
+/// The crypto provider used for verifying peers' signatures.
+pub fn pinned_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    provider()
+}

@@ -1,0 +1,313 @@
+//! `hop serve`: accept authenticated sessions and act as the receiver (push) or the sender
+//! (pull) for paths confined under a root directory.
+
+use super::control::{Control, Request, SyncSettings};
+use super::endpoint::{server_endpoint, Credentials, NetOptions};
+use super::session::{receive_tree, send_tree, Control2};
+use super::trust::{fingerprint_of_cert, read_authorized_keys};
+use super::wire::{conn_error, expect_msg, write_msg};
+use crate::error::{Error, Result};
+use crate::protocol::VERSION;
+use crate::receiver::{Receiver, ReceiverOptions};
+use crate::report::Progress;
+use crate::sender::{Sender, SenderOptions};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `hop serve` needs.
+#[derive(Clone)]
+pub struct ServeSettings {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Every remote path is confined under this directory.
+    pub root: PathBuf,
+    /// The server's identity.
+    pub identity: Credentials,
+    /// Fingerprints of the clients allowed in, one per line.
+    pub authorized_keys: PathBuf,
+    /// Transport settings.
+    pub net: NetOptions,
+    /// Sessions served at once; more are refused.
+    pub max_sessions: usize,
+    /// Keep source chunk caches for pulled trees (see [`crate::index::source_cache_path`]).
+    pub source_cache: bool,
+}
+
+/// Resolve a client's path under `root`: no `..`, no NUL, and no component that is a symlink
+/// (so nothing reached through the path lies outside the root).
+pub fn confine(root: &Path, rel: &str) -> Result<PathBuf> {
+    let unsafe_path = |why| Error::UnsafePath {
+        path: rel.to_string(),
+        why,
+    };
+    if rel.len() > 4096 {
+        return Err(unsafe_path("longer than 4096 bytes"));
+    }
+    let mut p = root.to_path_buf();
+    for c in rel.split('/') {
+        match c {
+            "" | "." => continue,
+            ".." => return Err(unsafe_path("contains '..'")),
+            c if c.contains('\0') => return Err(unsafe_path("contains NUL")),
+            c => {
+                p.push(c);
+                if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+                    return Err(unsafe_path("goes through a symlink"));
+                }
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Listen and serve until the process is stopped. `ready` is called once the socket is bound,
+/// with the actual address (useful with port 0).
+pub fn serve(s: ServeSettings, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    read_authorized_keys(&s.authorized_keys)?;
+    if !s.root.is_dir() {
+        return Err(Error::Transport(format!(
+            "root {} is not a directory",
+            s.root.display()
+        )));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Transport(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async move {
+        let endpoint = server_endpoint(s.listen, &s.identity, s.authorized_keys.clone(), &s.net)?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|e| Error::Transport(format!("local address: {e}")))?;
+        ready(addr);
+        let active = Arc::new(AtomicUsize::new(0));
+        let s = Arc::new(s);
+        while let Some(incoming) = endpoint.accept().await {
+            if active.load(Ordering::Relaxed) >= s.max_sessions {
+                tracing::warn!(
+                    "refusing {}: {} sessions already",
+                    incoming.remote_address(),
+                    s.max_sessions
+                );
+                incoming.refuse();
+                continue;
+            }
+            active.fetch_add(1, Ordering::Relaxed);
+            let (s, active) = (s.clone(), active.clone());
+            tokio::spawn(async move {
+                let peer = incoming.remote_address();
+                if let Err(e) = session(incoming, &s).await {
+                    tracing::warn!("session from {peer}: {e}");
+                }
+                active.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+        Ok(())
+    })
+}
+
+fn peer_fingerprint(conn: &quinn::Connection) -> String {
+    conn.peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|certs| certs.first().and_then(|c| fingerprint_of_cert(c).ok()))
+        .unwrap_or_else(|| "?".into())
+}
+
+async fn session(incoming: quinn::Incoming, s: &ServeSettings) -> Result<()> {
+    let peer = incoming.remote_address();
+    let connecting = incoming.accept().map_err(|e| conn_error(&e))?;
+    let conn = tokio::time::timeout(s.net.timeout, connecting)
+        .await
+        .map_err(|_| Error::Transport("handshake timed out".into()))?
+        .map_err(|e| Error::Trust(format!("handshake failed: {}", conn_error(&e))))?;
+    let who = peer_fingerprint(&conn);
+    let r = async {
+        let (send, recv) = tokio::time::timeout(s.net.timeout, conn.accept_bi())
+            .await
+            .map_err(|_| Error::Transport("no request".into()))?
+            .map_err(|e| conn_error(&e))?;
+        let mut ctl = Control2 { send, recv };
+        let hello = tokio::time::timeout(
+            s.net.timeout,
+            expect_msg::<Control>(&mut ctl.recv, "request"),
+        )
+        .await
+        .map_err(|_| Error::Transport("no request".into()))??;
+        let Control::Hello {
+            version,
+            request,
+            settings,
+        } = hello
+        else {
+            return Err(Error::Protocol("expected a request".into()));
+        };
+        tracing::info!("{peer} ({who}): {request:?}");
+        if version != VERSION {
+            let reason = format!("server speaks protocol {VERSION}, client {version}");
+            write_msg(
+                &mut ctl.send,
+                &Control::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await?;
+            return Err(Error::Protocol(reason));
+        }
+        match prepare(s, &request, &settings) {
+            Err(e) => {
+                let reason = e.to_string();
+                write_msg(&mut ctl.send, &Control::Refused { reason }).await?;
+                let _ = ctl.send.finish();
+                // Let the refusal reach the client before the connection goes.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                Err(e)
+            }
+            Ok((path, source_is_dir)) => {
+                write_msg(
+                    &mut ctl.send,
+                    &Control::Welcome {
+                        version: VERSION,
+                        source_is_dir,
+                    },
+                )
+                .await?;
+                run(s, &conn, &mut ctl, request, settings, path).await
+            }
+        }
+    }
+    .await;
+    match &r {
+        Ok(()) => {
+            // The client closes when it has what it needs.
+            let _ = tokio::time::timeout(s.net.timeout, conn.closed()).await;
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            conn.close(1u32.into(), &msg.as_bytes()[..msg.len().min(900)]);
+        }
+    }
+    r
+}
+
+/// Check a request against the root: the path it names, and whether a pull's source is a
+/// directory.
+fn prepare(s: &ServeSettings, req: &Request, settings: &SyncSettings) -> Result<(PathBuf, bool)> {
+    crate::chunk::ChunkParams::new(
+        settings.params.min,
+        settings.params.avg,
+        settings.params.max,
+    )?;
+    match req {
+        Request::Push { path, name_if_dir } => {
+            let mut dest = confine(&s.root, path)?;
+            if let Some(name) = name_if_dir {
+                if path.ends_with('/') || dest.is_dir() {
+                    if name.contains('/') || name == ".." || name == "." || name.is_empty() {
+                        return Err(Error::UnsafePath {
+                            path: name.clone(),
+                            why: "not a file name",
+                        });
+                    }
+                    dest = confine(&s.root, &format!("{path}/{name}"))?;
+                }
+            }
+            Ok((dest, false))
+        }
+        Request::Pull { path } => {
+            let src = confine(&s.root, path)?;
+            let md = std::fs::symlink_metadata(&src).map_err(|e| Error::Io {
+                op: "read source",
+                path: PathBuf::from(path),
+                source: e,
+            })?;
+            Ok((src, md.is_dir()))
+        }
+    }
+}
+
+async fn run(
+    s: &ServeSettings,
+    conn: &quinn::Connection,
+    ctl: &mut Control2,
+    request: Request,
+    settings: SyncSettings,
+    path: PathBuf,
+) -> Result<()> {
+    match request {
+        Request::Push { .. } => {
+            let ropts = ReceiverOptions {
+                params: settings.params,
+                delete: settings.delete,
+                basis: Vec::new(),
+                dry_run: settings.dry_run,
+                fsync: settings.fsync,
+                sparse: settings.sparse,
+                index_cache: crate::index::dest_cache_path(&path),
+                no_index_cache: settings.no_index_cache,
+            };
+            let prepare = move || Receiver::prepare(&path, ropts);
+            let (report, _) = receive_tree(
+                conn,
+                ctl,
+                prepare,
+                s.net.streams,
+                Arc::new(Progress::default()),
+            )
+            .await?;
+            tracing::info!(
+                "received: {} files, {} literal bytes, {} errors",
+                report.stats.files,
+                report.stats.bytes_literal,
+                report.errors.len()
+            );
+            Ok(())
+        }
+        Request::Pull { .. } => {
+            let cache = if s.source_cache && !settings.no_index_cache {
+                crate::index::source_cache_path(&path)
+            } else {
+                None
+            };
+            let sopts = SenderOptions {
+                params: settings.params,
+                compress: settings.compress,
+                cache,
+            };
+            let sender = tokio::task::spawn_blocking(move || Sender::new(&path, None, sopts))
+                .await
+                .map_err(|e| Error::Transport(format!("chunking: {e}")))?;
+            let summary = send_tree(conn, ctl, Arc::new(sender)).await?;
+            tracing::info!(
+                "sent: {} files, {} literal bytes",
+                summary.stats.files,
+                summary.stats.bytes_literal
+            );
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confine_refuses_escapes() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir(root.join("in")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("out")).unwrap();
+        assert_eq!(confine(root, "in/x").unwrap(), root.join("in/x"));
+        assert_eq!(confine(root, "/in/./x/").unwrap(), root.join("in/x"));
+        assert_eq!(confine(root, "").unwrap(), root.to_path_buf());
+        for bad in ["../x", "in/../../x", "out/passwd", "out", "a\0b"] {
+            assert!(confine(root, bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Who is who: fingerprints of public keys, the server's authorized client keys, the client's
+//! known servers, and the rustls verifiers that pin them (instead of certificate authorities).
+
+use crate::error::{Error, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// `sha256:<hex>` of a DER SubjectPublicKeyInfo: an identity's fingerprint. It names the key,
+/// so it survives a renewal of the certificate with the same key.
+pub fn fingerprint_of_spki(spki_der: &[u8]) -> String {
+    let digest = Sha256::digest(spki_der);
+    let mut s = String::from("sha256:");
+    for b in digest {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// The fingerprint of the key in a DER certificate.
+pub fn fingerprint_of_cert(der: &[u8]) -> Result<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Trust(format!("peer certificate does not parse: {e}")))?;
+    Ok(fingerprint_of_spki(cert.public_key().raw))
+}
+
+/// Whether `s` is a well-formed fingerprint (`sha256:` and 64 lowercase hex digits).
+pub fn is_fingerprint(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// Read an authorized-keys file: one fingerprint per line, `#` starts a comment (a comment after
+/// the fingerprint names the key's owner). A malformed line is an error, so a typo never
+/// silently locks a client out (or in).
+pub fn read_authorized_keys(path: &Path) -> Result<HashSet<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Trust(format!(
+            "cannot read authorized keys {}: {e}",
+            path.display()
+        ))
+    })?;
+    let mut keys = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fp = line.split_whitespace().next().unwrap_or("");
+        if !is_fingerprint(fp) {
+            return Err(Error::Trust(format!(
+                "{}:{}: not a key fingerprint (expected sha256:<64 hex digits>, as printed by `hop keygen`)",
+                path.display(),
+                n + 1
+            )));
+        }
+        keys.insert(fp.to_string());
+    }
+    Ok(keys)
+}
+
+/// The client's list of servers it trusts: lines `HOST:PORT FINGERPRINT`.
+#[derive(Debug, Clone)]
+pub struct KnownHosts {
+    path: PathBuf,
+    entries: Vec<(String, String)>,
+}
+
+impl KnownHosts {
+    /// Read the file; a missing file is an empty list.
+    pub fn load(path: &Path) -> Result<KnownHosts> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(Error::Trust(format!(
+                    "cannot read known hosts {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        let mut entries = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut it = line.split_whitespace();
+            match (it.next(), it.next()) {
+                (Some(h), Some(fp)) if is_fingerprint(fp) => {
+                    entries.push((h.to_string(), fp.to_string()))
+                }
+                _ => {
+                    return Err(Error::Trust(format!(
+                        "{}:{}: expected `HOST:PORT sha256:<hex>`",
+                        path.display(),
+                        n + 1
+                    )))
+                }
+            }
+        }
+        Ok(KnownHosts {
+            path: path.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// The file this list was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The fingerprint recorded for `host` (as `HOST:PORT`).
+    pub fn lookup(&self, host: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, fp)| fp.as_str())
+    }
+
+    /// Append `host fingerprint` to the file (creating it and its directory).
+    pub fn add(&mut self, host: &str, fp: &str) -> Result<()> {
+        let io = |e: std::io::Error| {
+            Error::Trust(format!(
+                "cannot record the server key in {}: {e}",
+                self.path.display()
+            ))
+        };
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
+        writeln!(f, "{host} {fp}").map_err(io)?;
+        self.entries.push((host.to_string(), fp.to_string()));
+        Ok(())
+    }
+}
+
+/// What the client learnt about the server's key during the handshake.
+#[derive(Debug, Default, Clone)]
+pub struct SeenKey(Arc<Mutex<Option<String>>>);
+
+impl SeenKey {
+    /// The fingerprint the peer presented, if it got that far.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, fp: String) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(fp);
+    }
+}
+
+/// Client side: accept the server only if its key is the one recorded for it (or, with
+/// `accept_new`, if nothing is recorded yet).
+#[derive(Debug)]
+pub struct PinnedServer {
+    /// The recorded fingerprint, if any.
+    pub expected: Option<String>,
+    /// Trust a server seen for the first time (the caller records it after the handshake).
+    pub accept_new: bool,
+    /// Where the presented fingerprint is left for the caller's error messages.
+    pub seen: SeenKey,
+    /// Signature algorithms.
+    pub provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let fp = fingerprint_of_cert(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        self.seen.set(fp.clone());
+        match &self.expected {
+            Some(e) if *e == fp => Ok(ServerCertVerified::assertion()),
+            None if self.accept_new => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(
+                CertificateError::ApplicationVerificationFailure,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Server side: accept a client only if its key is in the authorized-keys file, read afresh
+/// at every handshake (so editing the file takes effect without a restart).
+#[derive(Debug)]
+pub struct AuthorizedClients {
+    /// The authorized-keys file.
+    pub path: PathBuf,
+    /// Signature algorithms.
+    pub provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AuthorizedClients {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        let fp = fingerprint_of_cert(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        match read_authorized_keys(&self.path) {
+            Ok(keys) if keys.contains(&fp) => Ok(ClientCertVerified::assertion()),
+            Ok(_) => {
+                tracing::warn!("refused client key {fp}: not in {}", self.path.display());
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+            Err(e) => {
+                tracing::error!("refused client key {fp}: {e}");
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorized_keys_and_known_hosts_files() {
+        let d = tempfile::tempdir().unwrap();
+        let fp = format!("sha256:{}", "ab".repeat(32));
+        let ak = d.path().join("ak");
+        std::fs::write(&ak, format!("# clients\n{fp} alice@laptop\n\n")).unwrap();
+        assert!(read_authorized_keys(&ak).unwrap().contains(&fp));
+        std::fs::write(&ak, "sha256:xyz\n").unwrap();
+        let err = read_authorized_keys(&ak).unwrap_err().to_string();
+        assert!(err.contains(":1:"), "{err}");
+
+        let kh = d.path().join("sub/known_hosts");
+        let mut k = KnownHosts::load(&kh).unwrap();
+        assert_eq!(k.lookup("h:1"), None);
+        k.add("h:1", &fp).unwrap();
+        let k = KnownHosts::load(&kh).unwrap();
+        assert_eq!(k.lookup("h:1"), Some(fp.as_str()));
+        assert_eq!(k.lookup("h:2"), None);
+    }
+
+    #[test]
+    fn fingerprint_format() {
+        assert!(is_fingerprint(&fingerprint_of_spki(b"x")));
+        assert!(!is_fingerprint("sha256:AB"));
+    }
+}

@@ -1,0 +1,363 @@
+//! End-to-end tests of remote syncs: real `hop serve` processes on loopback, real `hop sync`
+//! clients, real keys.
+
+#[macro_use]
+mod util;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::time::{Duration, Instant};
+use util::*;
+
+fn s(p: &std::path::Path) -> &OsStr {
+    p.as_os_str()
+}
+
+fn stats(mut c: std::process::Command) -> serde_json::Value {
+    c.args(["--stats-json", "-"]);
+    let out = ok(c);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad stats json {out:?}: {e}"))
+}
+
+/// Names in a directory tree that look like temporary files.
+fn leftovers(root: &std::path::Path) -> Vec<String> {
+    describe_tree(root)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| p.contains(".hop."))
+        .collect()
+}
+
+#[test]
+fn push_and_pull_round_trip_every_kind_with_and_without_zstd() {
+    let d = Dir::new();
+    let src = sample_tree(&d);
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+
+    // Push: `src` without a trailing slash lands as root/src.
+    let st = stats(c.sync(&[
+        OsStr::new("--accept-new"),
+        s(&src),
+        OsStr::new(&srv.url("")),
+    ]));
+    assert_same_tree(&src, &srv.root.join("src"));
+    assert_eq!(st["files_written"], 5, "{st}");
+    let known = fs::read_to_string(&c.known_hosts).unwrap();
+    assert_eq!(
+        known.trim(),
+        format!("127.0.0.1:{} {}", srv.port, srv.fingerprint)
+    );
+
+    // A 4 KiB edit in the middle of the big file: a small delta crosses the network.
+    let mut big = fs::read(src.join("big.img")).unwrap();
+    big[1 << 20..(1 << 20) + 4096].copy_from_slice(&noise(9, 4096));
+    fs::write(src.join("big.img"), &big).unwrap();
+    let st = stats(c.sync(&[s(&src), OsStr::new(&srv.url(""))]));
+    assert_same_tree(&src, &srv.root.join("src"));
+    let literal = st["bytes_literal"].as_u64().unwrap();
+    assert!(literal > 0 && literal < 100_000, "{st}");
+    assert!(st["bytes_wire"].as_u64().unwrap() < 400_000, "{st}");
+
+    // Pull it back, raw and compressed: identical trees, fewer bytes with zstd.
+    let raw = stats(c.sync(&[OsStr::new(&srv.url("src/")), s(&d.path("raw"))]));
+    assert_same_tree(&src, &d.path("raw"));
+    let z = stats(c.sync(&[
+        OsStr::new("--compress"),
+        OsStr::new("zstd:3"),
+        OsStr::new(&srv.url("src")),
+        s(&d.path("z/")),
+    ]));
+    assert_same_tree(&src, &d.path("z/src"));
+    let (wr, wz) = (
+        raw["bytes_wire"].as_u64().unwrap(),
+        z["bytes_wire"].as_u64().unwrap(),
+    );
+    assert!(
+        wz + 300_000 < wr,
+        "zstd did not shrink the transfer: {wz} vs {wr}"
+    );
+    assert_eq!(raw["bytes_literal"], z["bytes_literal"]);
+
+    // Nothing changed: a re-run moves no data.
+    let again = stats(c.sync(&[OsStr::new(&srv.url("src/")), s(&d.path("raw"))]));
+    assert_eq!(again["bytes_literal"], 0, "{again}");
+    assert_eq!(again["files_written"], 0, "{again}");
+}
+
+#[test]
+fn single_file_push_into_a_directory_and_delete() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    fs::create_dir(srv.root.join("inbox")).unwrap();
+    let f = d.write("one.bin", &noise(3, 100_000));
+    ok(c.sync(&[
+        OsStr::new("--accept-new"),
+        s(&f),
+        OsStr::new(&srv.url("inbox")),
+    ]));
+    assert_eq!(
+        fs::read(srv.root.join("inbox/one.bin")).unwrap(),
+        noise(3, 100_000)
+    );
+
+    // --delete removes what the source no longer has, remotely.
+    let tree = d.mkdir("tree");
+    d.write("tree/a", b"a");
+    d.write("tree/b", b"b");
+    ok(c.sync(&[s(&tree), OsStr::new(&srv.url(""))]));
+    fs::remove_file(tree.join("b")).unwrap();
+    ok(c.sync(&[OsStr::new("--delete"), s(&tree), OsStr::new(&srv.url(""))]));
+    assert_same_tree(&tree, &srv.root.join("tree"));
+}
+
+#[test]
+fn keys_are_checked_both_ways() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    d.write("src/f", b"data");
+    let c = Client::new(&d, "client");
+    let stranger = Client::new(&d, "stranger");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    let url = srv.url("dst");
+
+    // Unknown server, no --accept-new: refused, nothing recorded, nothing written.
+    let err = fails(c.sync(&[s(&src), OsStr::new(&url)]), 1);
+    assert!(
+        err.contains("unknown server") && err.contains(&srv.fingerprint),
+        "{err}"
+    );
+    assert!(!c.known_hosts.exists());
+    assert!(!srv.root.join("dst").exists());
+
+    // A recorded key that differs: refused loudly, even with --accept-new.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    fs::write(&c.known_hosts, format!("127.0.0.1:{} {wrong}\n", srv.port)).unwrap();
+    let err = fails(
+        c.sync(&[OsStr::new("--accept-new"), s(&src), OsStr::new(&url)]),
+        1,
+    );
+    assert!(
+        err.contains("SERVER KEY CHANGED") && err.contains(&wrong),
+        "{err}"
+    );
+    assert!(!srv.root.join("dst").exists());
+
+    // A client whose key the server does not list: refused before any file operation.
+    let err = fails(
+        stranger.sync(&[OsStr::new("--accept-new"), s(&src), OsStr::new(&url)]),
+        1,
+    );
+    assert!(
+        err.contains("refused this client's key") && err.contains(&stranger.fingerprint),
+        "{err}"
+    );
+    assert!(!srv.root.join("dst").exists());
+    assert!(srv.log().contains(&stranger.fingerprint), "{}", srv.log());
+
+    // The right key, accepted once, works.
+    fs::remove_file(&c.known_hosts).unwrap();
+    ok(c.sync(&[OsStr::new("--accept-new"), s(&src), OsStr::new(&url)]));
+    assert_same_tree(&src, &srv.root.join("dst/src"));
+}
+
+#[test]
+fn remote_paths_are_confined_under_the_root() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    d.write("src/f", b"data");
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    let outside = d.mkdir("outside");
+    std::os::unix::fs::symlink(&outside, srv.root.join("escape")).unwrap();
+    ok(c.sync(&[
+        OsStr::new("--accept-new"),
+        s(&src),
+        OsStr::new(&srv.url("ok")),
+    ]));
+    for bad in ["../x", "a/../../x", "escape/x", "escape"] {
+        let err = fails(c.sync(&[s(&src), OsStr::new(&srv.url(bad))]), 1);
+        assert!(
+            err.contains("refused the request") && err.contains("unsafe path"),
+            "{bad}: {err}"
+        );
+        let err = fails(
+            c.sync(&[OsStr::new(&srv.url(bad)), s(&d.path("pulled"))]),
+            1,
+        );
+        assert!(err.contains("unsafe path"), "{bad}: {err}");
+    }
+    assert!(
+        fs::read_dir(&outside).unwrap().next().is_none(),
+        "wrote outside the root"
+    );
+    assert!(!d.path("x").exists() && !d.path("server/x").exists());
+}
+
+/// Wait for `child` up to `limit`; kill it and fail if it does not finish.
+fn wait_for(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("hop sync did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn killed_server_mid_push_leaves_old_or_new_and_rerun_completes() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    let old = noise(10, 8 << 20);
+    d.write("src/big", &old);
+    d.write("src/small", b"small");
+    let c = Client::new(&d, "client");
+    let mut srv = Server::start(&d, "server", &[&c], 0);
+    let url = srv.url("dst/");
+    ok(c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new(&format!("{}/", src.display())),
+        OsStr::new(&url),
+    ]));
+    let new = noise(11, 160 << 20);
+    fs::write(src.join("big"), &new).unwrap();
+    let (hold, hnew) = (blake3::hash(&old), blake3::hash(&new));
+
+    for delay in [150u64, 600] {
+        let mut cmd = c.sync(&[OsStr::new(&format!("{}/", src.display())), OsStr::new(&url)]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        srv.kill();
+        let st = wait_for(&mut child, Duration::from_secs(20));
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        let got = blake3::hash(&fs::read(srv.root.join("dst/big")).unwrap());
+        assert!(
+            got == hold || got == hnew,
+            "dst/big is neither old nor new after a kill at {delay} ms"
+        );
+        eprintln!(
+            "server killed at {delay} ms: client exit {st}: {}",
+            err.trim()
+        );
+        if !st.success() {
+            assert!(err.contains("hop: error"), "no clear error: {err}");
+        }
+        assert!(
+            leftovers(&srv.root).is_empty(),
+            "{:?}",
+            leftovers(&srv.root)
+        );
+        srv = Server::start(&d, "server", &[&c], srv.port);
+    }
+    let st = stats(c.sync(&[OsStr::new(&format!("{}/", src.display())), OsStr::new(&url)]));
+    assert_same_tree(&src, &srv.root.join("dst"));
+    assert!(
+        st["bytes_literal"].as_u64().unwrap() <= new.len() as u64,
+        "{st}"
+    );
+}
+
+#[test]
+fn killed_client_mid_pull_then_rerun_completes() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    let data = noise(12, 120 << 20);
+    fs::create_dir(srv.root.join("tree")).unwrap();
+    fs::write(srv.root.join("tree/big"), &data).unwrap();
+    let dst = d.mkdir("dst");
+    fs::write(dst.join("big"), b"old version").unwrap();
+    let url = srv.url("tree/");
+    let mut child = c
+        .sync(&[OsStr::new("--accept-new"), OsStr::new(&url), s(&dst)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let _ = child.kill();
+    let _ = child.wait();
+    let got = fs::read(dst.join("big")).unwrap();
+    assert!(
+        got == b"old version" || got == data,
+        "half-written file after a kill"
+    );
+    assert!(leftovers(&dst).is_empty(), "{:?}", leftovers(&dst));
+    // The server survived and serves the re-run.
+    ok(c.sync(&[OsStr::new(&url), s(&dst)]));
+    assert_same_tree(&srv.root.join("tree"), &dst);
+}
+
+#[test]
+fn a_stopped_server_is_detected_by_the_timeout() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    fs::create_dir(srv.root.join("tree")).unwrap();
+    fs::write(srv.root.join("tree/small"), b"x").unwrap();
+    fs::write(srv.root.join("tree/big"), noise(13, 200 << 20)).unwrap();
+    let dst = d.mkdir("dst");
+    ok(c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new(&srv.url("tree/small")),
+        s(&dst),
+    ]));
+    let mut child = c
+        .sync(&[
+            OsStr::new("--timeout"),
+            OsStr::new("2"),
+            OsStr::new(&srv.url("tree/big")),
+            s(&dst),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = srv.child.id().to_string();
+    ok_status(std::process::Command::new("kill").args(["-STOP", &pid]));
+    let t0 = Instant::now();
+    let st = wait_for(&mut child, Duration::from_secs(20));
+    let waited = t0.elapsed();
+    eprintln!("stopped server: client exit {st} after {waited:?}");
+    ok_status(std::process::Command::new("kill").args(["-CONT", &pid]));
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    if st.success() {
+        // The whole file made it before the stop: then it must be intact.
+        assert_eq!(fs::read(dst.join("big")).unwrap(), noise(13, 200 << 20));
+    } else {
+        assert!(
+            err.contains("timed out") || err.contains("stopped answering"),
+            "{err}"
+        );
+        assert!(waited < Duration::from_secs(8), "took {waited:?} to notice");
+        assert!(!dst.join("big").exists(), "partial file left");
+    }
+    assert!(leftovers(&dst).is_empty());
+}
+
+fn ok_status(c: &mut std::process::Command) {
+    assert!(c.status().unwrap().success(), "{c:?}");
+}
