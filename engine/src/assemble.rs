@@ -321,12 +321,135 @@ impl Staged {
 /// A fetched chunk: its number in the file and its (decoded) bytes.
 pub type Fetched = (u32, Vec<u8>);
 
-/// Hash zeros without allocating.
-fn hash_zeros(h: &mut blake3::Hasher, mut len: u64) {
-    while len > 0 {
-        let n = len.min(ZEROS.len() as u64) as usize;
-        h.update(&ZEROS[..n]);
-        len -= n as u64;
+/// Checks a file's output chunk by chunk against the manifest, so that every byte is hashed
+/// exactly once: bytes copied from local files are hashed here, fetched chunks were checked on
+/// arrival, zero chunks are checked against the id of that many zeros.
+struct Verifier<'a> {
+    chunks: &'a [ChunkSpec],
+    dest: &'a Path,
+    /// The chunk being filled.
+    k: usize,
+    filled: u32,
+    h: blake3::Hasher,
+    zero_ids: HashMap<u32, ChunkId>,
+}
+
+impl<'a> Verifier<'a> {
+    fn new(chunks: &'a [ChunkSpec], dest: &'a Path) -> Self {
+        Verifier {
+            chunks,
+            dest,
+            k: 0,
+            filled: 0,
+            h: blake3::Hasher::new(),
+            zero_ids: HashMap::new(),
+        }
+    }
+
+    fn mismatch(&self, k: usize, actual: ChunkId) -> Error {
+        Error::Integrity {
+            what: format!("chunk {k} of {}", self.dest.display()),
+            expected: self.chunks[k].id.to_hex(),
+            actual: actual.to_hex(),
+        }
+    }
+
+    fn spec(&self) -> Result<&ChunkSpec> {
+        self.chunks.get(self.k).ok_or_else(|| {
+            Error::Protocol(format!("more data than chunks for {}", self.dest.display()))
+        })
+    }
+
+    /// Bytes copied from a local file, to be hashed.
+    fn feed(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            let len = self.spec()?.len;
+            let take = ((len - self.filled) as usize).min(data.len());
+            self.h.update(&data[..take]);
+            self.filled += take as u32;
+            data = &data[take..];
+            if self.filled == len {
+                let actual = ChunkId::from(self.h.finalize());
+                if actual != self.chunks[self.k].id {
+                    return Err(self.mismatch(self.k, actual));
+                }
+                self.h.reset();
+                self.filled = 0;
+                self.k += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk `n`, whose bytes were already checked against its id.
+    fn checked(&mut self, n: u32) -> Result<()> {
+        if self.filled != 0 || self.k != n as usize {
+            return Err(Error::Protocol(format!(
+                "chunk {n} of {} out of order",
+                self.dest.display()
+            )));
+        }
+        self.k += 1;
+        Ok(())
+    }
+
+    /// The next chunk, filled with the bytes of chunk `n` (checked when they arrived): right
+    /// when both have the same id.
+    fn repeat_of(&mut self, n: u32) -> Result<()> {
+        let spec = *self.spec()?;
+        let src = self.chunks.get(n as usize).map(|c| c.id);
+        if self.filled != 0 || src != Some(spec.id) {
+            return Err(Error::Protocol(format!(
+                "repeat of chunk {n} does not fit chunk {} of {}",
+                self.k,
+                self.dest.display()
+            )));
+        }
+        self.k += 1;
+        Ok(())
+    }
+
+    /// `len` bytes of zero chunks.
+    fn zeros(&mut self, mut len: u64) -> Result<()> {
+        while len > 0 {
+            let spec = *self.spec()?;
+            if self.filled != 0 || !spec.zero || spec.len as u64 > len {
+                return Err(Error::Protocol(format!(
+                    "zero run does not match the chunks of {}",
+                    self.dest.display()
+                )));
+            }
+            let id = *self.zero_ids.entry(spec.len).or_insert_with(|| {
+                let mut h = blake3::Hasher::new();
+                h.update(&ZEROS[..(spec.len as usize).min(ZEROS.len())]);
+                let mut left = (spec.len as usize).saturating_sub(ZEROS.len());
+                while left > 0 {
+                    let n = left.min(ZEROS.len());
+                    h.update(&ZEROS[..n]);
+                    left -= n;
+                }
+                h.finalize().into()
+            });
+            if id != spec.id {
+                return Err(self.mismatch(self.k, id));
+            }
+            len -= spec.len as u64;
+            self.k += 1;
+        }
+        Ok(())
+    }
+
+    /// All chunks were produced.
+    fn finish(&self) -> Result<()> {
+        if self.k != self.chunks.len() || self.filled != 0 {
+            return Err(Error::Protocol(format!(
+                "{} ended after {} of {} chunks",
+                self.dest.display(),
+                self.k,
+                self.chunks.len()
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -345,11 +468,19 @@ pub fn assemble(
     next: &mut dyn FnMut() -> Result<Fetched>,
     opts: AssembleOptions,
 ) -> Result<Staged> {
+    let listed = crate::chunk::file_hash(size, chunks);
+    if listed != *hash {
+        return Err(Error::Integrity {
+            what: format!("chunk list of {}", dest.display()),
+            expected: hash.to_hex(),
+            actual: listed.to_hex(),
+        });
+    }
     let staged = Staged::create(dest)?;
     let tmp_path = staged.display_path();
     let file = staged.file();
     let mut w = SparseWriter::new(file, &tmp_path, opts.sparse);
-    let mut hasher = blake3::Hasher::new();
+    let mut verify = Verifier::new(chunks, dest);
     let mut open: HashMap<u32, Arc<File>> = HashMap::new();
     let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut buf = Vec::new();
@@ -357,7 +488,7 @@ pub fn assemble(
     for piece in &plan.pieces {
         match *piece {
             Piece::Zero(len) => {
-                hash_zeros(&mut hasher, len);
+                verify.zeros(len)?;
                 w.zeros(len)?;
             }
             Piece::Local {
@@ -390,7 +521,7 @@ pub fn assemble(
                             }
                         }
                     })?;
-                    hasher.update(&buf);
+                    verify.feed(&buf)?;
                     w.write(&buf)?;
                     left -= step as u64;
                     off += step as u64;
@@ -415,7 +546,7 @@ pub fn assemble(
                         actual: actual.to_hex(),
                     });
                 }
-                hasher.update(&bytes);
+                verify.checked(n)?;
                 w.write(&bytes)?;
                 if plan.keep.binary_search(&n).is_ok() {
                     kept.insert(n, bytes);
@@ -425,18 +556,18 @@ pub fn assemble(
                 let bytes = kept.get(&n).ok_or_else(|| {
                     Error::Protocol(format!("repeat of chunk {n} that was not fetched"))
                 })?;
-                hasher.update(bytes);
+                verify.repeat_of(n)?;
                 w.write(bytes)?;
             }
         }
     }
     let written = w.finish()?;
-    let actual = ChunkId::from(hasher.finalize());
-    if written != size || actual != *hash {
+    verify.finish()?;
+    if written != size {
         return Err(Error::Integrity {
             what: dest.display().to_string(),
-            expected: hash.to_hex(),
-            actual: actual.to_hex(),
+            expected: format!("{size} bytes"),
+            actual: format!("{written} bytes"),
         });
     }
     if opts.fsync {

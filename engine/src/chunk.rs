@@ -157,49 +157,46 @@ pub fn cut_points(data: &[u8], p: ChunkParams) -> Vec<u32> {
 pub struct FileChunks {
     /// Total length.
     pub size: u64,
-    /// BLAKE3 of the whole content.
+    /// The file hash: [`file_hash`] of the chunk list.
     pub hash: ChunkId,
     /// The chunks in order.
     pub chunks: Vec<ChunkSpec>,
 }
 
-/// Granularity at which the fused pass feeds the whole-file hash.
-const WHOLE_BLOCK: usize = 128 * 1024;
+/// The hash of a whole file: BLAKE3 (in its key-derivation mode, so it can never equal a chunk
+/// id) over the size and every chunk's length and id. The chunk ids are BLAKE3 hashes of the
+/// chunks, so this commits to the whole content exactly like a hash of the bytes would, while
+/// costing nothing beyond the chunk hashes: a receiver that checks every chunk against its id
+/// and the chunk list against this hash has checked every byte once.
+pub fn file_hash(size: u64, chunks: &[ChunkSpec]) -> ChunkId {
+    let mut h = blake3::Hasher::new_derive_key("hop 2026 file hash v1");
+    h.update(&size.to_le_bytes());
+    for c in chunks {
+        h.update(&c.len.to_le_bytes());
+        h.update(&c.id.0);
+    }
+    h.finalize().into()
+}
 
-/// Cut `data` into chunks and hash each chunk and the whole.
+/// Cut `data` into chunks and hash each chunk.
 ///
-/// Below two segments this is one fused pass: each chunk is cut, hashed, checked for zeros and
-/// fed to the whole-file hash while it is still in cache. Larger buffers are cut in parallel and
-/// hashed on all cores, the whole-file hash beside the chunk hashes.
+/// Below two segments this is one pass: each chunk is cut, hashed and checked for zeros while
+/// it is still in cache. Larger buffers are cut in parallel and hashed on all cores.
 pub fn chunk_bytes(data: &[u8], p: ChunkParams) -> FileChunks {
-    if data.len() < 2 * SEGMENT {
-        let mut whole = blake3::Hasher::new();
-        let mut chunks = Vec::with_capacity(data.len() / p.avg as usize + 1);
-        // The whole-file hash is fed in blocks of at least WHOLE_BLOCK bytes (BLAKE3's SIMD
-        // wants long inputs), each right after its chunks were hashed, while still in cache.
-        let mut fed = 0usize;
-        if !data.is_empty() {
-            for c in FastCDC::new(data, p.min, p.avg, p.max) {
+    let chunks = if data.is_empty() {
+        Vec::new()
+    } else if data.len() < 2 * SEGMENT {
+        FastCDC::new(data, p.min, p.avg, p.max)
+            .map(|c| {
                 let bytes = &data[c.offset..c.offset + c.length];
-                let end = c.offset + c.length;
-                if end - fed >= WHOLE_BLOCK || end == data.len() {
-                    whole.update(&data[fed..end]);
-                    fed = end;
-                }
-                chunks.push(ChunkSpec {
+                ChunkSpec {
                     len: c.length as u32,
                     id: ChunkId::of(bytes),
                     zero: is_zero(bytes),
-                });
-            }
-        }
-        return FileChunks {
-            size: data.len() as u64,
-            hash: whole.finalize().into(),
-            chunks,
-        };
-    }
-    let hash_chunks = || -> Vec<ChunkSpec> {
+                }
+            })
+            .collect()
+    } else {
         let lens = cut_points(data, p);
         let mut offs = Vec::with_capacity(lens.len());
         let mut o = 0usize;
@@ -219,14 +216,9 @@ pub fn chunk_bytes(data: &[u8], p: ChunkParams) -> FileChunks {
             })
             .collect()
     };
-    let (chunks, hash) = rayon::join(hash_chunks, || {
-        let mut h = blake3::Hasher::new();
-        h.update_rayon(data);
-        ChunkId::from(h.finalize())
-    });
     FileChunks {
         size: data.len() as u64,
-        hash,
+        hash: file_hash(data.len() as u64, &chunks),
         chunks,
     }
 }
@@ -310,7 +302,7 @@ mod tests {
         for c in &fc.chunks[..n - 1] {
             assert!(c.len >= p.min && c.len <= p.max, "chunk of {}", c.len);
         }
-        assert_eq!(fc.hash, ChunkId::of(&data));
+        assert_eq!(fc.hash, file_hash(data.len() as u64, &fc.chunks));
     }
 
     /// Pin the cut points of a fixed input: a dependency bump must not silently change chunking

@@ -165,7 +165,7 @@ struct CacheFile {
     entries: Vec<CacheEntry>,
 }
 
-const CACHE_MAGIC: [u8; 8] = *b"HOPIDX01";
+const CACHE_MAGIC: [u8; 8] = *b"HOPIDX02";
 
 /// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
 /// file's size, mtime, ctime and inode are unchanged.

@@ -25,7 +25,6 @@ pub struct SenderOptions {
     pub cache: Option<PathBuf>,
 }
 
-
 /// The sending half of a sync.
 pub struct Sender {
     root: PathBuf,

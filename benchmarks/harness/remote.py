@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""hop over QUIC against rsync (daemon and over ssh) between two network namespaces.
+
+Run through scripts/bench-remote.sh, which builds hop and sets up the namespaces. Each repetition
+does, for every tool in alternating order: a fresh copy of the tree to an empty destination;
+then the tree is edited (gen-tree.py edit: 1% of 4 KiB pages rewritten plus insertions) and
+every tool syncs the edit onto its copy. Wall time is measured around the client command; bytes
+on the wire are the receiver namespace's veth counters (both directions), not the tools' own
+figures. Prints medians (min-max) and ratios against rsync over ssh; writes JSON and Markdown.
+"""
+import argparse, json, os, shutil, statistics, subprocess, sys, time
+
+NS_A, NS_B = "hb-a", "hb-b"
+SERVER = "10.77.0.2"
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def in_a(*args):
+    return ["ip", "netns", "exec", NS_A, *args]
+
+
+def in_b(*args):
+    return ["ip", "netns", "exec", NS_B, *args]
+
+
+def wire_bytes(netns_sh):
+    return int(subprocess.check_output([netns_sh, "bytes", "hb"]).decode().strip())
+
+
+class Bench:
+    def __init__(self, a):
+        self.a = a
+        self.w = a.work
+        self.repo = a.repo
+        self.hop = os.path.join(self.repo, "target/release/hop")
+        self.netns = os.path.join(self.repo, "scripts/netns.sh")
+        self.procs = []
+
+    # --- servers -------------------------------------------------------------------------
+    def start(self, argv, **kw):
+        p = subprocess.Popen(argv, **kw)
+        self.procs.append(p)
+        return p
+
+    def setup(self):
+        w = self.w
+        for d in ["dst-hop", "dst-rsd", "dst-ssh", "keys"]:
+            os.makedirs(os.path.join(w, d), exist_ok=True)
+        k = os.path.join(w, "keys")
+        # hop identities
+        srv_fp = subprocess.check_output([self.hop, "keygen", "--out", f"{k}/hop-srv"]).decode().strip()
+        cli_fp = subprocess.check_output([self.hop, "keygen", "--out", f"{k}/hop-cli"]).decode().strip()
+        open(f"{k}/authorized_keys", "w").write(cli_fp + "\n")
+        open(f"{k}/known_hosts", "w").write(f"{SERVER}:7420 {srv_fp}\n")
+        serve = self.start(in_b(self.hop, "serve", "--listen", f"{SERVER}:7420", "--root", f"{w}/dst-hop",
+                                "--identity", f"{k}/hop-srv", "--authorized-keys", f"{k}/authorized_keys"),
+                           stdout=subprocess.PIPE, stderr=open(f"{w}/serve.log", "w"))
+        line = serve.stdout.readline().decode()
+        if "listening" not in line:
+            sys.exit("hop serve did not start: " + open(f"{w}/serve.log").read())
+        # rsync daemon
+        open(f"{w}/rsyncd.conf", "w").write(
+            f"pid file = {w}/rsyncd.pid\n[bench]\npath = {w}/dst-rsd\nuse chroot = yes\nread only = false\nuid = root\ngid = root\n")
+        self.start(in_b("rsync", "--daemon", "--no-detach", f"--config={w}/rsyncd.conf", "--port=8730",
+                        f"--address={SERVER}"), stderr=subprocess.DEVNULL)
+        # sshd
+        os.makedirs("/run/sshd", exist_ok=True)
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{k}/ssh_host", stdout=subprocess.DEVNULL)
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{k}/ssh_cli", stdout=subprocess.DEVNULL)
+        shutil.copy(f"{k}/ssh_cli.pub", f"{k}/ssh_authorized")
+        open(f"{w}/sshd_config", "w").write(
+            f"ListenAddress {SERVER}\nPort 22\nHostKey {k}/ssh_host\nAuthorizedKeysFile {k}/ssh_authorized\n"
+            f"PermitRootLogin yes\nPasswordAuthentication no\nUsePAM no\nPidFile {w}/sshd.pid\n"
+            "StrictModes no\nSubsystem sftp internal-sftp\n")
+        self.start(in_b("/usr/sbin/sshd", "-D", "-e", "-f", f"{w}/sshd_config"), stderr=open(f"{w}/sshd.log", "w"))
+        self.ssh = (f"ssh -i {k}/ssh_cli -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                    f"-o BatchMode=yes -o LogLevel=ERROR -c aes128-gcm@openssh.com")
+        time.sleep(1.0)
+        # Wait until everything answers.
+        for _ in range(50):
+            ok = subprocess.run(in_a("rsync", f"rsync://{SERVER}:8730/bench/"), capture_output=True).returncode == 0
+            ok = ok and subprocess.run(in_a(*self.ssh.split(), f"root@{SERVER}", "true"), capture_output=True).returncode == 0
+            if ok:
+                return
+            time.sleep(0.2)
+        sys.exit("rsync daemon or sshd did not start; see " + w)
+
+    def stop(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    # --- tools ---------------------------------------------------------------------------
+    def tools(self):
+        k, w, src = f"{self.w}/keys", self.w, f"{self.w}/src/"
+        hop = [self.hop, "sync", "-a", "-q", "--identity", f"{k}/hop-cli", "--known-hosts", f"{k}/known_hosts"]
+        # Each tool syncs into a destination of its own.
+        t = {
+            "hop": (in_a(*hop, src, f"quic://{SERVER}:7420/hop"), f"{w}/dst-hop/hop"),
+            "hop-zstd": (in_a(*hop, "--compress", "zstd:1", src, f"quic://{SERVER}:7420/hop-zstd"),
+                         f"{w}/dst-hop/hop-zstd"),
+            "rsync-ssh": (in_a("rsync", "-a", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/plain"),
+                          f"{w}/dst-ssh/plain"),
+            "rsync-ssh-z": (in_a("rsync", "-az", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/z"),
+                            f"{w}/dst-ssh/z"),
+            "rsyncd": (in_a("rsync", "-a", src, f"rsync://{SERVER}:8730/bench/t"), f"{w}/dst-rsd/t"),
+        }
+        return {name: t[name] for name in self.a.tools}
+
+    def run(self, name, argv):
+        b0 = wire_bytes(self.netns)
+        t0 = time.monotonic()
+        r = subprocess.run(argv, capture_output=True)
+        dt = time.monotonic() - t0
+        if r.returncode != 0:
+            sys.exit(f"{name} failed ({r.returncode}): {' '.join(argv)}\n{r.stderr.decode()}")
+        return {"s": dt, "wire": wire_bytes(self.netns) - b0}
+
+    def verify(self, dest):
+        r = subprocess.run(["diff", "-r", "--no-dereference", f"{self.w}/src", dest], capture_output=True)
+        if r.returncode != 0:
+            sys.exit(f"{dest} differs from the source:\n{r.stdout.decode()[:2000]}")
+
+    def main(self):
+        self.setup()
+        tools = self.tools()
+        names = list(tools)
+        res = {n: {"fresh": [], "delta": []} for n in names}
+        cache = os.path.expanduser("~/.cache/hop")
+        try:
+            for rep in range(self.a.reps):
+                order = names if rep % 2 == 0 else names[::-1]
+                for n in order:
+                    argv, dest = tools[n]
+                    shutil.rmtree(dest, ignore_errors=True)
+                    for f in (os.listdir(cache) if os.path.isdir(cache) else []):
+                        if f.startswith("src-"):  # the sender starts cold, like rsync
+                            os.remove(os.path.join(cache, f))
+                    res[n]["fresh"].append(self.run(n, argv))
+                    self.verify(dest)
+                # Every tool's copy now holds the current tree: edit it, sync the edit.
+                sh("python3", f"{self.repo}/scripts/gen-tree.py", "edit", f"{self.w}/src",
+                   "--seed", str(100 + rep), stdout=subprocess.DEVNULL)
+                for n in order:
+                    argv, dest = tools[n]
+                    res[n]["delta"].append(self.run(n, argv))
+                    self.verify(dest)
+                print(f"repetition {rep + 1}/{self.a.reps} done", file=sys.stderr)
+        finally:
+            self.stop()
+        return res
+
+
+def summarize(res, names, base):
+    med = lambda xs: statistics.median(xs)
+    out = {}
+    for n in names:
+        out[n] = {}
+        for phase in ["fresh", "delta"]:
+            runs = [r for r in res[n][phase] if r]
+            out[n][phase] = {
+                "s_median": med([r["s"] for r in runs]), "s_min": min(r["s"] for r in runs),
+                "s_max": max(r["s"] for r in runs), "wire_median": med([r["wire"] for r in runs]),
+                "runs": runs}
+    lines = [f"| tool | phase | wall s median (min-max) | wire MB median | time vs {base} | wire vs {base} |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for phase in ["fresh", "delta"]:
+        for n in names:
+            o, b = out[n][phase], out[base][phase] if base in out else None
+            rt = f"{b['s_median'] / o['s_median']:.2f}x faster" if b else "-"
+            rw = f"{o['wire_median'] / b['wire_median']:.3f}" if b else "-"
+            lines.append(f"| {n} | {phase} | {o['s_median']:.2f} ({o['s_min']:.2f}-{o['s_max']:.2f}) | "
+                         f"{o['wire_median'] / 1e6:.1f} | {rt} | {rw} |")
+    return out, "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--tools", nargs="+", default=["hop", "hop-zstd", "rsync-ssh", "rsync-ssh-z", "rsyncd"])
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    res = Bench(a).main()
+    out, table = summarize(res, a.tools, "rsync-ssh")
+    os.makedirs(a.out, exist_ok=True)
+    json.dump(out, open(os.path.join(a.out, "remote.json"), "w"), indent=1)
+    open(os.path.join(a.out, "remote.md"), "w").write(table + "\n")
+    print(table)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Two "hosts" as network namespaces joined by a veth pair, for benchmarks and tests.
+#
+#   scripts/netns.sh up   [PREFIX]    create PREFIX-a (10.77.0.1) and PREFIX-b (10.77.0.2)
+#   scripts/netns.sh down [PREFIX]    remove them
+#   scripts/netns.sh bytes [PREFIX]   bytes received+sent by PREFIX-b's interface so far
+#
+# Traffic never leaves the two namespaces. PREFIX defaults to "hop". Needs root.
+set -euo pipefail
+cmd=${1:?usage: netns.sh up|down|bytes [PREFIX]}
+P=${2:-hop}
+A=$P-a B=$P-b
+case "$cmd" in
+up)
+    "$0" down "$P" 2>/dev/null || true
+    ip netns add "$A"
+    ip netns add "$B"
+    ip link add "$P-va" netns "$A" type veth peer name "$P-vb" netns "$B"
+    ip -n "$A" addr add 10.77.0.1/24 dev "$P-va"
+    ip -n "$B" addr add 10.77.0.2/24 dev "$P-vb"
+    for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
+    ip -n "$A" link set "$P-va" up
+    ip -n "$B" link set "$P-vb" up
+    ;;
+down)
+    ip netns del "$A" 2>/dev/null || true
+    ip netns del "$B" 2>/dev/null || true
+    ;;
+bytes)
+    d=/sys/class/net/$P-vb/statistics
+    ip netns exec "$B" sh -c "echo \$(( \$(cat $d/rx_bytes) + \$(cat $d/tx_bytes) ))"
+    ;;
+*) echo "unknown command $cmd" >&2; exit 2 ;;
+esac
