@@ -318,8 +318,59 @@ impl Staged {
     }
 }
 
-/// A fetched chunk: its number in the file and its (decoded) bytes.
-pub type Fetched = (u32, Vec<u8>);
+/// A fetched chunk as it came: its number in the file, the payload's encoding and the payload.
+pub type Fetched = (u32, crate::protocol::Codec, Vec<u8>);
+
+/// Read up to `len` bytes of index file `file` at `offset` (fewer at its end).
+pub fn read_base(files: &FileTable<'_>, file: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let f = files.open(file)?;
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    op: "read",
+                    path: files.index.files[file as usize].path.clone(),
+                    source: e,
+                })
+            }
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Turn a payload into the chunk's `len` bytes; patches are applied to `base`.
+fn decode(
+    codec: crate::protocol::Codec,
+    bytes: Vec<u8>,
+    len: usize,
+    base: Option<(u32, u64)>,
+    files: &FileTable<'_>,
+) -> Result<Vec<u8>> {
+    use crate::protocol::Codec;
+    match codec {
+        Codec::Raw | Codec::Zstd => crate::sender::decode_payload(codec, bytes, len),
+        Codec::Patch | Codec::PatchZstd => {
+            let Some((file, offset)) = base else {
+                return Err(Error::Protocol("a patch for a chunk without a base".into()));
+            };
+            let patch = if codec == Codec::PatchZstd {
+                let cap = len + len.div_ceil(crate::delta::BLOCK * 8);
+                zstd::bulk::decompress(&bytes, cap)
+                    .map_err(|e| Error::Compression(format!("patch does not decompress: {e}")))?
+            } else {
+                bytes
+            };
+            let base = read_base(files, file, offset, len)?;
+            crate::delta::apply(&base, &patch, len)
+        }
+    }
+}
 
 /// Checks a file's output chunk by chunk against the manifest, so that every byte is hashed
 /// exactly once: bytes copied from local files are hashed here, fetched chunks were checked on
@@ -481,6 +532,7 @@ pub fn assemble(
     let file = staged.file();
     let mut w = SparseWriter::new(file, &tmp_path, opts.sparse);
     let mut verify = Verifier::new(chunks, dest);
+    let mut fetched = 0usize;
     let mut open: HashMap<u32, Arc<File>> = HashMap::new();
     let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
     let mut buf = Vec::new();
@@ -528,7 +580,7 @@ pub fn assemble(
                 }
             }
             Piece::Fetch(n) => {
-                let (got, bytes) = next()?;
+                let (got, codec, payload) = next()?;
                 if got != n {
                     return Err(Error::Protocol(format!(
                         "expected chunk {n} of {}, got chunk {got}",
@@ -538,6 +590,9 @@ pub fn assemble(
                 let spec = chunks
                     .get(n as usize)
                     .ok_or_else(|| Error::Protocol(format!("chunk {n} out of range")))?;
+                let base = plan.bases.get(fetched).copied().flatten();
+                fetched += 1;
+                let bytes = decode(codec, payload, spec.len as usize, base, files)?;
                 let actual = ChunkId::of(&bytes);
                 if bytes.len() != spec.len as usize || actual != spec.id {
                     return Err(Error::Integrity {
@@ -596,7 +651,11 @@ mod tests {
         let mut next = || {
             let n = fetch.next().unwrap();
             let o = offs[n as usize] as usize;
-            Ok((n, new[o..o + fc.chunks[n as usize].len as usize].to_vec()))
+            Ok((
+                n,
+                crate::protocol::Codec::Raw,
+                new[o..o + fc.chunks[n as usize].len as usize].to_vec(),
+            ))
         };
         let table = FileTable::new(&idx);
         let dest = d.path().join("new");
@@ -656,7 +715,13 @@ mod tests {
         let dest = d.path().join("f");
         std::fs::write(&dest, b"old content").unwrap();
         let table = FileTable::new(&idx);
-        let mut next = || Ok((0u32, vec![0xAA; fc.chunks[0].len as usize]));
+        let mut next = || {
+            Ok((
+                0u32,
+                crate::protocol::Codec::Raw,
+                vec![0xAA; fc.chunks[0].len as usize],
+            ))
+        };
         let r = assemble(
             &dest,
             fc.size,

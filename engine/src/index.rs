@@ -23,7 +23,7 @@ impl Hasher for IdHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        // Hash impls of [u8; 32] write the bytes once; keep the last 8 seen.
+        // Hash impls of a ChunkId write its bytes once: keep 8 of them (they are uniform).
         let mut b = [0u8; 8];
         let n = bytes.len().min(8);
         b[..n].copy_from_slice(&bytes[..n]);
@@ -165,7 +165,7 @@ struct CacheFile {
     entries: Vec<CacheEntry>,
 }
 
-const CACHE_MAGIC: [u8; 8] = *b"HOPIDX02";
+const CACHE_MAGIC: [u8; 8] = *b"HOPIDX03";
 
 /// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
 /// file's size, mtime, ctime and inode are unchanged.

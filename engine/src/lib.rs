@@ -11,6 +11,7 @@
 
 pub mod assemble;
 pub mod chunk;
+pub mod delta;
 pub mod error;
 pub mod id;
 pub mod index;

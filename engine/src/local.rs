@@ -4,12 +4,11 @@
 
 use crate::assemble::Fetched;
 use crate::error::{Error, Result};
-use crate::manifest::{Entry, EntryKind};
 use crate::protocol::{self, Frame};
-use crate::receiver::{ChunkSource, Receiver, ReceiverOptions};
+use crate::receiver::{ChunkSource, Receiver, ReceiverOptions, Request};
 use crate::report::{Progress, Report};
 use crate::scan::Filter;
-use crate::sender::{decode_payload, Sender, SenderOptions};
+use crate::sender::{Sender, SenderOptions};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -33,7 +32,6 @@ impl Wire<'_> {
 
 struct LocalSource<'a> {
     sender: &'a Sender,
-    manifest: &'a [Entry],
     wire: &'a Wire<'a>,
 }
 
@@ -41,38 +39,33 @@ impl ChunkSource for LocalSource<'_> {
     fn fetch(
         &self,
         _lane: usize,
-        entry: u32,
-        want: &[u32],
+        req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()> {
-        let Frame::Want { entry, runs } = self.wire.pass(&Frame::Want {
-            entry,
-            runs: protocol::to_runs(want),
+        let Frame::Want { entry, runs, hints } = self.wire.pass(&Frame::Want {
+            entry: req.entry,
+            runs: protocol::to_runs(&req.want),
+            hints: req.hints.clone(),
         })?
         else {
             return Err(Error::Protocol("want frame changed in transit".into()));
         };
-        let want = protocol::from_runs(&runs, want.len())?;
-        let EntryKind::File { chunks, .. } = &self.manifest[entry as usize].kind else {
-            return Err(Error::Protocol(format!("entry {entry} is not a file")));
-        };
-        self.sender
-            .serve(entry, &want, &mut |frame| match self.wire.pass(&frame)? {
+        let want = protocol::from_runs(&runs, req.want.len())?;
+        self.sender.serve(
+            entry,
+            &want,
+            &hints,
+            &mut |frame| match self.wire.pass(&frame)? {
                 Frame::Data {
                     chunk,
                     codec,
                     bytes,
                     ..
-                } => {
-                    let len = chunks
-                        .get(chunk as usize)
-                        .ok_or_else(|| Error::Protocol(format!("chunk {chunk} out of range")))?
-                        .len as usize;
-                    sink((chunk, decode_payload(codec, bytes, len)?))
-                }
+                } => sink((chunk, codec, bytes)),
                 Frame::Failed { reason, .. } => Err(Error::Protocol(format!("sender: {reason}"))),
                 other => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
-            })
+            },
+        )
     }
 }
 
@@ -121,7 +114,6 @@ pub fn sync_local(
     );
     let source = LocalSource {
         sender: &sender,
-        manifest: &manifest,
         wire: &wire,
     };
     let mut report = receiver.apply(&manifest, &plan, &source, progress);

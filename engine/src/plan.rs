@@ -60,6 +60,9 @@ pub struct FilePlan {
     pub fetch: Vec<u32>,
     /// Chunk numbers that are fetched once and used again later in the file: keep their bytes.
     pub keep: Vec<u32>,
+    /// For each chunk of `fetch`, the local bytes it most likely is an edit of: index file and
+    /// offset, aligned on the nearest chunk held locally (see [`crate::delta`]).
+    pub bases: Vec<Option<(u32, u64)>>,
     /// Bytes to be sent.
     pub literal: u64,
     /// Bytes the receiver supplies from its own data (local copies and holes).
@@ -143,7 +146,44 @@ pub fn plan_file(chunks: &[crate::manifest::ChunkSpec], index: &ChunkIndex) -> F
     keep.sort_unstable();
     keep.dedup();
     fp.keep = keep;
+    fp.bases = bases(&fp.pieces, chunks);
     fp
+}
+
+/// Guess the base of every fetched chunk: the same distance from the nearest local run before
+/// it (or, failing that, after it) in the old data as in the new.
+fn bases(pieces: &[Piece], chunks: &[crate::manifest::ChunkSpec]) -> Vec<Option<(u32, u64)>> {
+    // (new offset, file, old offset) of each local run.
+    let mut anchors: Vec<(u64, u32, u64)> = Vec::new();
+    let mut fetches: Vec<u64> = Vec::new();
+    let mut at = 0u64;
+    for p in pieces {
+        match *p {
+            Piece::Zero(len) => at += len,
+            Piece::Local { file, offset, len } => {
+                anchors.push((at, file, offset));
+                at += len;
+            }
+            Piece::Fetch(n) => {
+                fetches.push(at);
+                at += chunks[n as usize].len as u64;
+            }
+            Piece::Repeat(n) => at += chunks[n as usize].len as u64,
+        }
+    }
+    fetches
+        .into_iter()
+        .map(|x| {
+            let i = anchors.partition_point(|a| a.0 <= x);
+            if i > 0 {
+                let (new, file, old) = anchors[i - 1];
+                Some((file, old + (x - new)))
+            } else {
+                let &(new, file, old) = anchors.first()?;
+                old.checked_sub(new - x).map(|o| (file, o))
+            }
+        })
+        .collect()
 }
 
 /// Plan a whole sync. `dest` maps the destination's paths to what is there now; `protected`

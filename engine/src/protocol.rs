@@ -61,6 +61,10 @@ pub enum Codec {
     Raw,
     /// A zstd frame that decompresses to exactly the chunk's length.
     Zstd,
+    /// A [`crate::delta`] patch against the base the receiver hinted.
+    Patch,
+    /// A zstd frame that decompresses to such a patch.
+    PatchZstd,
 }
 
 /// Everything that travels between the two halves.
@@ -76,6 +80,9 @@ pub enum Frame {
         entry: u32,
         /// Chunk numbers.
         runs: Vec<Run>,
+        /// Empty, or one entry per wanted chunk: the block hashes of the local data the chunk is
+        /// probably an edit of (empty when there is none), for [`Codec::Patch`] answers.
+        hints: Vec<Vec<crate::delta::BlockHash>>,
     },
     /// One chunk's payload.
     Data {
@@ -239,6 +246,7 @@ mod tests {
             Frame::Want {
                 entry: 1,
                 runs: to_runs(&[1, 2, 3, 7]),
+                hints: vec![vec![[1, 2, 3, 4]], vec![], vec![], vec![]],
             },
             Frame::Data {
                 entry: 1,

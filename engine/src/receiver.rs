@@ -12,6 +12,7 @@ use crate::path::RelPath;
 use crate::plan::{plan, plan_file, Action, DestEntry, DestKind, Plan};
 use crate::report::{Change, ChangeKind, Progress, Report};
 use crate::scan::{scan, ScanKind};
+use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -66,19 +67,58 @@ pub trait ChunkSource: Sync {
         rayon::current_num_threads().max(1)
     }
 
-    /// The fetches lane `lane` will make, in order: `(entry, want)`. A lane may still skip an
-    /// announced fetch or make one it did not announce (a retry).
-    fn announce(&self, _lane: usize, _fetches: Vec<(u32, Vec<u32>)>) {}
+    /// The requests lane `lane` will make, in order. A lane may still skip an announced request
+    /// or make one it did not announce (a retry).
+    fn announce(&self, _lane: usize, _requests: Vec<Request>) {}
 
-    /// Deliver chunks `want` of manifest entry `entry`, in order, through `sink`. If `sink`
-    /// fails, the remaining chunks are discarded and its error returned.
+    /// Deliver the chunks of `req`, in order, through `sink`. If `sink` fails, the remaining
+    /// chunks are discarded and its error returned.
     fn fetch(
         &self,
         lane: usize,
-        entry: u32,
-        want: &[u32],
+        req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()>;
+}
+
+/// The chunks one file needs from the sender.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Manifest entry number.
+    pub entry: u32,
+    /// Chunk numbers, in file order.
+    pub want: Vec<u32>,
+    /// Empty, or per wanted chunk the block hashes of its probable base (see [`crate::delta`]).
+    pub hints: Vec<Vec<crate::delta::BlockHash>>,
+}
+
+/// The request for a file's fetches, with delta hints read from each chunk's base.
+fn request(
+    entry: u32,
+    chunks: &[crate::manifest::ChunkSpec],
+    fp: &crate::plan::FilePlan,
+    table: &FileTable<'_>,
+) -> Request {
+    let mut hints = Vec::with_capacity(fp.fetch.len());
+    let mut any = false;
+    for (&n, base) in fp.fetch.iter().zip(&fp.bases) {
+        let h = base
+            .and_then(|(f, off)| {
+                crate::assemble::read_base(table, f, off, chunks[n as usize].len as usize).ok()
+            })
+            .map(|b| crate::delta::hint(&b))
+            .unwrap_or_default();
+        any |= !h.is_empty();
+        hints.push(h);
+    }
+    if !any {
+        hints.clear();
+    }
+    Request {
+        entry,
+        want: fp.fetch.clone(),
+        hints,
+    }
 }
 
 /// Split file writes into `n` lanes of about equal cost (largest first onto the least loaded
@@ -366,24 +406,31 @@ impl Receiver {
                 .map(|(w, &(_, e, fp))| (w, fp.literal + e.size() / 16 + 4096))
                 .collect();
             let lanes = assign_lanes(&costed, source.lanes());
+            // Requests (with delta hints read from local data, in parallel), by write.
+            let requests: Vec<Option<Request>> = writes
+                .par_iter()
+                .map(|&(i, e, fp)| match &e.kind {
+                    EntryKind::File { chunks, .. } if !fp.fetch.is_empty() => {
+                        Some(request(i as u32, chunks, fp, &table))
+                    }
+                    _ => None,
+                })
+                .collect();
             for (k, lane) in lanes.iter().enumerate() {
-                let fetches = lane
-                    .iter()
-                    .map(|&w| writes[w])
-                    .filter(|(_, _, fp)| !fp.fetch.is_empty())
-                    .map(|(i, _, fp)| (i as u32, fp.fetch.clone()))
-                    .collect();
-                source.announce(k, fetches);
+                let reqs = lane.iter().filter_map(|&w| requests[w].clone()).collect();
+                source.announce(k, reqs);
             }
             std::thread::scope(|s| {
                 for (k, lane) in lanes.iter().enumerate() {
-                    let (writes, results, table) = (&writes, &results, &table);
+                    let (writes, results, table, requests) = (&writes, &results, &table, &requests);
                     let this = &self;
                     s.spawn(move || {
                         for &w in lane {
                             let (i, e, fp) = writes[w];
-                            let r =
-                                this.write_file(k, i as u32, e, fp, table, source, owner, progress);
+                            let req = requests[w].as_ref();
+                            let r = this.write_file(
+                                k, i as u32, e, fp, req, table, source, owner, progress,
+                            );
                             results
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -541,6 +588,7 @@ impl Receiver {
         i: u32,
         e: &Entry,
         fp: &crate::plan::FilePlan,
+        req: Option<&Request>,
         table: &FileTable<'_>,
         source: &dyn ChunkSource,
         owner: Apply,
@@ -554,13 +602,27 @@ impl Receiver {
             sparse: self.opts.sparse,
             fsync: self.opts.fsync,
         };
-        let attempt = |fp: &crate::plan::FilePlan| -> Result<crate::assemble::Staged> {
+        let attempt = |fp: &crate::plan::FilePlan,
+                       req: Option<&Request>|
+         -> Result<crate::assemble::Staged> {
+            let fallback;
+            let req = match req {
+                Some(r) => r,
+                None => {
+                    fallback = Request {
+                        entry: i,
+                        want: fp.fetch.clone(),
+                        hints: Vec::new(),
+                    };
+                    &fallback
+                }
+            };
             if fp.literal <= INLINE_FETCH {
                 // Little to fetch: get it first, then assemble.
                 let mut got = std::collections::VecDeque::with_capacity(fp.fetch.len());
                 if !fp.fetch.is_empty() {
-                    source.fetch(lane, i, &fp.fetch, &mut |f| {
-                        Progress::add(&progress.bytes_literal, f.1.len() as u64);
+                    source.fetch(lane, req, &mut |f| {
+                        Progress::add(&progress.bytes_literal, f.2.len() as u64);
                         got.push_back(f);
                         Ok(())
                     })?;
@@ -574,11 +636,10 @@ impl Receiver {
             // Much to fetch: stream it through a bounded channel so the sender never runs far
             // ahead of the writer.
             let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Fetched>>(64);
-            let want = fp.fetch.clone();
             std::thread::scope(|s| {
                 s.spawn(move || {
-                    let r = source.fetch(lane, i, &want, &mut |f| {
-                        Progress::add(&progress.bytes_literal, f.1.len() as u64);
+                    let r = source.fetch(lane, req, &mut |f| {
+                        Progress::add(&progress.bytes_literal, f.2.len() as u64);
                         tx.send(Ok(f))
                             .map_err(|_| Error::Protocol("receiver gave up".into()))
                     });
@@ -595,7 +656,7 @@ impl Receiver {
                 r
             })
         };
-        let (tmp, sent) = match attempt(fp) {
+        let (tmp, sent) = match attempt(fp, req) {
             Ok(t) => (t, fp.literal),
             Err(Error::Integrity { .. }) if fp.literal < *size => {
                 // Local data was not what the index said (changed behind our back): fetch it all.
@@ -604,7 +665,7 @@ impl Receiver {
                     abs.display()
                 );
                 let full = plan_file(chunks, &ChunkIndex::default());
-                (attempt(&full)?, full.literal)
+                (attempt(&full, None)?, full.literal)
             }
             Err(err) => return Err(err),
         };

@@ -126,12 +126,14 @@ impl Sender {
     }
 
     /// Supply chunks `want` of manifest entry `entry`, in that order, as `Data` frames passed to
-    /// `emit`. If the file can no longer be read as chunked, one `Failed` frame is emitted instead
-    /// of the remaining data.
+    /// `emit`; where `hints` describes a base for a chunk and a patch against it is smaller, the
+    /// patch is sent (see [`crate::delta`]). If the file can no longer be read as chunked, one
+    /// `Failed` frame is emitted instead of the remaining data.
     pub fn serve(
         &self,
         entry: u32,
         want: &[u32],
+        hints: &[Vec<crate::delta::BlockHash>],
         emit: &mut dyn FnMut(Frame) -> Result<()>,
     ) -> Result<()> {
         let e = self
@@ -153,7 +155,7 @@ impl Sender {
         };
         let offsets = &self.offsets[entry as usize];
         let mut buf = Vec::new();
-        for &n in want {
+        for (k, &n) in want.iter().enumerate() {
             let spec = chunks
                 .get(n as usize)
                 .ok_or_else(|| Error::Protocol(format!("entry {entry} has no chunk {n}")))?;
@@ -166,7 +168,17 @@ impl Sender {
                 };
                 return emit(Frame::Failed { entry, reason });
             }
-            let (codec, bytes) = encode_payload(&buf, self.opts.compress);
+            let patch = hints
+                .get(k)
+                .filter(|h| !h.is_empty())
+                .and_then(|h| crate::delta::encode(&buf, h, buf.len() * 3 / 4));
+            let (codec, bytes) = match patch {
+                Some(p) => match encode_payload(&p, self.opts.compress) {
+                    (Codec::Zstd, z) => (Codec::PatchZstd, z),
+                    (_, p) => (Codec::Patch, p),
+                },
+                None => encode_payload(&buf, self.opts.compress),
+            };
             emit(Frame::Data {
                 entry,
                 chunk: n,
@@ -221,6 +233,11 @@ pub fn decode_payload(codec: Codec, bytes: Vec<u8>, len: usize) -> Result<Vec<u8
         Codec::Zstd => zstd::bulk::decompress(&bytes, len).map_err(|e| {
             Error::Compression(format!("chunk does not decompress within {len} bytes: {e}"))
         })?,
+        Codec::Patch | Codec::PatchZstd => {
+            return Err(Error::Protocol(
+                "a patch needs its base to be decoded".into(),
+            ))
+        }
     };
     if out.len() != len {
         return Err(Error::Protocol(format!(

@@ -28,12 +28,13 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     sender: Arc<Sender>,
 ) -> Result<()> {
-    let (want_tx, mut want_rx) = mpsc::channel::<(u32, Vec<u32>)>(256);
+    type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>);
+    let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
-        while let Some((entry, want)) = want_rx.blocking_recv() {
-            worker_sender.serve(entry, &want, &mut |frame| {
+        while let Some((entry, want, hints)) = want_rx.blocking_recv() {
+            worker_sender.serve(entry, &want, &hints, &mut |frame| {
                 let buf = protocol::encode_vec(&frame)?;
                 out_tx
                     .blocking_send(buf)
@@ -44,24 +45,35 @@ async fn serve_stream(
     });
     let reader = async move {
         while let Some(frame) = read_msg::<Frame>(&mut recv).await? {
-            let Frame::Want { entry, runs } = frame else {
+            let Frame::Want { entry, runs, hints } = frame else {
                 return Err(Error::Protocol(format!(
                     "expected a want-list, got {frame:?}"
                 )));
             };
-            let n = match sender.manifest().get(entry as usize).map(|e| &e.kind) {
-                Some(EntryKind::File { chunks, .. }) => chunks.len(),
+            let chunks = match sender.manifest().get(entry as usize).map(|e| &e.kind) {
+                Some(EntryKind::File { chunks, .. }) => chunks,
                 _ => {
                     return Err(Error::Protocol(format!(
                         "want-list for entry {entry}, not a file"
                     )))
                 }
             };
-            let want = protocol::from_runs(&runs, n)?;
-            if want.iter().any(|&c| c as usize >= n) {
+            let want = protocol::from_runs(&runs, chunks.len())?;
+            if want.iter().any(|&c| c as usize >= chunks.len()) {
                 return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
             }
-            if want_tx.send((entry, want)).await.is_err() {
+            // Hints: none, or one per wanted chunk, each no longer than the chunk's blocks.
+            let hints_fit = hints.is_empty()
+                || (hints.len() == want.len()
+                    && want.iter().zip(&hints).all(|(&c, h)| {
+                        h.len() <= (chunks[c as usize].len as usize).div_ceil(crate::delta::BLOCK)
+                    }));
+            if !hints_fit {
+                return Err(Error::Protocol(format!(
+                    "bad delta hints for entry {entry}"
+                )));
+            }
+            if want_tx.send((entry, want, hints)).await.is_err() {
                 break;
             }
         }

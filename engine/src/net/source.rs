@@ -11,8 +11,7 @@ use crate::assemble::Fetched;
 use crate::error::{Error, Result};
 use crate::manifest::{Entry, EntryKind};
 use crate::protocol::{self, Frame};
-use crate::receiver::ChunkSource;
-use crate::sender::decode_payload;
+use crate::receiver::{ChunkSource, Request};
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use tokio::runtime::Handle;
@@ -22,8 +21,8 @@ use tokio::sync::mpsc;
 const QUEUE: usize = 64;
 
 struct Lane {
-    /// Announced fetches not yet made.
-    pending: VecDeque<(u32, Vec<u32>)>,
+    /// Announced requests not yet made.
+    pending: VecDeque<Request>,
     frames: mpsc::Receiver<Result<Frame>>,
 }
 
@@ -48,7 +47,7 @@ impl<'a> StreamSource<'a> {
     }
 
     /// Open a stream, write the want-lists, and forward the frames that come back.
-    fn request(&self, fetches: Vec<(u32, Vec<u32>)>) -> mpsc::Receiver<Result<Frame>> {
+    fn request(&self, reqs: Vec<Request>) -> mpsc::Receiver<Result<Frame>> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let conn = self.conn.clone();
         self.rt.spawn(async move {
@@ -60,9 +59,13 @@ impl<'a> StreamSource<'a> {
                 }
             };
             let writer = async move {
-                for (entry, want) in fetches {
-                    let runs = protocol::to_runs(&want);
-                    write_msg(&mut send, &Frame::Want { entry, runs }).await?;
+                for r in reqs {
+                    let want = Frame::Want {
+                        entry: r.entry,
+                        runs: protocol::to_runs(&r.want),
+                        hints: r.hints,
+                    };
+                    write_msg(&mut send, &want).await?;
                 }
                 let _ = send.finish();
                 Ok::<(), Error>(())
@@ -101,14 +104,15 @@ impl<'a> StreamSource<'a> {
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> (Result<()>, bool) {
-        let Some(EntryKind::File { chunks, .. }) =
-            self.manifest.get(entry as usize).map(|e| &e.kind)
-        else {
+        if !matches!(
+            self.manifest.get(entry as usize).map(|e| &e.kind),
+            Some(EntryKind::File { .. })
+        ) {
             return (
                 Err(Error::Protocol(format!("entry {entry} is not a file"))),
                 true,
             );
-        };
+        }
         let mut sink_err = None;
         for &n in want {
             let frame = match frames.blocking_recv() {
@@ -129,10 +133,7 @@ impl<'a> StreamSource<'a> {
                     bytes,
                 } if e == entry && chunk == n => {
                     if sink_err.is_none() {
-                        let len = chunks[n as usize].len as usize;
-                        if let Err(err) =
-                            decode_payload(codec, bytes, len).and_then(|d| sink((n, d)))
-                        {
+                        if let Err(err) = sink((n, codec, bytes)) {
                             sink_err = Some(err);
                         }
                     }
@@ -168,38 +169,49 @@ impl ChunkSource for StreamSource<'_> {
         self.lanes.len()
     }
 
-    fn announce(&self, lane: usize, fetches: Vec<(u32, Vec<u32>)>) {
+    fn announce(&self, lane: usize, reqs: Vec<Request>) {
         let Some(slot) = self.lanes.get(lane) else {
             return;
         };
-        if fetches.is_empty() {
+        if reqs.is_empty() {
             return;
         }
-        let frames = self.request(fetches.clone());
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Lane {
-            pending: fetches.into(),
-            frames,
-        });
+        // The lane keeps what it needs to follow the answers, not the hints.
+        let pending = reqs
+            .iter()
+            .map(|r| Request {
+                entry: r.entry,
+                want: r.want.clone(),
+                hints: Vec::new(),
+            })
+            .collect();
+        let frames = self.request(reqs);
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Lane { pending, frames });
     }
 
     fn fetch(
         &self,
         lane: usize,
-        entry: u32,
-        want: &[u32],
+        req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()> {
+        let (entry, want) = (req.entry, req.want.as_slice());
         if let Some(slot) = self.lanes.get(lane) {
             let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(l) = guard.as_mut() {
-                if let Some(pos) = l.pending.iter().position(|(e, w)| *e == entry && w == want) {
+                if let Some(pos) = l
+                    .pending
+                    .iter()
+                    .position(|r| r.entry == entry && r.want == want)
+                {
                     // Skip announced fetches the lane did not make.
                     let mut in_step = true;
                     for _ in 0..pos {
-                        let Some((e, w)) = l.pending.pop_front() else {
+                        let Some(r) = l.pending.pop_front() else {
                             break;
                         };
-                        let (_, ok) = self.consume(&mut l.frames, e, &w, &mut |_| Ok(()));
+                        let (_, ok) =
+                            self.consume(&mut l.frames, r.entry, &r.want, &mut |_| Ok(()));
                         in_step &= ok;
                         if !in_step {
                             break;
@@ -218,7 +230,7 @@ impl ChunkSource for StreamSource<'_> {
             }
         }
         // Not announced, or the lane's stream failed: a stream for this fetch alone.
-        let mut frames = self.request(vec![(entry, want.to_vec())]);
+        let mut frames = self.request(vec![req.clone()]);
         self.consume(&mut frames, entry, want, sink).0
     }
 }

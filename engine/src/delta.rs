@@ -1,0 +1,113 @@
+//! Sub-chunk deltas: when a wanted chunk is an edited version of data the receiver holds (a few
+//! pages rewritten in place, the common case in memory images and databases), only the changed
+//! 512-byte blocks are sent.
+//!
+//! The receiver guesses, for every chunk it wants, the *base*: the bytes of its old data at the
+//! place the chunk most likely came from (aligned on the nearest chunk it does hold). It sends a
+//! 4-byte hash of each 512-byte block of the base with the want-list. The sender hashes the new
+//! chunk on the same grid and sends a patch: a bitmap of the blocks to take from the base, and
+//! the other blocks' bytes. The receiver rebuilds the chunk and checks it against its BLAKE3 id
+//! like any other chunk; a wrong guess (or a 4-byte hash collision) fails that check and the file
+//! is fetched whole.
+
+use crate::error::{Error, Result};
+
+/// Block size of the delta grid.
+pub const BLOCK: usize = 512;
+
+/// Hash of one block, as sent in a hint.
+pub type BlockHash = [u8; 4];
+
+fn block_hash(b: &[u8]) -> BlockHash {
+    let h = blake3::hash(b);
+    let mut out = [0u8; 4];
+    out.copy_from_slice(&h.as_bytes()[..4]);
+    out
+}
+
+/// Hashes of the blocks of `base` (the last one may be short).
+pub fn hint(base: &[u8]) -> Vec<BlockHash> {
+    base.chunks(BLOCK).map(block_hash).collect()
+}
+
+/// A patch of `new` against a base described by `hint`, when it is smaller than `limit` bytes:
+/// `[bitmap of blocks taken from the base][bytes of the other blocks]`.
+pub fn encode(new: &[u8], hint: &[BlockHash], limit: usize) -> Option<Vec<u8>> {
+    let blocks = new.len().div_ceil(BLOCK);
+    let mut out = vec![0u8; blocks.div_ceil(8)];
+    let mut reused = false;
+    for (i, b) in new.chunks(BLOCK).enumerate() {
+        if hint.get(i).is_some_and(|h| *h == block_hash(b)) {
+            out[i / 8] |= 1 << (i % 8);
+            reused = true;
+        } else {
+            out.extend_from_slice(b);
+        }
+        if out.len() >= limit {
+            return None;
+        }
+    }
+    reused.then_some(out)
+}
+
+/// Rebuild a chunk of `len` bytes from `base` and a patch. Never reads past either input and
+/// never produces more than `len` bytes.
+pub fn apply(base: &[u8], patch: &[u8], len: usize) -> Result<Vec<u8>> {
+    let blocks = len.div_ceil(BLOCK);
+    let map_len = blocks.div_ceil(8);
+    let bad = |why: &str| Err(Error::Protocol(format!("bad chunk patch: {why}")));
+    if patch.len() < map_len {
+        return bad("shorter than its bitmap");
+    }
+    let (map, mut lit) = patch.split_at(map_len);
+    let mut out = Vec::with_capacity(len);
+    for i in 0..blocks {
+        let n = BLOCK.min(len - i * BLOCK);
+        if map[i / 8] & (1 << (i % 8)) != 0 {
+            match base.get(i * BLOCK..i * BLOCK + n) {
+                Some(b) => out.extend_from_slice(b),
+                None => return bad("block beyond the base"),
+            }
+        } else {
+            if lit.len() < n {
+                return bad("literal bytes run out");
+            }
+            out.extend_from_slice(&lit[..n]);
+            lit = &lit[n..];
+        }
+    }
+    if !lit.is_empty() {
+        return bad("trailing bytes");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::tests_support::noise;
+
+    #[test]
+    fn patches_carry_only_changed_blocks() {
+        let base = noise(1, 8000);
+        let mut new = base.clone();
+        new[1000..1100].copy_from_slice(&noise(2, 100));
+        let p = encode(&new, &hint(&base), new.len()).unwrap();
+        assert!(p.len() <= 2 + 2 * BLOCK, "patch of {} bytes", p.len());
+        assert_eq!(apply(&base, &p, new.len()).unwrap(), new);
+        // Nothing in common: no patch.
+        assert!(encode(&noise(3, 8000), &hint(&base), 8000).is_none());
+        // A shorter base: blocks past its end are literal.
+        let p = encode(&new, &hint(&base[..3000]), new.len()).unwrap();
+        assert_eq!(apply(&base[..3000], &p, new.len()).unwrap(), new);
+    }
+
+    #[test]
+    fn hostile_patches_are_refused() {
+        let base = noise(1, 1000);
+        assert!(apply(&base, &[], 1000).is_err());
+        assert!(apply(&base, &[0xff], 4000).is_err()); // blocks beyond the base
+        assert!(apply(&base, &[0, 1, 2], 1000).is_err()); // literal runs out
+        assert!(apply(&base, &[0x3, 9], 1000).is_err()); // trailing bytes
+    }
+}
