@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two "hosts" as network namespaces joined by a veth pair, for benchmarks and tests.
 #
-#   scripts/netns.sh up   [PREFIX]    create PREFIX-a (10.77.0.1) and PREFIX-b (10.77.0.2)
+#   scripts/netns.sh up   [PREFIX] [RATE]   create PREFIX-a (10.77.0.1) and PREFIX-b (10.77.0.2),
+#                                           with a TBF cap of RATE (e.g. 1gbit, 100mbit) each way
 #   scripts/netns.sh down [PREFIX]    remove them
 #   scripts/netns.sh bytes [PREFIX]   bytes received+sent by PREFIX-b's interface so far
 #
@@ -21,6 +22,13 @@ up)
     for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
     ip -n "$A" link set "$P-va" up
     ip -n "$B" link set "$P-vb" up
+    if [ -n "${3:-}" ]; then
+        # Token bucket on each side's egress; burst sized for the rate (>= 10 ms worth).
+        for side in "$A:$P-va" "$B:$P-vb"; do
+            ip netns exec "${side%%:*}" tc qdisc add dev "${side##*:}" root tbf rate "$3" \
+                burst 1mb latency 50ms
+        done
+    fi
     ;;
 down)
     ip netns del "$A" 2>/dev/null || true

@@ -111,6 +111,7 @@ class Bench:
         return {name: t[name] for name in self.a.tools}
 
     def run(self, name, argv):
+        os.sync()  # start every run with no dirty pages left by the previous one
         b0 = wire_bytes(self.netns)
         t0 = time.monotonic()
         r = subprocess.run(argv, capture_output=True)
@@ -184,10 +185,11 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tools", nargs="+", default=["hop", "hop-zstd", "rsync-ssh", "rsync-ssh-z", "rsyncd"])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default="remote")
     a = ap.parse_args()
     res = Bench(a).main()
     out, table = summarize(res, a.tools, "rsync-ssh")
     os.makedirs(a.out, exist_ok=True)
-    json.dump(out, open(os.path.join(a.out, "remote.json"), "w"), indent=1)
-    open(os.path.join(a.out, "remote.md"), "w").write(table + "\n")
+    json.dump(out, open(os.path.join(a.out, a.name + ".json"), "w"), indent=1)
+    open(os.path.join(a.out, a.name + ".md"), "w").write(table + "\n")
     print(table)

@@ -159,6 +159,42 @@ pub fn encode_msg<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
+/// The encoding of `Frame::Data { entry, chunk, codec, bytes }` without the payload itself:
+/// length prefix and header, to be followed on the wire by the `len` payload bytes. Lets the
+/// transport hand the payload over without copying it.
+pub fn data_header(entry: u32, chunk: u32, codec: Codec, len: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(24);
+    encode(
+        &Frame::Data {
+            entry,
+            chunk,
+            codec,
+            bytes: Vec::new(),
+        },
+        &mut out,
+    )?;
+    // The empty payload encodes as its length, a single 0 byte, last: put the real length there.
+    out.pop();
+    let mut n = len;
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+    let body = out.len() - 4 + len;
+    if body > MAX_FRAME {
+        return Err(Error::Limit(format!(
+            "frame of {body} bytes exceeds {MAX_FRAME}"
+        )));
+    }
+    out[..4].copy_from_slice(&(body as u32).to_le_bytes());
+    Ok(out)
+}
+
 /// Encode a frame into a fresh buffer.
 pub fn encode_vec(frame: &Frame) -> Result<Vec<u8>> {
     let mut v = Vec::new();
@@ -190,8 +226,13 @@ pub fn decode_msg<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T> {
     if body.len() > MAX_FRAME {
         return Err(Error::Limit(format!("frame of {} bytes", body.len())));
     }
-    let (frame, rest) = postcard::take_from_bytes::<T>(body)
-        .map_err(|e| Error::Protocol(format!("decode: {e}")))?;
+    let (frame, rest) = postcard::take_from_bytes::<T>(body).map_err(|e| match e {
+        // postcard drops the message of a refused value; the only such refusal is a path.
+        postcard::Error::SerdeDeCustom => {
+            Error::Protocol("decode: refused an unsafe path in a message".into())
+        }
+        e => Error::Protocol(format!("decode: {e}")),
+    })?;
     if !rest.is_empty() {
         return Err(Error::Protocol(format!(
             "{} trailing bytes after a frame",
@@ -268,6 +309,23 @@ mod tests {
         }
         assert_eq!(at, buf.len());
         assert_eq!(decode(&buf[..3]).unwrap(), None);
+    }
+
+    #[test]
+    fn data_header_matches_the_full_encoding() {
+        for len in [0usize, 1, 127, 128, 8192, 40_000, 1 << 20] {
+            let bytes = vec![7u8; len];
+            let full = encode_vec(&Frame::Data {
+                entry: 300,
+                chunk: 70_000,
+                codec: Codec::Zstd,
+                bytes: bytes.clone(),
+            })
+            .unwrap();
+            let mut split = data_header(300, 70_000, Codec::Zstd, len).unwrap();
+            split.extend_from_slice(&bytes);
+            assert_eq!(split, full, "len {len}");
+        }
     }
 
     #[test]

@@ -154,12 +154,11 @@ impl Sender {
             }
         };
         let offsets = &self.offsets[entry as usize];
-        let mut buf = Vec::new();
         for (k, &n) in want.iter().enumerate() {
             let spec = chunks
                 .get(n as usize)
                 .ok_or_else(|| Error::Protocol(format!("entry {entry} has no chunk {n}")))?;
-            buf.resize(spec.len as usize, 0);
+            let mut buf = vec![0u8; spec.len as usize];
             if let Err(err) = file.read_exact_at(&mut buf, offsets[n as usize]) {
                 let reason = if err.kind() == std::io::ErrorKind::UnexpectedEof {
                     Error::SourceChanged { path: path.clone() }.to_string()
@@ -173,11 +172,11 @@ impl Sender {
                 .filter(|h| !h.is_empty())
                 .and_then(|h| crate::delta::encode(&buf, h, buf.len() * 3 / 4));
             let (codec, bytes) = match patch {
-                Some(p) => match encode_payload(&p, self.opts.compress) {
+                Some(p) => match encode_payload(p, self.opts.compress) {
                     (Codec::Zstd, z) => (Codec::PatchZstd, z),
                     (_, p) => (Codec::Patch, p),
                 },
-                None => encode_payload(&buf, self.opts.compress),
+                None => encode_payload(buf, self.opts.compress),
             };
             emit(Frame::Data {
                 entry,
@@ -214,15 +213,15 @@ fn chunk_cached(
 }
 
 /// Compress a chunk payload when that makes it smaller.
-pub fn encode_payload(data: &[u8], level: Option<i32>) -> (Codec, Vec<u8>) {
+pub fn encode_payload(data: Vec<u8>, level: Option<i32>) -> (Codec, Vec<u8>) {
     if let Some(level) = level {
-        if let Ok(z) = zstd::bulk::compress(data, level) {
+        if let Ok(z) = zstd::bulk::compress(&data, level) {
             if z.len() < data.len() {
                 return (Codec::Zstd, z);
             }
         }
     }
-    (Codec::Raw, data.to_vec())
+    (Codec::Raw, data)
 }
 
 /// Decode a chunk payload of expected length `len`. Decompression never produces more than `len`
@@ -255,7 +254,7 @@ mod tests {
     #[test]
     fn payload_round_trip_and_bomb() {
         let data = vec![b'a'; 100_000];
-        let (c, z) = encode_payload(&data, Some(3));
+        let (c, z) = encode_payload(data.clone(), Some(3));
         assert_eq!(c, Codec::Zstd);
         assert!(z.len() < 1000);
         assert_eq!(decode_payload(c, z.clone(), data.len()).unwrap(), data);
@@ -267,7 +266,7 @@ mod tests {
             .update(b"seed")
             .finalize_xof()
             .fill(&mut noise);
-        let (c, _) = encode_payload(&noise, Some(1));
+        let (c, _) = encode_payload(noise, Some(1));
         assert_eq!(c, Codec::Raw);
     }
 }

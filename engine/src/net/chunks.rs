@@ -3,7 +3,7 @@
 //! while the async side reads want-lists and writes data, so disk, CPU and network overlap;
 //! bounded channels keep memory bounded.
 
-use super::wire::{read_msg, write_raw};
+use super::wire::{read_msg, write_chunks};
 use crate::error::{Error, Result};
 use crate::manifest::EntryKind;
 use crate::protocol::{self, Frame};
@@ -30,14 +30,26 @@ async fn serve_stream(
 ) -> Result<()> {
     type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>);
     let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<[bytes::Bytes; 2]>(64);
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some((entry, want, hints)) = want_rx.blocking_recv() {
             worker_sender.serve(entry, &want, &hints, &mut |frame| {
-                let buf = protocol::encode_vec(&frame)?;
+                // Data payloads go to the stream as they are, behind their header.
+                let parts = match frame {
+                    Frame::Data {
+                        entry,
+                        chunk,
+                        codec,
+                        bytes,
+                    } => [
+                        protocol::data_header(entry, chunk, codec, bytes.len())?.into(),
+                        bytes.into(),
+                    ],
+                    other => [protocol::encode_vec(&other)?.into(), bytes::Bytes::new()],
+                };
                 out_tx
-                    .blocking_send(buf)
+                    .blocking_send(parts)
                     .map_err(|_| Error::Transport("chunk stream closed".into()))
             })?;
         }
@@ -80,8 +92,8 @@ async fn serve_stream(
         Ok(())
     };
     let writer = async move {
-        while let Some(buf) = out_rx.recv().await {
-            write_raw(&mut send, &buf).await?;
+        while let Some(mut parts) = out_rx.recv().await {
+            write_chunks(&mut send, &mut parts).await?;
         }
         let _ = send.finish();
         Ok::<(), Error>(())

@@ -97,10 +97,10 @@ pub struct ClientSettings {
     pub net: NetOptions,
 }
 
-struct Session {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    ctl: Control2,
+pub(crate) struct Session {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) ctl: Control2,
     source_is_dir: bool,
 }
 
@@ -140,7 +140,7 @@ fn explain(
     }
 }
 
-async fn open(
+pub(crate) async fn open(
     remote: &RemotePath,
     cfg: &ClientSettings,
     request: Request,

@@ -29,3 +29,5 @@ pub mod wire;
 pub use client::{pull, push, ClientSettings, RemotePath};
 pub use endpoint::{Credentials, NetOptions};
 pub use server::{serve, ServeSettings};
+#[cfg(test)]
+mod tests;

@@ -52,6 +52,11 @@ pub async fn write_raw(send: &mut quinn::SendStream, buf: &[u8]) -> Result<()> {
     send.write_all(buf).await.map_err(write_error)
 }
 
+/// Write buffers already framed, handing them to the transport without copying.
+pub async fn write_chunks(send: &mut quinn::SendStream, bufs: &mut [bytes::Bytes]) -> Result<()> {
+    send.write_all_chunks(bufs).await.map_err(write_error)
+}
+
 /// Read one message; `Ok(None)` when the stream ended cleanly between messages.
 pub async fn read_msg<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>> {
     let mut len = [0u8; 4];
