@@ -96,11 +96,14 @@ class Bench:
     # --- tools ---------------------------------------------------------------------------
     def tools(self):
         k, w, src = f"{self.w}/keys", self.w, f"{self.w}/src/"
-        hop = [self.hop, "sync", "-a", "-q", "--identity", f"{k}/hop-cli", "--known-hosts", f"{k}/known_hosts"]
+        # Each hop variant keeps its sender cache in a directory of its own, so that one variant's
+        # run never warms the next one's.
+        hop = lambda tool: ["env", f"XDG_CACHE_HOME={w}/cache-{tool}", self.hop, "sync", "-a", "-q",
+                            "--identity", f"{k}/hop-cli", "--known-hosts", f"{k}/known_hosts"]
         # Each tool syncs into a destination of its own.
         t = {
-            "hop": (in_a(*hop, src, f"quic://{SERVER}:7420/hop"), f"{w}/dst-hop/hop"),
-            "hop-zstd": (in_a(*hop, "--compress", "zstd:1", src, f"quic://{SERVER}:7420/hop-zstd"),
+            "hop": (in_a(*hop("hop"), src, f"quic://{SERVER}:7420/hop"), f"{w}/dst-hop/hop"),
+            "hop-zstd": (in_a(*hop("hop-zstd"), "--compress", "zstd:1", src, f"quic://{SERVER}:7420/hop-zstd"),
                          f"{w}/dst-hop/hop-zstd"),
             "rsync-ssh": (in_a("rsync", "-a", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/plain"),
                           f"{w}/dst-ssh/plain"),
@@ -130,16 +133,14 @@ class Bench:
         tools = self.tools()
         names = list(tools)
         res = {n: {"fresh": [], "delta": []} for n in names}
-        cache = os.path.expanduser("~/.cache/hop")
         try:
             for rep in range(self.a.reps):
                 order = names if rep % 2 == 0 else names[::-1]
                 for n in order:
                     argv, dest = tools[n]
                     shutil.rmtree(dest, ignore_errors=True)
-                    for f in (os.listdir(cache) if os.path.isdir(cache) else []):
-                        if f.startswith("src-"):  # the sender starts cold, like rsync
-                            os.remove(os.path.join(cache, f))
+                    # The sender starts cold, like rsync.
+                    shutil.rmtree(f"{self.w}/cache-{n}", ignore_errors=True)
                     res[n]["fresh"].append(self.run(n, argv))
                     self.verify(dest)
                 # Every tool's copy now holds the current tree: edit it, sync the edit.

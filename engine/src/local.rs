@@ -69,8 +69,9 @@ impl ChunkSource for LocalSource<'_> {
     }
 }
 
-/// Make `dest` identical to `src` (both local paths). The source is scanned and chunked while the
-/// destination is indexed.
+/// Make `dest` identical to `src` (both local paths). The destination is indexed while the
+/// source is scanned; entries stream from the sender's thread to the receiver, which starts
+/// writing files while the sender is still chunking later ones.
 pub fn sync_local(
     src: &Path,
     dest: &Path,
@@ -85,47 +86,53 @@ pub fn sync_local(
             "sender and receiver chunk sizes differ".into(),
         ));
     }
-    let (sender, receiver) = rayon::join(
-        || Sender::new(src, filter, sopts.clone()),
-        || Receiver::prepare(dest, ropts),
-    );
-    let receiver = receiver?;
-    tracing::debug!(
-        ms = t0.elapsed().as_millis() as u64,
-        "scanned+chunked source, indexed destination"
-    );
+    let sender = Sender::new(src, sopts);
     let wire = Wire {
         bytes: AtomicU64::new(0),
         progress,
     };
-    let mut manifest = Vec::with_capacity(sender.manifest().len());
-    for e in sender.manifest() {
-        match wire.pass(&Frame::Entry(e.clone()))? {
-            Frame::Entry(e) => manifest.push(e),
-            _ => return Err(Error::Protocol("manifest frame changed in transit".into())),
-        }
-    }
-    wire.pass(&Frame::ManifestEnd)?;
-    let plan = receiver.plan(&manifest)?;
-    tracing::debug!(
-        ms = t0.elapsed().as_millis() as u64,
-        literal = plan.literal_bytes(),
-        "planned"
-    );
-    let source = LocalSource {
-        sender: &sender,
-        wire: &wire,
-    };
-    let mut report = receiver.apply(&manifest, &plan, &source, progress);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Frame>>(256);
+    let (notes, report) = std::thread::scope(|s| {
+        let (sender, wire) = (&sender, &wire);
+        let sending = s.spawn(move || {
+            let r = sender.run(filter, &mut |e| {
+                let f = wire.pass(&Frame::Entry(e))?;
+                tx.send(Ok(f))
+                    .map_err(|_| Error::Protocol("receiver stopped".into()))
+            });
+            let end = match &r {
+                Ok(_) => wire.pass(&Frame::ManifestEnd),
+                Err(e) => Err(Error::Protocol(format!("sender: {e}"))),
+            };
+            let _ = tx.send(end);
+            r
+        });
+        let report = Receiver::prepare(dest, ropts).and_then(|receiver| {
+            tracing::debug!(ms = t0.elapsed().as_millis() as u64, "indexed destination");
+            let source = LocalSource { sender, wire };
+            let mut next = || match rx.recv() {
+                Ok(Ok(Frame::Entry(e))) => Ok(Some(e)),
+                Ok(Ok(Frame::ManifestEnd)) => Ok(None),
+                Ok(Ok(other)) => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(Error::Protocol("sender stopped".into())),
+            };
+            receiver.apply(&mut next, &source, progress)
+        });
+        drop(rx);
+        let notes = sending
+            .join()
+            .unwrap_or_else(|_| Err(Error::Protocol("sender panicked".into())));
+        (notes, report)
+    });
+    let mut report = report?;
+    let notes = notes?;
     wire.pass(&Frame::Done)?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "applied");
-    let Sender {
-        skipped, errors, ..
-    } = sender;
     report
         .skipped
-        .extend(skipped.into_iter().map(|(p, w)| (p, w.to_string())));
-    report.errors.splice(0..0, errors);
+        .extend(notes.skipped.into_iter().map(|(p, w)| (p, w.to_string())));
+    report.errors.splice(0..0, notes.errors);
     report.stats.errors = report.errors.len() as u64;
     report.stats.bytes_wire = wire.bytes.load(Ordering::Relaxed);
     report.stats.elapsed_ms = t0.elapsed().as_millis() as u64;

@@ -92,57 +92,80 @@ pub fn chunk_offsets(chunks: &[ChunkSpec]) -> Vec<u64> {
 /// Most entries a manifest may hold (a limit against a hostile sender).
 pub const MAX_ENTRIES: usize = 1 << 24;
 
-/// Check that a manifest received from a sender is well formed before anything is planned: the
-/// first entry is the root, and only the first; every other entry's parent appeared earlier as a
-/// directory (so no entry can be written through a symlink or a file); no path twice; chunk
-/// lengths are non-zero, at most `max_chunk`, and add up to the file size.
-pub fn validate(entries: &[Entry], max_chunk: u32) -> crate::Result<()> {
-    use crate::Error;
-    use std::collections::HashSet;
-    let bad = |e: &Entry, why: &str| {
-        Err(Error::Protocol(format!(
-            "malformed manifest at {:?}: {why}",
-            e.path.display()
-        )))
-    };
-    if entries.len() > MAX_ENTRIES {
-        return Err(Error::Limit(format!(
-            "manifest of {} entries (limit {MAX_ENTRIES})",
-            entries.len()
-        )));
+/// Checks a manifest entry by entry as it arrives from a sender, before anything is done with
+/// the entry: the first entry is the root, and only the first; every other entry's parent
+/// appeared earlier as a directory (so no entry can be written through a symlink or a file); no
+/// path twice; chunk lengths are non-zero, at most `max_chunk`, and add up to the file size.
+#[derive(Debug)]
+pub struct Validator {
+    max_chunk: u32,
+    count: usize,
+    dirs: std::collections::HashSet<RelPath>,
+    seen: std::collections::HashSet<RelPath>,
+}
+
+impl Validator {
+    /// A validator for a manifest whose chunks are at most `max_chunk` bytes.
+    pub fn new(max_chunk: u32) -> Validator {
+        Validator {
+            max_chunk,
+            count: 0,
+            dirs: Default::default(),
+            seen: Default::default(),
+        }
     }
-    let mut dirs: HashSet<&RelPath> = HashSet::new();
-    let mut seen: HashSet<&RelPath> = HashSet::new();
-    for (i, e) in entries.iter().enumerate() {
-        if (i == 0) != e.path.is_root() {
-            return bad(e, "the root must be the first entry and appear once");
+
+    /// Check the next entry.
+    pub fn check(&mut self, e: &Entry) -> crate::Result<()> {
+        use crate::Error;
+        let bad = |why: &str| {
+            Err(Error::Protocol(format!(
+                "malformed manifest at {:?}: {why}",
+                e.path.display()
+            )))
+        };
+        if self.count >= MAX_ENTRIES {
+            return Err(Error::Limit(format!(
+                "manifest of more than {MAX_ENTRIES} entries"
+            )));
         }
-        if !seen.insert(&e.path) {
-            return bad(e, "path appears twice");
+        let first = self.count == 0;
+        self.count += 1;
+        if first != e.path.is_root() {
+            return bad("the root must be the first entry and appear once");
         }
-        if i > 0 && !dirs.contains(&e.path.parent()) {
-            return bad(e, "its parent is not a directory listed before it");
+        if !first && !self.dirs.contains(&e.path.parent()) {
+            return bad("its parent is not a directory listed before it");
+        }
+        if !self.seen.insert(e.path.clone()) {
+            return bad("path appears twice");
         }
         match &e.kind {
             EntryKind::Dir => {
-                dirs.insert(&e.path);
+                self.dirs.insert(e.path.clone());
             }
             EntryKind::File { size, chunks, .. } => {
                 let mut sum = 0u64;
                 for c in chunks {
-                    if c.len == 0 || c.len > max_chunk {
-                        return bad(e, "chunk length out of range");
+                    if c.len == 0 || c.len > self.max_chunk {
+                        return bad("chunk length out of range");
                     }
                     sum += c.len as u64;
                 }
                 if sum != *size {
-                    return bad(e, "chunk lengths do not add up to the file size");
+                    return bad("chunk lengths do not add up to the file size");
                 }
             }
             EntryKind::Symlink { .. } | EntryKind::Unreadable => {}
         }
+        Ok(())
     }
-    Ok(())
+}
+
+/// Check a whole manifest with a [`Validator`].
+pub fn validate(entries: &[Entry], max_chunk: u32) -> crate::Result<()> {
+    let mut v = Validator::new(max_chunk);
+    entries.iter().try_for_each(|e| v.check(e))
 }
 
 #[cfg(test)]

@@ -186,61 +186,68 @@ fn bases(pieces: &[Piece], chunks: &[crate::manifest::ChunkSpec]) -> Vec<Option<
         .collect()
 }
 
-/// Plan a whole sync. `dest` maps the destination's paths to what is there now; `protected`
-/// paths (under an entry the sender could not read) are never deleted.
+/// What to do with one manifest entry, given what the destination has at its path.
+pub fn action(e: &Entry, have: Option<&DestEntry>, index: &ChunkIndex) -> Action {
+    match &e.kind {
+        EntryKind::Dir => Action::Dir,
+        EntryKind::Unreadable => Action::Skip,
+        EntryKind::Symlink { target } => match have.map(|h| &h.kind) {
+            Some(DestKind::Symlink(t)) if t == target => Action::KeepLink,
+            _ => Action::Symlink,
+        },
+        EntryKind::File { size, hash, chunks } => {
+            let same = match have.map(|h| &h.kind) {
+                Some(DestKind::File(Some(f))) => {
+                    let held = &index.files[*f as usize].chunks;
+                    held.size == *size && held.hash == *hash
+                }
+                _ => false,
+            };
+            if same {
+                Action::Keep
+            } else {
+                Action::Write(plan_file(chunks, index))
+            }
+        }
+    }
+}
+
+/// With `--delete`: the destination paths not in the manifest, deepest first. Paths under an
+/// entry the sender could not read are protected.
+pub fn deletions(manifest: &[Entry], dest: &HashMap<RelPath, DestEntry>) -> Vec<RelPath> {
+    let in_source: std::collections::HashSet<&RelPath> = manifest.iter().map(|e| &e.path).collect();
+    let protected: Vec<&RelPath> = manifest
+        .iter()
+        .filter(|e| e.kind == EntryKind::Unreadable)
+        .map(|e| &e.path)
+        .collect();
+    let mut del: Vec<RelPath> = dest
+        .keys()
+        .filter(|p| !in_source.contains(p) && !protected.iter().any(|q| p.starts_with(q)))
+        .cloned()
+        .collect();
+    // Deepest first, so directories are empty when their turn comes.
+    del.sort_by(|a, b| b.depth().cmp(&a.depth()).then_with(|| a.cmp(b)));
+    del
+}
+
+/// Plan a whole sync. `dest` maps the destination's paths to what is there now.
 pub fn plan(
     manifest: &[Entry],
     dest: &HashMap<RelPath, DestEntry>,
     index: &ChunkIndex,
     delete: bool,
 ) -> Plan {
-    let mut actions = Vec::with_capacity(manifest.len());
-    for e in manifest {
-        let have = dest.get(&e.path);
-        let a = match &e.kind {
-            EntryKind::Dir => Action::Dir,
-            EntryKind::Unreadable => Action::Skip,
-            EntryKind::Symlink { target } => match have.map(|h| &h.kind) {
-                Some(DestKind::Symlink(t)) if t == target => Action::KeepLink,
-                _ => Action::Symlink,
-            },
-            EntryKind::File { size, hash, chunks } => {
-                let same = match have.map(|h| &h.kind) {
-                    Some(DestKind::File(Some(f))) => {
-                        let held = &index.files[*f as usize].chunks;
-                        held.size == *size && held.hash == *hash
-                    }
-                    _ => false,
-                };
-                if same {
-                    Action::Keep
-                } else {
-                    Action::Write(plan_file(chunks, index))
-                }
-            }
-        };
-        actions.push(a);
-    }
-    let mut del = Vec::new();
-    if delete {
-        let in_source: std::collections::HashSet<&RelPath> =
-            manifest.iter().map(|e| &e.path).collect();
-        let protected: Vec<&RelPath> = manifest
-            .iter()
-            .filter(|e| e.kind == EntryKind::Unreadable)
-            .map(|e| &e.path)
-            .collect();
-        for p in dest.keys() {
-            if !in_source.contains(p) && !protected.iter().any(|q| p.starts_with(q)) {
-                del.push(p.clone());
-            }
-        }
-        // Deepest first, so directories are empty when their turn comes.
-        del.sort_by(|a, b| b.depth().cmp(&a.depth()).then_with(|| a.cmp(b)));
-    }
     Plan {
-        actions,
-        delete: del,
+        actions: manifest
+            .iter()
+            .map(|e| action(e, dest.get(&e.path), index))
+            .collect(),
+        delete: if delete {
+            deletions(manifest, dest)
+        } else {
+            Vec::new()
+        },
     }
 }
 

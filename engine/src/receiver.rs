@@ -9,10 +9,9 @@ use crate::index::{cache_path_for, ChunkIndex, IndexCache};
 use crate::manifest::{Entry, EntryKind, Meta};
 use crate::meta::{self, Apply};
 use crate::path::RelPath;
-use crate::plan::{plan, plan_file, Action, DestEntry, DestKind, Plan};
+use crate::plan::{plan_file, Action, DestEntry, DestKind, Plan};
 use crate::report::{Change, ChangeKind, Progress, Report};
 use crate::scan::{scan, ScanKind};
-use rayon::prelude::*;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -67,8 +66,8 @@ pub trait ChunkSource: Sync {
         rayon::current_num_threads().max(1)
     }
 
-    /// The requests lane `lane` will make, in order. A lane may still skip an announced request
-    /// or make one it did not announce (a retry).
+    /// More requests lane `lane` will make, in order, after those announced before. A lane may
+    /// still skip an announced request or make one it did not announce (a retry).
     fn announce(&self, _lane: usize, _requests: Vec<Request>) {}
 
     /// Deliver the chunks of `req`, in order, through `sink`. If `sink` fails, the remaining
@@ -121,24 +120,6 @@ fn request(
     }
 }
 
-/// Split file writes into `n` lanes of about equal cost (largest first onto the least loaded
-/// lane), keeping each lane's files in decreasing cost.
-fn assign_lanes<T: Copy>(items: &[(T, u64)], n: usize) -> Vec<Vec<T>> {
-    let n = n.max(1);
-    let mut order: Vec<usize> = (0..items.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(items[i].1));
-    let mut lanes: Vec<(u64, Vec<T>)> = (0..n).map(|_| (0, Vec::new())).collect();
-    for i in order {
-        let lane = lanes
-            .iter_mut()
-            .min_by_key(|(load, _)| *load)
-            .expect("at least one lane");
-        lane.0 += items[i].1;
-        lane.1.push(items[i].0);
-    }
-    lanes.into_iter().map(|(_, v)| v).collect()
-}
-
 /// The receiving half of a sync.
 pub struct Receiver {
     dest: PathBuf,
@@ -149,6 +130,14 @@ pub struct Receiver {
     dest_files: HashMap<RelPath, u32>,
     first_basis_file: u32,
     errors: Vec<Error>,
+}
+
+/// A file handed to a writer lane.
+struct Job {
+    i: usize,
+    entry: Entry,
+    fp: crate::plan::FilePlan,
+    req: Option<Request>,
 }
 
 /// Files with at most this many literal bytes are fetched before assembly instead of streamed.
@@ -236,13 +225,6 @@ impl Receiver {
         &self.index
     }
 
-    /// Check that `manifest` is well formed (see [`crate::manifest::validate`]) and plan its
-    /// sync.
-    pub fn plan(&self, manifest: &[Entry]) -> Result<Plan> {
-        crate::manifest::validate(manifest, self.opts.params.max)?;
-        Ok(plan(manifest, &self.state, &self.index, self.opts.delete))
-    }
-
     /// The change record for a file written (or to be written) with `sent` literal bytes.
     fn file_change(&self, path: &RelPath, sent: u64) -> Change {
         let kind = if self.state.contains_key(path) {
@@ -304,152 +286,126 @@ impl Receiver {
         }
     }
 
-    /// Apply `manifest` according to `plan`, fetching missing chunks from `source`. Per-entry
-    /// failures are collected in the report; the rest of the tree is still synced.
+    /// Apply the manifest whose entries `next` yields one by one (`None` at its end), fetching
+    /// missing chunks from `source`. Every entry is checked as it arrives; directories are made
+    /// and files start being written (in lanes, see [`ChunkSource`]) while later entries are
+    /// still on their way. Symlinks, metadata and deletions follow the end of the manifest.
+    /// Per-entry failures are collected in the report, the rest of the tree is still synced; a
+    /// malformed manifest or a failing `next` stops the run with that error.
     pub fn apply(
         mut self,
-        manifest: &[Entry],
-        plan: &Plan,
+        next: &mut dyn FnMut() -> Result<Option<Entry>>,
         source: &dyn ChunkSource,
         progress: &Progress,
-    ) -> Report {
+    ) -> Result<Report> {
         let mut report = Report::default();
         report.errors.append(&mut self.errors);
         let owner = self.owner();
         let table = FileTable::new(&self.index);
         let dry = self.opts.dry_run;
-        let planned: u64 = manifest
-            .iter()
-            .zip(&plan.actions)
-            .filter(|(_, a)| matches!(a, Action::Write(_)))
-            .map(|(e, _)| e.size())
-            .sum();
-        progress.bytes_planned.store(planned, Ordering::Relaxed);
-
-        for e in manifest {
-            if let EntryKind::File { size, .. } = e.kind {
-                report.stats.files += 1;
-                report.stats.bytes_total += size;
-            }
-        }
-
-        // 1. Directories, parents first. A failed directory fails everything below it.
+        let mut validator = crate::manifest::Validator::new(self.opts.params.max);
+        let mut manifest: Vec<Entry> = Vec::new();
+        let mut actions: Vec<Action> = Vec::new();
         let mut failed_dirs: Vec<RelPath> = Vec::new();
         let under_failed =
             |p: &RelPath, failed: &[RelPath]| failed.iter().any(|f| p.starts_with(f) && p != f);
-        for (e, a) in manifest.iter().zip(&plan.actions) {
-            if *a != Action::Dir {
-                continue;
-            }
-            if under_failed(&e.path, &failed_dirs) {
-                failed_dirs.push(e.path.clone());
-                continue;
-            }
-            let abs = e.path.under(&self.dest);
-            let exists = matches!(
-                self.state.get(&e.path).map(|h| &h.kind),
-                Some(DestKind::Dir)
-            );
-            if exists {
-                continue;
-            }
-            report.changes.push(Change {
-                path: e.path.clone(),
-                kind: ChangeKind::NewDir,
-            });
-            if dry {
-                continue;
-            }
-            let r = self.make_way(&abs, &e.path, true, &table).and_then(|_| {
-                if e.path.is_root() {
-                    std::fs::create_dir_all(&abs).ctx("create directory", &abs)
-                } else {
-                    std::fs::create_dir(&abs).ctx("create directory", &abs)
-                }
-            });
-            if let Err(err) = r {
-                report.errors.push(err);
-                failed_dirs.push(e.path.clone());
-            }
-        }
-
-        // A single file synced to a path whose directory does not exist yet (`hop sync f dir/`).
-        if let Some(first) = manifest.first() {
-            if first.path.is_root() && first.kind != EntryKind::Dir && !dry {
-                if let Some(parent) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
-                    if let Err(err) =
-                        std::fs::create_dir_all(parent).ctx("create directory", parent)
-                    {
-                        report.errors.push(err);
-                    }
-                }
-            }
-        }
-
-        // 2. Files, in parallel.
         let results: Mutex<Vec<(usize, Result<u64>)>> = Mutex::new(Vec::new());
-        let writes: Vec<(usize, &Entry, &crate::plan::FilePlan)> = manifest
-            .iter()
-            .zip(&plan.actions)
-            .enumerate()
-            .filter_map(|(i, (e, a))| match a {
-                Action::Write(fp) if !under_failed(&e.path, &failed_dirs) => Some((i, e, fp)),
-                _ => None,
-            })
-            .collect();
-        if !dry {
-            // Cost of a file: the bytes to fetch, plus a share of its size (local copies) and a
-            // fixed cost per file.
-            let costed: Vec<(usize, u64)> = writes
-                .iter()
-                .enumerate()
-                .map(|(w, &(_, e, fp))| (w, fp.literal + e.size() / 16 + 4096))
-                .collect();
-            let lanes = assign_lanes(&costed, source.lanes());
-            // Requests (with delta hints read from local data, in parallel), by write.
-            let requests: Vec<Option<Request>> = writes
-                .par_iter()
-                .map(|&(i, e, fp)| match &e.kind {
-                    EntryKind::File { chunks, .. } if !fp.fetch.is_empty() => {
-                        Some(request(i as u32, chunks, fp, &table))
+        let mut literal = 0u64;
+
+        // 1. Directories as they arrive, 2. files dispatched to lanes as they arrive.
+        let this = &self;
+        let dispatched = std::thread::scope(|s| -> Result<()> {
+            let lanes = if dry { 0 } else { source.lanes().max(1) };
+            let mut queues = Vec::with_capacity(lanes);
+            for k in 0..lanes {
+                let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                queues.push(tx);
+                let (results, table) = (&results, &table);
+                s.spawn(move || {
+                    for job in rx {
+                        let r = this.write_file(
+                            k,
+                            job.i as u32,
+                            &job.entry,
+                            &job.fp,
+                            job.req.as_ref(),
+                            table,
+                            source,
+                            owner,
+                            progress,
+                        );
+                        results
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((job.i, r));
                     }
-                    _ => None,
-                })
-                .collect();
-            for (k, lane) in lanes.iter().enumerate() {
-                let reqs = lane.iter().filter_map(|&w| requests[w].clone()).collect();
-                source.announce(k, reqs);
+                });
             }
-            std::thread::scope(|s| {
-                for (k, lane) in lanes.iter().enumerate() {
-                    let (writes, results, table, requests) = (&writes, &results, &table, &requests);
-                    let this = &self;
-                    s.spawn(move || {
-                        for &w in lane {
-                            let (i, e, fp) = writes[w];
-                            let req = requests[w].as_ref();
-                            let r = this.write_file(
-                                k, i as u32, e, fp, req, table, source, owner, progress,
-                            );
-                            results
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push((i, r));
-                        }
-                    });
+            let mut load = vec![0u64; lanes];
+            let mut planned = 0u64;
+            while let Some(e) = next()? {
+                validator.check(&e)?;
+                let i = manifest.len();
+                let a = crate::plan::action(&e, this.state.get(&e.path), &this.index);
+                if let EntryKind::File { size, .. } = e.kind {
+                    report.stats.files += 1;
+                    report.stats.bytes_total += size;
                 }
-            });
-        }
+                match &a {
+                    Action::Dir => this.make_dir(&e, &table, dry, &mut report, &mut failed_dirs),
+                    Action::Write(fp) if !under_failed(&e.path, &failed_dirs) => {
+                        planned += e.size();
+                        progress.bytes_planned.store(planned, Ordering::Relaxed);
+                        if i == 0 && !dry {
+                            this.make_parent_of_root(&mut report);
+                        }
+                        if dry {
+                            literal += fp.literal;
+                            report.changes.push(this.file_change(&e.path, fp.literal));
+                        } else if let EntryKind::File { chunks, .. } = &e.kind {
+                            let req = (!fp.fetch.is_empty())
+                                .then(|| request(i as u32, chunks, fp, &table));
+                            // The least loaded lane; cost: bytes to fetch, a share of the size
+                            // (local copies) and a fixed cost per file.
+                            let lane = (0..lanes).min_by_key(|&k| load[k]).unwrap_or(0);
+                            load[lane] += fp.literal + e.size() / 16 + 4096;
+                            if let Some(r) = &req {
+                                source.announce(lane, vec![r.clone()]);
+                            }
+                            let job = Job {
+                                i,
+                                entry: e.clone(),
+                                fp: fp.clone(),
+                                req,
+                            };
+                            if queues[lane].send(job).is_err() {
+                                return Err(Error::Protocol("a writer lane stopped".into()));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                manifest.push(e);
+                actions.push(a);
+            }
+            if manifest.is_empty() {
+                return Err(Error::Protocol("empty manifest".into()));
+            }
+            Ok(())
+        });
+        dispatched?;
+        let delete = if self.opts.delete {
+            crate::plan::deletions(&manifest, &self.state)
+        } else {
+            Vec::new()
+        };
+        let plan = Plan { actions, delete };
+        let manifest = &manifest[..];
+        let plan = &plan;
+
         let mut results = results.into_inner().unwrap_or_else(|p| p.into_inner());
         results.sort_by_key(|(i, _)| *i);
         let mut written: HashSet<usize> = HashSet::new();
-        let mut literal = 0u64;
-        if dry {
-            for &(_, e, fp) in &writes {
-                literal += fp.literal;
-                report.changes.push(self.file_change(&e.path, fp.literal));
-            }
-        }
         for (i, r) in results {
             let e = &manifest[i];
             match r {
@@ -578,7 +534,61 @@ impl Receiver {
         if !dry && !self.opts.no_index_cache {
             self.save_cache(manifest, plan, &written);
         }
-        report
+        Ok(report)
+    }
+
+    /// Make the directory of manifest entry `e` (phase 1), unless it exists; a failure is
+    /// recorded and fails everything below it.
+    fn make_dir(
+        &self,
+        e: &Entry,
+        table: &FileTable<'_>,
+        dry: bool,
+        report: &mut Report,
+        failed_dirs: &mut Vec<RelPath>,
+    ) {
+        if failed_dirs
+            .iter()
+            .any(|f| e.path.starts_with(f) && e.path != *f)
+        {
+            failed_dirs.push(e.path.clone());
+            return;
+        }
+        let exists = matches!(
+            self.state.get(&e.path).map(|h| &h.kind),
+            Some(DestKind::Dir)
+        );
+        if exists {
+            return;
+        }
+        report.changes.push(Change {
+            path: e.path.clone(),
+            kind: ChangeKind::NewDir,
+        });
+        if dry {
+            return;
+        }
+        let abs = e.path.under(&self.dest);
+        let r = self.make_way(&abs, &e.path, true, table).and_then(|_| {
+            if e.path.is_root() {
+                std::fs::create_dir_all(&abs).ctx("create directory", &abs)
+            } else {
+                std::fs::create_dir(&abs).ctx("create directory", &abs)
+            }
+        });
+        if let Err(err) = r {
+            report.errors.push(err);
+            failed_dirs.push(e.path.clone());
+        }
+    }
+
+    /// A single file synced to a path whose directory does not exist yet (`hop sync f dir/`).
+    fn make_parent_of_root(&self, report: &mut Report) {
+        if let Some(parent) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if let Err(err) = std::fs::create_dir_all(parent).ctx("create directory", parent) {
+                report.errors.push(err);
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -25,104 +25,170 @@ pub struct SenderOptions {
     pub cache: Option<PathBuf>,
 }
 
-/// The sending half of a sync.
-pub struct Sender {
-    root: PathBuf,
-    opts: SenderOptions,
-    manifest: Vec<Entry>,
-    offsets: Vec<Vec<u64>>,
-    /// Entries of kinds that are not synced.
+/// What the sender keeps to serve one file's chunks.
+struct Served {
+    path: PathBuf,
+    chunks: Vec<crate::manifest::ChunkSpec>,
+    offsets: Vec<u64>,
+}
+
+/// Entries of kinds that are not synced, and read errors met while scanning and chunking.
+#[derive(Debug, Default)]
+pub struct Notes {
+    /// Skipped entries and their kind.
     pub skipped: Vec<(RelPath, &'static str)>,
-    /// Read errors met while scanning and chunking.
+    /// Read errors.
     pub errors: Vec<Error>,
 }
 
+/// Files chunked at once, at most (more only if they are small, see [`WINDOW_BYTES`]).
+const WINDOW_FILES: usize = 64;
+/// Bytes of files chunked at once, at most (a larger file is a window of its own, chunked on
+/// all cores).
+const WINDOW_BYTES: u64 = 64 << 20;
+
+/// The sending half of a sync. [`Sender::run`] scans and chunks the tree, handing out manifest
+/// entries one by one as they are ready; [`Sender::serve`] supplies the chunks of any entry
+/// already handed out, from any thread, while the run goes on.
+pub struct Sender {
+    root: PathBuf,
+    opts: SenderOptions,
+    files: std::sync::RwLock<Vec<Option<std::sync::Arc<Served>>>>,
+}
+
 impl Sender {
-    /// Scan and chunk the tree at `root` (files in parallel, large files split across cores).
-    pub fn new(root: &Path, filter: Option<Filter<'_>>, opts: SenderOptions) -> Sender {
+    /// A sender for the tree at `root`; nothing is read until [`Sender::run`].
+    pub fn new(root: &Path, opts: SenderOptions) -> Sender {
+        Sender {
+            root: root.to_path_buf(),
+            opts,
+            files: Default::default(),
+        }
+    }
+
+    /// Scan the tree, then chunk its files in windows (files of a window in parallel, large
+    /// files split across cores), passing each entry to `emit` in manifest order as soon as its
+    /// window is done. Stops early if `emit` fails. Returns what could not be sent.
+    pub fn run(
+        &self,
+        filter: Option<Filter<'_>>,
+        emit: &mut dyn FnMut(Entry) -> Result<()>,
+    ) -> Result<Notes> {
+        let root = &self.root;
+        let opts = &self.opts;
         let s = scan(root, filter);
-        let mut errors = s.errors;
+        let mut notes = Notes {
+            skipped: s.skipped,
+            errors: s.errors,
+        };
         let cache = match &opts.cache {
             Some(p) => IndexCache::load(p, opts.params),
             None => IndexCache::default(),
         };
-        let fresh: std::sync::Mutex<Vec<(PathBuf, std::fs::Metadata, FileChunks)>> =
-            Default::default();
-        let chunked: Vec<(Entry, Option<Error>)> = s
-            .entries
-            .into_par_iter()
-            .map(|e| {
-                let kind = match e.kind {
-                    ScanKind::Dir => EntryKind::Dir,
-                    ScanKind::Unreadable => EntryKind::Unreadable,
-                    ScanKind::Symlink { target } => EntryKind::Symlink { target },
-                    ScanKind::File { .. } => {
-                        match chunk_cached(&e.path.under(root), opts.params, &cache, &fresh) {
-                            Ok(fc) => EntryKind::File {
-                                size: fc.size,
-                                hash: fc.hash,
-                                chunks: fc.chunks,
-                            },
-                            Err(err) => {
-                                return (
-                                    Entry {
+        let fresh: Fresh = Default::default();
+        let mut entries = s.entries.into_iter().peekable();
+        let mut window = Vec::new();
+        while entries.peek().is_some() {
+            window.clear();
+            let mut bytes = 0u64;
+            while let Some(e) = entries.peek() {
+                let size = match e.kind {
+                    ScanKind::File { size } => size,
+                    _ => 0,
+                };
+                if !window.is_empty()
+                    && (window.len() >= WINDOW_FILES || bytes + size > WINDOW_BYTES)
+                {
+                    break;
+                }
+                bytes += size;
+                window.extend(entries.next());
+            }
+            let chunked: Vec<(Entry, Option<Error>)> = std::mem::take(&mut window)
+                .into_par_iter()
+                .map(|e| {
+                    let kind = match e.kind {
+                        ScanKind::Dir => EntryKind::Dir,
+                        ScanKind::Unreadable => EntryKind::Unreadable,
+                        ScanKind::Symlink { target } => EntryKind::Symlink { target },
+                        ScanKind::File { .. } => {
+                            match chunk_cached(&e.path.under(root), opts.params, &cache, &fresh) {
+                                Ok(fc) => EntryKind::File {
+                                    size: fc.size,
+                                    hash: fc.hash,
+                                    chunks: fc.chunks,
+                                },
+                                Err(err) => {
+                                    let entry = Entry {
                                         path: e.path,
                                         kind: EntryKind::Unreadable,
                                         meta: e.meta,
-                                    },
-                                    Some(err),
-                                )
+                                    };
+                                    return (entry, Some(err));
+                                }
                             }
                         }
-                    }
-                };
-                (
-                    Entry {
+                    };
+                    let entry = Entry {
                         path: e.path,
                         kind,
                         meta: e.meta,
-                    },
-                    None,
-                )
-            })
-            .collect();
+                    };
+                    (entry, None)
+                })
+                .collect();
+            for (e, err) in chunked {
+                notes.errors.extend(err);
+                let served = match &e.kind {
+                    EntryKind::File { chunks, .. } => Some(std::sync::Arc::new(Served {
+                        path: e.path.under(root),
+                        offsets: chunk_offsets(chunks),
+                        chunks: chunks.clone(),
+                    })),
+                    _ => None,
+                };
+                self.files
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(served);
+                emit(e)?;
+            }
+        }
         if let Some(p) = &opts.cache {
             let mut cache = cache;
             for (path, md, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
                 cache.record_read(&path, &md, fc);
             }
-            if let Some(dir) = p.parent() {
-                let _ = std::fs::create_dir_all(dir);
-            }
             if let Err(e) = cache.save(p) {
                 tracing::warn!("could not save the source chunk cache: {e}");
             }
         }
-        let mut manifest = Vec::with_capacity(chunked.len());
-        for (e, err) in chunked {
-            errors.extend(err);
-            manifest.push(e);
-        }
-        let offsets = manifest
-            .iter()
-            .map(|e| match &e.kind {
-                EntryKind::File { chunks, .. } => chunk_offsets(chunks),
-                _ => Vec::new(),
-            })
-            .collect();
-        Sender {
-            root: root.to_path_buf(),
-            opts,
-            manifest,
-            offsets,
-            skipped: s.skipped,
-            errors,
-        }
+        Ok(notes)
     }
 
-    /// The manifest, in application order.
-    pub fn manifest(&self) -> &[Entry] {
-        &self.manifest
+    /// Scan and chunk the whole tree at once: the manifest and the notes.
+    pub fn manifest_of(&self, filter: Option<Filter<'_>>) -> Result<(Vec<Entry>, Notes)> {
+        let mut m = Vec::new();
+        let notes = self.run(filter, &mut |e| {
+            m.push(e);
+            Ok(())
+        })?;
+        Ok((m, notes))
+    }
+
+    /// The chunk lengths of entry `entry`, if it is a file already handed out.
+    pub fn chunk_lens(&self, entry: u32) -> Option<Vec<u32>> {
+        self.served(entry)
+            .map(|s| s.chunks.iter().map(|c| c.len).collect())
+    }
+
+    fn served(&self, entry: u32) -> Option<std::sync::Arc<Served>> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(entry as usize)
+            .cloned()
+            .flatten()
     }
 
     /// Supply chunks `want` of manifest entry `entry`, in that order, as `Data` frames passed to
@@ -136,14 +202,11 @@ impl Sender {
         hints: &[Vec<crate::delta::BlockHash>],
         emit: &mut dyn FnMut(Frame) -> Result<()>,
     ) -> Result<()> {
-        let e = self
-            .manifest
-            .get(entry as usize)
-            .ok_or_else(|| Error::Protocol(format!("no manifest entry {entry}")))?;
-        let EntryKind::File { chunks, .. } = &e.kind else {
-            return Err(Error::Protocol(format!("entry {entry} is not a file")));
-        };
-        let path = e.path.under(&self.root);
+        let served = self
+            .served(entry)
+            .ok_or_else(|| Error::Protocol(format!("entry {entry} is not a file sent so far")))?;
+        let chunks = &served.chunks;
+        let path = served.path.clone();
         let file = match crate::assemble::open_nofollow(&path) {
             Ok(f) => f,
             Err(err) => {
@@ -153,7 +216,7 @@ impl Sender {
                 })
             }
         };
-        let offsets = &self.offsets[entry as usize];
+        let offsets = &served.offsets;
         for (k, &n) in want.iter().enumerate() {
             let spec = chunks
                 .get(n as usize)

@@ -44,7 +44,7 @@ pub struct ServeArgs {
     /// Sessions served at once; more are refused.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_sessions: usize,
-    /// Streams used to fetch chunks when receiving.
+    /// Streams used to fetch chunks when receiving (default: one per core, 2 to 8).
     #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
     pub streams: usize,
 }

@@ -89,7 +89,7 @@ pub struct SyncArgs {
     /// accept-new). A changed key is refused regardless.
     #[arg(long)]
     pub accept_new: bool,
-    /// Remote syncs: streams carrying chunks at once.
+    /// Remote syncs: streams carrying chunks at once (default: one per core, 2 to 8).
     #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
     pub streams: usize,
     /// Remote syncs: give up on a peer silent for this many seconds.

@@ -5,7 +5,6 @@
 
 use super::wire::{read_msg, write_chunks};
 use crate::error::{Error, Result};
-use crate::manifest::EntryKind;
 use crate::protocol::{self, Frame};
 use crate::sender::Sender;
 use std::sync::Arc;
@@ -62,23 +61,20 @@ async fn serve_stream(
                     "expected a want-list, got {frame:?}"
                 )));
             };
-            let chunks = match sender.manifest().get(entry as usize).map(|e| &e.kind) {
-                Some(EntryKind::File { chunks, .. }) => chunks,
-                _ => {
-                    return Err(Error::Protocol(format!(
-                        "want-list for entry {entry}, not a file"
-                    )))
-                }
+            let Some(lens) = sender.chunk_lens(entry) else {
+                return Err(Error::Protocol(format!(
+                    "want-list for entry {entry}, not a file sent so far"
+                )));
             };
-            let want = protocol::from_runs(&runs, chunks.len())?;
-            if want.iter().any(|&c| c as usize >= chunks.len()) {
+            let want = protocol::from_runs(&runs, lens.len())?;
+            if want.iter().any(|&c| c as usize >= lens.len()) {
                 return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
             }
             // Hints: none, or one per wanted chunk, each no longer than the chunk's blocks.
             let hints_fit = hints.is_empty()
                 || (hints.len() == want.len()
                     && want.iter().zip(&hints).all(|(&c, h)| {
-                        h.len() <= (chunks[c as usize].len as usize).div_ceil(crate::delta::BLOCK)
+                        h.len() <= (lens[c as usize] as usize).div_ceil(crate::delta::BLOCK)
                     }));
             if !hints_fit {
                 return Err(Error::Protocol(format!(

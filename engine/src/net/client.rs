@@ -290,8 +290,7 @@ pub fn push(
             compress: settings.compress,
             cache,
         };
-        let root = src.to_path_buf();
-        let chunking = tokio::task::spawn_blocking(move || Sender::new(&root, None, sopts));
+        let sender = Arc::new(Sender::new(src, sopts));
         let name_if_dir = if src.is_dir() {
             None
         } else {
@@ -302,24 +301,17 @@ pub fn push(
             name_if_dir,
         };
         let mut s = open(remote, cfg, request, settings).await?;
-        let sender = Arc::new(
-            chunking
-                .await
-                .map_err(|e| Error::Transport(format!("chunking: {e}")))?,
-        );
-        let r = send_tree(&s.conn, &mut s.ctl, sender.clone()).await;
+        let r = send_tree(&s.conn, &mut s.ctl, sender).await;
         let wire = close(&s, r.as_ref().err()).await;
-        let mut report = r?.into_report();
-        report.skipped = sender
-            .skipped
-            .iter()
-            .map(|(p, w)| (p.clone(), w.to_string()))
-            .collect();
+        let mut summary = r?;
+        let notes = summary.sender_notes.take().unwrap_or_default();
+        let mut report = summary.into_report();
+        report.skipped = notes.skipped;
         report.errors.splice(
             0..0,
-            sender
+            notes
                 .errors
-                .iter()
+                .into_iter()
                 .map(|e| Error::Remote(format!("(local) {e}"))),
         );
         report.stats.errors = report.errors.len() as u64;

@@ -92,6 +92,9 @@ pub struct Summary {
     pub changes: Vec<Change>,
     /// Per-entry errors, as text.
     pub errors: Vec<String>,
+    /// Filled in locally by the sender with its own notes; never sent.
+    #[serde(skip)]
+    pub sender_notes: Option<super::session::SenderNotes>,
 }
 
 impl Summary {
@@ -101,6 +104,7 @@ impl Summary {
             stats: r.stats.clone(),
             changes: r.changes.clone(),
             errors: r.errors.iter().map(|e| e.to_string()).collect(),
+            sender_notes: None,
         }
     }
 

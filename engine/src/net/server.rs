@@ -279,10 +279,7 @@ async fn run(
                 compress: settings.compress,
                 cache,
             };
-            let sender = tokio::task::spawn_blocking(move || Sender::new(&path, None, sopts))
-                .await
-                .map_err(|e| Error::Transport(format!("chunking: {e}")))?;
-            let summary = send_tree(conn, ctl, Arc::new(sender)).await?;
+            let summary = send_tree(conn, ctl, Arc::new(Sender::new(&path, sopts))).await?;
             tracing::info!(
                 "sent: {} files, {} literal bytes",
                 summary.stats.files,

@@ -25,32 +25,48 @@ pub struct Control2 {
 /// Manifest entries are written in batches of about this many bytes.
 const MANIFEST_BATCH: usize = 256 << 10;
 
-/// Sender role: stream the manifest, serve the receiver's want-lists, and return the
-/// receiver's summary.
+/// Sender role: scan and chunk the tree while streaming its manifest, serve the receiver's
+/// want-lists from the first entry on, and return the receiver's summary.
 pub async fn send_tree(
     conn: &quinn::Connection,
     ctl: &mut Control2,
     sender: Arc<Sender>,
 ) -> Result<Summary> {
     let server = tokio::spawn(serve_wants(conn.clone(), sender.clone()));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(1024);
+    let chunker = sender.clone();
+    let running = tokio::task::spawn_blocking(move || {
+        chunker.run(None, &mut |e| {
+            tx.blocking_send(e)
+                .map_err(|_| Error::Transport("the session ended".into()))
+        })
+    });
     let r = async {
         let mut buf = Vec::with_capacity(MANIFEST_BATCH + 4096);
-        for e in sender.manifest() {
-            protocol::encode(&Frame::Entry(e.clone()), &mut buf)?;
-            if buf.len() >= MANIFEST_BATCH {
-                super::wire::write_raw(&mut ctl.send, &buf).await?;
-                buf.clear();
+        while let Some(e) = rx.recv().await {
+            protocol::encode(&Frame::Entry(e), &mut buf)?;
+            // Whatever else is ready goes in the same write.
+            while buf.len() < MANIFEST_BATCH {
+                match rx.try_recv() {
+                    Ok(e) => protocol::encode(&Frame::Entry(e), &mut buf)?,
+                    Err(_) => break,
+                }
             }
+            super::wire::write_raw(&mut ctl.send, &buf).await?;
+            buf.clear();
         }
+        let notes = running
+            .await
+            .map_err(|e| Error::Transport(format!("chunking: {e}")))??;
         protocol::encode(&Frame::ManifestEnd, &mut buf)?;
         protocol::encode_msg(
             &Control::SenderNotes {
-                skipped: sender
+                skipped: notes
                     .skipped
                     .iter()
                     .map(|(p, w)| (p.clone(), w.to_string()))
                     .collect(),
-                errors: sender.errors.iter().map(|e| e.to_string()).collect(),
+                errors: notes.errors.iter().map(|e| e.to_string()).collect(),
             },
             &mut buf,
         )?;
@@ -59,7 +75,7 @@ pub async fn send_tree(
             Control::Summary(s) => {
                 write_msg(&mut ctl.send, &Control::Bye).await?;
                 let _ = ctl.send.finish();
-                Ok(s)
+                Ok((s, notes))
             }
             other => Err(Error::Protocol(format!(
                 "expected the receiver's summary, got {other:?}"
@@ -68,11 +84,22 @@ pub async fn send_tree(
     }
     .await;
     server.abort();
-    r
+    r.map(|(s, notes)| {
+        let mut s = s;
+        s.sender_notes = Some(SenderNotes {
+            skipped: notes
+                .skipped
+                .into_iter()
+                .map(|(p, w)| (p, w.to_string()))
+                .collect(),
+            errors: notes.errors.iter().map(|e| e.to_string()).collect(),
+        });
+        s
+    })
 }
 
 /// What the sender said besides the manifest.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct SenderNotes {
     /// Skipped entries and their kind.
     pub skipped: Vec<(crate::path::RelPath, String)>,
@@ -80,8 +107,9 @@ pub struct SenderNotes {
     pub errors: Vec<String>,
 }
 
-/// Receiver role: read the manifest while `prepare` indexes the destination, then plan and
-/// apply it with chunks fetched over `lanes` streams, and send the summary.
+/// Receiver role: index the destination while the manifest starts arriving, then apply it as
+/// it streams in (directories made and files fetched before the manifest is complete), with
+/// chunks fetched over `lanes` streams; send the summary.
 pub async fn receive_tree(
     conn: &quinn::Connection,
     ctl: &mut Control2,
@@ -89,46 +117,61 @@ pub async fn receive_tree(
     lanes: usize,
     progress: Arc<Progress>,
 ) -> Result<(Report, SenderNotes)> {
-    let prep = tokio::task::spawn_blocking(prepare);
-    let mut manifest: Vec<Entry> = Vec::new();
-    loop {
-        match expect_msg::<Frame>(&mut ctl.recv, "end of the manifest").await? {
-            Frame::Entry(e) => {
-                if manifest.len() >= MAX_ENTRIES {
-                    return Err(Error::Limit(format!(
-                        "manifest longer than {MAX_ENTRIES} entries"
-                    )));
-                }
-                manifest.push(e);
-            }
-            Frame::ManifestEnd => break,
-            other => {
-                return Err(Error::Protocol(format!(
-                    "expected a manifest entry, got {other:?}"
-                )))
-            }
-        }
-    }
-    let notes = match expect_msg::<Control>(&mut ctl.recv, "sender's notes").await? {
-        Control::SenderNotes { skipped, errors } => SenderNotes { skipped, errors },
-        other => {
-            return Err(Error::Protocol(format!(
-                "expected the sender's notes, got {other:?}"
-            )))
-        }
-    };
-    let receiver = prep
-        .await
-        .map_err(|e| Error::Transport(format!("indexing the destination: {e}")))??;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Option<Entry>>>(1024);
     let conn2 = conn.clone();
     let rt = tokio::runtime::Handle::current();
-    let report = tokio::task::spawn_blocking(move || -> Result<Report> {
-        let plan = receiver.plan(&manifest)?;
-        let source = StreamSource::new(conn2, rt, &manifest, lanes);
-        Ok(receiver.apply(&manifest, &plan, &source, &progress))
-    })
-    .await
-    .map_err(|e| Error::Transport(format!("applying the manifest: {e}")))??;
+    let applying = tokio::task::spawn_blocking(move || -> Result<Report> {
+        let receiver = prepare()?;
+        let source = StreamSource::new(conn2, rt, lanes);
+        let mut next = || match rx.blocking_recv() {
+            Some(r) => r,
+            None => Err(Error::Transport("the manifest stream ended".into())),
+        };
+        receiver.apply(&mut next, &source, &progress)
+    });
+    let mut count = 0usize;
+    let mut complete = false;
+    loop {
+        let item = match expect_msg::<Frame>(&mut ctl.recv, "end of the manifest").await {
+            Ok(Frame::Entry(e)) if count < MAX_ENTRIES => {
+                count += 1;
+                Ok(Some(e))
+            }
+            Ok(Frame::Entry(_)) => Err(Error::Limit(format!(
+                "manifest longer than {MAX_ENTRIES} entries"
+            ))),
+            Ok(Frame::ManifestEnd) => {
+                complete = true;
+                Ok(None)
+            }
+            Ok(other) => Err(Error::Protocol(format!(
+                "expected a manifest entry, got {other:?}"
+            ))),
+            Err(e) => Err(e),
+        };
+        let stop = !matches!(item, Ok(Some(_)));
+        if tx.send(item).await.is_err() || stop {
+            break;
+        }
+    }
+    drop(tx);
+    let notes = if complete {
+        match expect_msg::<Control>(&mut ctl.recv, "sender's notes").await {
+            Ok(Control::SenderNotes { skipped, errors }) => Some(SenderNotes { skipped, errors }),
+            Ok(other) => {
+                return Err(Error::Protocol(format!(
+                    "expected the sender's notes, got {other:?}"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+    } else {
+        None
+    };
+    let report = applying
+        .await
+        .map_err(|e| Error::Transport(format!("applying the manifest: {e}")))??;
+    let notes = notes.ok_or_else(|| Error::Protocol("the manifest ended early".into()))?;
     write_msg(&mut ctl.send, &Control::Summary(Summary::of(&report))).await?;
     let _ = ctl.send.finish();
     // The sender's goodbye; its absence only means it closed first.

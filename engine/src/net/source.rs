@@ -1,15 +1,14 @@
 //! The receiver's side of chunk transfer: a [`ChunkSource`] over QUIC streams.
 //!
-//! Each lane of the receiver gets one stream. As soon as a lane announces its fetches, all its
-//! want-lists are written on the stream and the sender starts answering, so chunks flow while
-//! earlier files are still being assembled; the stream's flow-control window (and a small
-//! bounded queue) is the only buffering. A fetch that was not announced (a retry) gets a stream
-//! of its own.
+//! Each lane of the receiver gets one stream. Every request announced for a lane is written on
+//! its stream at once, so the sender answers while earlier files are still being assembled and
+//! while the manifest is still arriving; the stream's flow-control window (and a small bounded
+//! queue) is the only buffering. A fetch that was not announced (a retry) gets a stream of its
+//! own.
 
 use super::wire::{read_msg, write_msg};
 use crate::assemble::Fetched;
 use crate::error::{Error, Result};
-use crate::manifest::{Entry, EntryKind};
 use crate::protocol::{self, Frame};
 use crate::receiver::{ChunkSource, Request};
 use std::collections::VecDeque;
@@ -20,34 +19,36 @@ use tokio::sync::mpsc;
 /// Frames read from one stream, ahead of use.
 const QUEUE: usize = 64;
 
+/// One lane's stream: requests go out through `more`, answers come back in `frames`.
 struct Lane {
-    /// Announced requests not yet made.
-    pending: VecDeque<Request>,
-    frames: mpsc::Receiver<Result<Frame>>,
+    /// Announced requests (entry, chunk numbers) whose answers were not read yet, in order.
+    pending: Mutex<VecDeque<(u32, Vec<u32>)>>,
+    more: mpsc::UnboundedSender<Request>,
+    /// The answers; `None` once the stream failed or lost step.
+    frames: Mutex<Option<mpsc::Receiver<Result<Frame>>>>,
 }
 
 /// Fetches chunks from the sender at the other end of a connection.
-pub struct StreamSource<'a> {
+pub struct StreamSource {
     conn: quinn::Connection,
     rt: Handle,
-    manifest: &'a [Entry],
-    lanes: Vec<Mutex<Option<Lane>>>,
+    lanes: Vec<Mutex<Option<std::sync::Arc<Lane>>>>,
 }
 
-impl<'a> StreamSource<'a> {
-    /// A source with `lanes` streams on `conn`, for chunks of `manifest`. `rt` runs the stream
-    /// tasks; fetches are made from threads outside it.
-    pub fn new(conn: quinn::Connection, rt: Handle, manifest: &'a [Entry], lanes: usize) -> Self {
+impl StreamSource {
+    /// A source with `lanes` streams on `conn`. `rt` runs the stream tasks; fetches are made
+    /// from threads outside it.
+    pub fn new(conn: quinn::Connection, rt: Handle, lanes: usize) -> Self {
         StreamSource {
             conn,
             rt,
-            manifest,
             lanes: (0..lanes.max(1)).map(|_| Mutex::new(None)).collect(),
         }
     }
 
-    /// Open a stream, write the want-lists, and forward the frames that come back.
-    fn request(&self, reqs: Vec<Request>) -> mpsc::Receiver<Result<Frame>> {
+    /// Open a stream that writes every request `reqs` yields, and forward the frames that come
+    /// back.
+    fn open(&self, mut reqs: mpsc::UnboundedReceiver<Request>) -> mpsc::Receiver<Result<Frame>> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let conn = self.conn.clone();
         self.rt.spawn(async move {
@@ -59,7 +60,7 @@ impl<'a> StreamSource<'a> {
                 }
             };
             let writer = async move {
-                for r in reqs {
+                while let Some(r) = reqs.recv().await {
                     let want = Frame::Want {
                         entry: r.entry,
                         runs: protocol::to_runs(&r.want),
@@ -95,24 +96,14 @@ impl<'a> StreamSource<'a> {
         rx
     }
 
-    /// Read the frames answering one want-list, passing chunks to `sink` until it fails.
-    /// Returns `Err` with `Some(lane_ok)`: whether the stream is still in step afterwards.
+    /// Read the frames answering one request, passing chunks to `sink` until it fails. Also
+    /// returns whether the stream is still in step afterwards.
     fn consume(
-        &self,
         frames: &mut mpsc::Receiver<Result<Frame>>,
         entry: u32,
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> (Result<()>, bool) {
-        if !matches!(
-            self.manifest.get(entry as usize).map(|e| &e.kind),
-            Some(EntryKind::File { .. })
-        ) {
-            return (
-                Err(Error::Protocol(format!("entry {entry} is not a file"))),
-                true,
-            );
-        }
         let mut sink_err = None;
         for &n in want {
             let frame = match frames.blocking_recv() {
@@ -154,6 +145,42 @@ impl<'a> StreamSource<'a> {
         }
         (sink_err.map_or(Ok(()), Err), true)
     }
+
+    /// Make the request on the lane's stream if it was announced there: returns `None` if not.
+    fn fetch_announced(
+        lane: &Lane,
+        req: &Request,
+        sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let mut frames = lane.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let rx = frames.as_mut()?;
+        // Answers to announced requests the lane skipped come first: drain them.
+        loop {
+            let head = {
+                let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let pos = pending
+                    .iter()
+                    .position(|(e, w)| *e == req.entry && *w == req.want)?;
+                if pos == 0 {
+                    pending.pop_front();
+                    None
+                } else {
+                    pending.pop_front()
+                }
+            };
+            let Some((e, w)) = head else { break };
+            let (_, in_step) = Self::consume(rx, e, &w, &mut |_| Ok(()));
+            if !in_step {
+                *frames = None;
+                return None;
+            }
+        }
+        let (r, in_step) = Self::consume(rx, req.entry, &req.want, sink);
+        if !in_step {
+            *frames = None;
+        }
+        Some(r)
+    }
 }
 
 fn describe(f: &Frame) -> String {
@@ -164,7 +191,7 @@ fn describe(f: &Frame) -> String {
     }
 }
 
-impl ChunkSource for StreamSource<'_> {
+impl ChunkSource for StreamSource {
     fn lanes(&self) -> usize {
         self.lanes.len()
     }
@@ -173,20 +200,21 @@ impl ChunkSource for StreamSource<'_> {
         let Some(slot) = self.lanes.get(lane) else {
             return;
         };
-        if reqs.is_empty() {
-            return;
-        }
-        // The lane keeps what it needs to follow the answers, not the hints.
-        let pending = reqs
-            .iter()
-            .map(|r| Request {
-                entry: r.entry,
-                want: r.want.clone(),
-                hints: Vec::new(),
+        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let l = slot.get_or_insert_with(|| {
+            let (more, reqs) = mpsc::unbounded_channel();
+            std::sync::Arc::new(Lane {
+                pending: Mutex::new(VecDeque::new()),
+                more,
+                frames: Mutex::new(Some(self.open(reqs))),
             })
-            .collect();
-        let frames = self.request(reqs);
-        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Lane { pending, frames });
+        });
+        let mut pending = l.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for r in reqs {
+            pending.push_back((r.entry, r.want.clone()));
+            // A closed channel means the stream failed; fetches will find out and go alone.
+            let _ = l.more.send(r);
+        }
     }
 
     fn fetch(
@@ -195,42 +223,20 @@ impl ChunkSource for StreamSource<'_> {
         req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()> {
-        let (entry, want) = (req.entry, req.want.as_slice());
-        if let Some(slot) = self.lanes.get(lane) {
-            let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(l) = guard.as_mut() {
-                if let Some(pos) = l
-                    .pending
-                    .iter()
-                    .position(|r| r.entry == entry && r.want == want)
-                {
-                    // Skip announced fetches the lane did not make.
-                    let mut in_step = true;
-                    for _ in 0..pos {
-                        let Some(r) = l.pending.pop_front() else {
-                            break;
-                        };
-                        let (_, ok) =
-                            self.consume(&mut l.frames, r.entry, &r.want, &mut |_| Ok(()));
-                        in_step &= ok;
-                        if !in_step {
-                            break;
-                        }
-                    }
-                    if in_step {
-                        l.pending.pop_front();
-                        let (r, ok) = self.consume(&mut l.frames, entry, want, sink);
-                        if !ok {
-                            *guard = None;
-                        }
-                        return r;
-                    }
-                    *guard = None;
-                }
+        let l = self
+            .lanes
+            .get(lane)
+            .and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        if let Some(l) = l {
+            if let Some(r) = Self::fetch_announced(&l, req, sink) {
+                return r;
             }
         }
-        // Not announced, or the lane's stream failed: a stream for this fetch alone.
-        let mut frames = self.request(vec![req.clone()]);
-        self.consume(&mut frames, entry, want, sink).0
+        // Not announced, or the lane's stream failed: a stream for this request alone.
+        let (more, reqs) = mpsc::unbounded_channel();
+        let _ = more.send(req.clone());
+        drop(more);
+        let mut frames = self.open(reqs);
+        Self::consume(&mut frames, req.entry, &req.want, sink).0
     }
 }
