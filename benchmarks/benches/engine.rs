@@ -132,7 +132,7 @@ fn compression(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::from_parameter(level), &level, |b, &level| {
             b.iter(|| {
                 for c in text.chunks(16384) {
-                    black_box(hop_engine::sender::encode_payload(c, Some(level)));
+                    black_box(hop_engine::sender::encode_payload(c.to_vec(), Some(level)));
                 }
             })
         });
