@@ -6,7 +6,8 @@
 #   scripts/netns.sh down [PREFIX]    remove them
 #   scripts/netns.sh bytes [PREFIX]   bytes received+sent by PREFIX-b's interface so far
 #
-# Traffic never leaves the two namespaces. PREFIX defaults to "hop". Needs root.
+# Traffic never leaves the two namespaces. PREFIX defaults to "hop". Needs root (and ethtool, to
+# turn segmentation offload off so that interface counters count every packet's headers).
 set -euo pipefail
 cmd=${1:?usage: netns.sh up|down|bytes [PREFIX]}
 P=${2:-hop}
@@ -22,6 +23,10 @@ up)
     for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
     ip -n "$A" link set "$P-va" up
     ip -n "$B" link set "$P-vb" up
+    # No segmentation offload: every packet crosses the veth as the wire would carry it (with
+    # its own headers), so interface counters measure real bytes on the wire for TCP and UDP.
+    ip netns exec "$A" ethtool -K "$P-va" tso off gso off 2>/dev/null || true
+    ip netns exec "$B" ethtool -K "$P-vb" tso off gso off 2>/dev/null || true
     if [ -n "${3:-}" ]; then
         # Token bucket on each side's egress; burst sized for the rate (>= 10 ms worth).
         for side in "$A:$P-va" "$B:$P-vb"; do

@@ -44,9 +44,14 @@ pub struct ServeArgs {
     /// Sessions served at once; more are refused.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_sessions: usize,
-    /// Streams used to fetch chunks when receiving (default: one per core, 2 to 8).
-    #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
-    pub streams: usize,
+    /// Most streams a pushing client may have the server fetch chunks on (the client asks for
+    /// its --streams).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub max_streams: usize,
+    /// QUIC flow-control window per stream in bytes (the connection's is four times this).
+    /// Must exceed the link's bandwidth x round-trip time for full speed.
+    #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
+    pub window: u64,
 }
 
 /// Run `hop serve`.
@@ -64,8 +69,9 @@ pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
         identity: id.credentials(),
         authorized_keys: authorized_keys.clone(),
         net: NetOptions {
-            streams: a.streams.clamp(1, 64),
+            streams: a.max_streams.clamp(1, 64),
             timeout: Duration::from_secs(a.timeout.max(1)),
+            window: a.window,
             ..NetOptions::default()
         },
         max_sessions: a.max_sessions.max(1),

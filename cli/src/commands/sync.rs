@@ -95,6 +95,10 @@ pub struct SyncArgs {
     /// Remote syncs: give up on a peer silent for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     pub timeout: u64,
+    /// Remote syncs: QUIC flow-control window per stream in bytes (the connection's is four
+    /// times this). Must exceed the link's bandwidth x round-trip time for full speed.
+    #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
+    pub window: u64,
 }
 
 fn parse_compress(s: &str) -> Result<i32> {
@@ -183,6 +187,7 @@ fn client_settings(a: &SyncArgs) -> Result<ClientSettings> {
         net: NetOptions {
             streams: a.streams.clamp(1, 64),
             timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+            window: a.window,
             ..NetOptions::default()
         },
     })
@@ -208,6 +213,7 @@ fn run_remote(
         fsync: a.fsync,
         sparse: !a.no_sparse,
         no_index_cache: a.no_index_cache,
+        streams: cfg.net.streams as u32,
     };
     match sides {
         Sides::Push(mut remote) => {

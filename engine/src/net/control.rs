@@ -41,6 +41,8 @@ pub struct SyncSettings {
     pub sparse: bool,
     /// Neither side reads or writes chunk caches.
     pub no_index_cache: bool,
+    /// Receiver: streams (lanes) to fetch chunks on; the server caps it at 64.
+    pub streams: u32,
 }
 
 /// Control messages. The order on the control stream is: client `Hello`; server `Welcome` or

@@ -120,13 +120,13 @@ fn endpoint(
     o: &NetOptions,
 ) -> Result<quinn::Endpoint> {
     let sock = udp_socket(addr, o.udp_buffer)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| Error::Transport(format!("cannot start QUIC on {addr}: {e}")))
+    // Zero-length connection ids: 8 bytes less in every packet (0.6 % of the bytes on the
+    // wire). Connections are then told apart by address, so one that changes address (NAT
+    // rebinding) ends with a timeout error, and re-running the sync resumes it.
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(|| Box::new(NoCid));
+    quinn::Endpoint::new(config, server, sock, Arc::new(quinn::TokioRuntime))
+        .map_err(|e| Error::Transport(format!("cannot start QUIC on {addr}: {e}")))
 }
 
 /// A server endpoint listening on `listen`, presenting `id`, admitting only clients whose key is
@@ -188,6 +188,21 @@ pub fn client_endpoint(
     let mut ep = endpoint(local, None, o)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
+}
+
+/// Zero-length connection ids.
+struct NoCid;
+
+impl quinn::ConnectionIdGenerator for NoCid {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&[])
+    }
+    fn cid_len(&self) -> usize {
+        0
+    }
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The crypto provider used for verifying peers' signatures.

@@ -28,7 +28,7 @@ pub struct ServeSettings {
     pub identity: Credentials,
     /// Fingerprints of the clients allowed in, one per line.
     pub authorized_keys: PathBuf,
-    /// Transport settings.
+    /// Transport settings; `streams` is the most streams a pushing client may use.
     pub net: NetOptions,
     /// Sessions served at once; more are refused.
     pub max_sessions: usize,
@@ -252,14 +252,10 @@ async fn run(
                 no_index_cache: settings.no_index_cache,
             };
             let prepare = move || Receiver::prepare(&path, ropts);
-            let (report, _) = receive_tree(
-                conn,
-                ctl,
-                prepare,
-                s.net.streams,
-                Arc::new(Progress::default()),
-            )
-            .await?;
+            // The client chose the streams; `net.streams` is the most a client may use.
+            let lanes = (settings.streams as usize).clamp(1, s.net.streams.max(1));
+            let (report, _) =
+                receive_tree(conn, ctl, prepare, lanes, Arc::new(Progress::default())).await?;
             tracing::info!(
                 "received: {} files, {} literal bytes, {} errors",
                 report.stats.files,

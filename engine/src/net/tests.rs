@@ -86,6 +86,7 @@ fn settings() -> SyncSettings {
         fsync: false,
         sparse: true,
         no_index_cache: true,
+        streams: 2,
     }
 }
 
