@@ -217,6 +217,7 @@ impl Sender {
             }
         };
         let offsets = &served.offsets;
+        let mut squeeze = Squeeze::default();
         for (k, &n) in want.iter().enumerate() {
             let spec = chunks
                 .get(n as usize)
@@ -234,13 +235,19 @@ impl Sender {
                 .get(k)
                 .filter(|h| !h.is_empty())
                 .and_then(|h| crate::delta::encode(&buf, h, buf.len() * 3 / 4));
+            // Data that did not compress lately is not tried again for a while (like rsync's
+            // skip-compress, but by measurement): incompressible files cost no zstd time.
+            let level = self.opts.compress.filter(|_| squeeze.should_try());
             let (codec, bytes) = match patch {
-                Some(p) => match encode_payload(p, self.opts.compress) {
+                Some(p) => match encode_payload(p, level) {
                     (Codec::Zstd, z) => (Codec::PatchZstd, z),
                     (_, p) => (Codec::Patch, p),
                 },
-                None => encode_payload(buf, self.opts.compress),
+                None => encode_payload(buf, level),
             };
+            if level.is_some() {
+                squeeze.record(matches!(codec, Codec::Zstd | Codec::PatchZstd));
+            }
             emit(Frame::Data {
                 entry,
                 chunk: n,
@@ -249,6 +256,32 @@ impl Sender {
             })?;
         }
         Ok(())
+    }
+}
+
+/// Whether compressing is worth trying: after 8 chunks in a row that did not shrink, only every
+/// 32nd chunk is tried until one shrinks again.
+#[derive(Default)]
+struct Squeeze {
+    misses: u32,
+    skipped: u32,
+}
+
+impl Squeeze {
+    fn should_try(&mut self) -> bool {
+        if self.misses < 8 {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped >= 32 {
+            self.skipped = 0;
+            return true;
+        }
+        false
+    }
+
+    fn record(&mut self, shrank: bool) {
+        self.misses = if shrank { 0 } else { self.misses + 1 };
     }
 }
 
@@ -313,6 +346,19 @@ pub fn decode_payload(codec: Codec, bytes: Vec<u8>, len: usize) -> Result<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_backs_off_on_incompressible_data() {
+        let mut s = Squeeze::default();
+        for _ in 0..8 {
+            assert!(s.should_try());
+            s.record(false);
+        }
+        let tried = (0..64).filter(|_| s.should_try()).count();
+        assert_eq!(tried, 2, "after 8 misses only every 32nd chunk is tried");
+        s.record(true);
+        assert!(s.should_try(), "a chunk that shrank resumes compression");
+    }
 
     #[test]
     fn payload_round_trip_and_bomb() {
