@@ -18,4 +18,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { log "cargo not found: this machine kind ships a Rust toolchain"; exit 1; }
+# CRIU >= 4.2, built from Debian's source package against this system's libraries (bookworm's
+# own criu 3.17 cannot run on this kernel). A working CRIU >= 4.2 is left alone.
+if [ "$(id -u)" = 0 ]; then
+    bash "$(dirname "$0")/build-criu.sh" 2>&1 | grep -E '^\[build-criu\]' >&2
+else
+    log "not root: skipping the CRIU build (checkpoint tests need root anyway)"
+fi
 log "ok: $(rsync --version | head -n1)"

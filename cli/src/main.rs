@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 usage or setup error (nothing was changed); 23 partial transfer
 //! (some entries failed, the rest is correct at the destination), like rsync.
 
+mod checkpoint;
 mod commands;
 mod identity;
 mod progress;
@@ -29,6 +30,9 @@ enum Command {
     Sync(commands::sync::SyncArgs),
     Keygen(commands::keygen::KeygenArgs),
     Serve(commands::serve::ServeArgs),
+    Checkpoint(commands::checkpoint::CheckpointArgs),
+    Restore(commands::checkpoint::RestoreArgs),
+    Doctor(commands::doctor::DoctorArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -61,6 +65,9 @@ fn main() -> ExitCode {
         Command::Sync(a) => commands::sync::run(a, out),
         Command::Keygen(a) => commands::keygen::run(a, out),
         Command::Serve(a) => commands::serve::run(a, out),
+        Command::Checkpoint(a) => commands::checkpoint::run_checkpoint(a, out),
+        Command::Restore(a) => commands::checkpoint::run_restore(a, out),
+        Command::Doctor(a) => commands::doctor::run(a, out),
     };
     match r {
         Ok(code) => code,

@@ -1,5 +1,7 @@
 //! One file per subcommand.
 
+pub mod checkpoint;
+pub mod doctor;
 pub mod keygen;
 pub mod serve;
 pub mod sync;

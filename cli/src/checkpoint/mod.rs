@@ -1,0 +1,3 @@
+//! The checkpoint/restore layer of the orchestrator: one small module per tool it drives.
+
+pub mod criu;

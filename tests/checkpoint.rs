@@ -1,0 +1,155 @@
+//! End-to-end tests of `hop checkpoint` / `hop restore` with the real CRIU (>= 4.2, installed by
+//! `scripts/setup.sh`), on real processes. They need root, as CRIU does.
+
+#[macro_use]
+mod util;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use util::*;
+
+/// A Python process that writes an increasing counter to `file` every 50 ms; as a session
+/// leader (`setsid`) unless `leader` is false.
+fn counter(file: &Path, leader: bool) -> Child {
+    let script = format!(
+        "import time\ni = 0\nwhile True:\n    open({:?}, 'w').write(str(i))\n    i += 1\n    time.sleep(0.05)\n",
+        file.display().to_string()
+    );
+    let mut c = if leader {
+        let mut c = Command::new("setsid");
+        c.arg("python3");
+        c
+    } else {
+        Command::new("python3")
+    };
+    let child = c
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3");
+    wait_for_value(file, Duration::from_secs(5));
+    child
+}
+
+fn value(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+fn wait_for_value(file: &Path, limit: Duration) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = value(file) {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "{} never got a value", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The counter moves on within a second.
+fn advances(file: &Path) -> bool {
+    let a = wait_for_value(file, Duration::from_secs(2));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(50));
+        if value(file).is_some_and(|b| b > a) {
+            return true;
+        }
+    }
+    false
+}
+
+fn kill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+#[test]
+fn dump_leave_running_then_final_dump_and_restore_keep_the_state() {
+    let d = Dir::new();
+    let file = d.path("count");
+    let mut child = counter(&file, true);
+    let pid = child.id();
+
+    // A pre-copy round: the process keeps running.
+    let out = ok(hop_cmd![
+        "checkpoint",
+        "--pid",
+        pid.to_string(),
+        "--dir",
+        d.path("round1"),
+        "--leave-running",
+        "--json"
+    ]);
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(stats["pages_written"].as_u64().unwrap() > 100, "{stats}");
+    assert!(d.path("round1/pages-1.img").exists());
+    assert!(
+        advances(&file),
+        "the process stopped after a --leave-running dump"
+    );
+
+    // The final dump stops it; the state is in the images.
+    ok(hop_cmd![
+        "checkpoint",
+        "--pid",
+        pid.to_string(),
+        "--dir",
+        d.path("final")
+    ]);
+    let _ = child.wait(); // reap it, so that its PID is free for the restore
+    let at_dump = value(&file).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        value(&file),
+        Some(at_dump),
+        "the process kept running after its final dump"
+    );
+
+    // Restore: the same process continues counting from where it was.
+    let out = ok(hop_cmd!["restore", "--dir", d.path("final"), "-q"]);
+    let restored: u32 = out
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {out:?}"));
+    assert!(advances(&file), "the restored process does not run");
+    let now = value(&file).unwrap();
+    assert!(
+        now > at_dump && now < at_dump + 200,
+        "counter {now} after restore does not continue from {at_dump}"
+    );
+    kill(restored);
+}
+
+#[test]
+fn a_failed_dump_names_the_cause_and_leaves_the_process_running() {
+    let d = Dir::new();
+    let file = d.path("count");
+    // Not a session leader, and no --shell-job: CRIU refuses.
+    let mut child = counter(&file, false);
+    let pid = child.id();
+    let err = fails(
+        hop_cmd![
+            "checkpoint",
+            "--pid",
+            pid.to_string(),
+            "--dir",
+            d.path("img")
+        ],
+        1,
+    );
+    assert!(err.contains("session leader"), "{err}");
+    assert!(err.contains("still running"), "{err}");
+    assert!(advances(&file), "the process stopped after a failed dump");
+    // A dump of a PID that does not exist fails cleanly too.
+    let err = fails(
+        hop_cmd!["checkpoint", "--pid", "4000000", "--dir", d.path("none")],
+        1,
+    );
+    assert!(err.contains("criu dump of PID 4000000 failed"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
