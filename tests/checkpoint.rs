@@ -153,3 +153,89 @@ fn a_failed_dump_names_the_cause_and_leaves_the_process_running() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn redis_value(i: u64) -> String {
+    let mut v = String::with_capacity(1000);
+    for b in noise(i, 500) {
+        v.push_str(&format!("{b:02x}"));
+    }
+    v
+}
+
+#[test]
+fn a_memory_heavy_redis_keeps_all_its_data_through_dump_and_restore() {
+    const KEYS: u64 = 250_000; // ~250 MiB of values, ~300 MiB of memory
+    let d = Dir::new();
+    let port = free_port();
+    let mut child = Command::new("setsid")
+        .args(["redis-server", "--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--dir", d.path("").to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let t0 = Instant::now();
+    while redis_cli(port, &["PING"]) != "PONG" {
+        assert!(t0.elapsed() < Duration::from_secs(10), "redis did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Load through one pipe of inline commands.
+    let mut load = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(load.stdin.take().unwrap());
+        for i in 0..KEYS {
+            write!(w, "SET key:{i:012} {}\r\n", redis_value(i)).unwrap();
+        }
+    }
+    assert!(load.wait().unwrap().success());
+    assert_eq!(redis_cli(port, &["DBSIZE"]), KEYS.to_string());
+
+    let out = ok(hop_cmd![
+        "checkpoint", "--pid", child.id().to_string(), "--dir", d.path("img"), "--json"
+    ]);
+    let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let pages = stats["pages_written"].as_u64().unwrap();
+    assert!(pages * 4096 > 250 << 20, "only {pages} pages dumped: {stats}");
+    let _ = child.wait();
+    assert_ne!(redis_cli(port, &["PING"]), "PONG", "redis still answers after its final dump");
+
+    let out = ok(hop_cmd!["restore", "--dir", d.path("img"), "-q"]);
+    let restored: u32 = out.trim().parse().unwrap();
+    assert_eq!(redis_cli(port, &["PING"]), "PONG");
+    assert_eq!(redis_cli(port, &["DBSIZE"]), KEYS.to_string());
+    for i in [0, 1, 4242, KEYS / 2, KEYS - 1] {
+        assert_eq!(
+            redis_cli(port, &["GET", &format!("key:{i:012}")]),
+            redis_value(i),
+            "key {i} differs after restore"
+        );
+    }
+    let _ = redis_cli(port, &["SHUTDOWN", "NOSAVE"]);
+    kill(restored);
+}
