@@ -186,7 +186,13 @@ fn a_memory_heavy_redis_keeps_all_its_data_through_dump_and_restore() {
     let d = Dir::new();
     let port = free_port();
     let mut child = Command::new("setsid")
-        .args(["redis-server", "--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "redis-server",
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
         .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
         .args(["--dir", d.path("").to_str().unwrap()])
         .stdin(Stdio::null())
@@ -196,7 +202,10 @@ fn a_memory_heavy_redis_keeps_all_its_data_through_dump_and_restore() {
         .expect("start redis-server");
     let t0 = Instant::now();
     while redis_cli(port, &["PING"]) != "PONG" {
-        assert!(t0.elapsed() < Duration::from_secs(10), "redis did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "redis did not start"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Load through one pipe of inline commands.
@@ -217,13 +226,25 @@ fn a_memory_heavy_redis_keeps_all_its_data_through_dump_and_restore() {
     assert_eq!(redis_cli(port, &["DBSIZE"]), KEYS.to_string());
 
     let out = ok(hop_cmd![
-        "checkpoint", "--pid", child.id().to_string(), "--dir", d.path("img"), "--json"
+        "checkpoint",
+        "--pid",
+        child.id().to_string(),
+        "--dir",
+        d.path("img"),
+        "--json"
     ]);
     let stats: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let pages = stats["pages_written"].as_u64().unwrap();
-    assert!(pages * 4096 > 250 << 20, "only {pages} pages dumped: {stats}");
+    assert!(
+        pages * 4096 > 250 << 20,
+        "only {pages} pages dumped: {stats}"
+    );
     let _ = child.wait();
-    assert_ne!(redis_cli(port, &["PING"]), "PONG", "redis still answers after its final dump");
+    assert_ne!(
+        redis_cli(port, &["PING"]),
+        "PONG",
+        "redis still answers after its final dump"
+    );
 
     let out = ok(hop_cmd!["restore", "--dir", d.path("img"), "-q"]);
     let restored: u32 = out.trim().parse().unwrap();

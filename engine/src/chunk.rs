@@ -31,6 +31,9 @@ pub struct ChunkParams {
     pub avg: u32,
     /// Forced cut at this many bytes. 1 KiB ..= 16 MiB.
     pub max: u32,
+    /// CRIU memory images (`pages-*.img`) are cut on every 4 KiB page instead (see
+    /// [`is_page_image`]).
+    pub pages: bool,
 }
 
 impl Default for ChunkParams {
@@ -44,6 +47,7 @@ impl Default for ChunkParams {
             min: 4 * 1024,
             avg: 4 * 1024,
             max: 32 * 1024,
+            pages: true,
         }
     }
 }
@@ -67,7 +71,26 @@ impl ChunkParams {
         if !(min <= avg && avg <= max) {
             return bad(format!("need min <= avg <= max, got {min}/{avg}/{max}"));
         }
-        Ok(ChunkParams { min, avg, max })
+        Ok(ChunkParams {
+            min,
+            avg,
+            max,
+            pages: true,
+        })
+    }
+
+    /// The same, with page-image chunking on or off.
+    pub fn with_pages(self, pages: bool) -> Self {
+        ChunkParams { pages, ..self }
+    }
+
+    /// The longest chunk these parameters can produce.
+    pub fn max_len(&self) -> u32 {
+        if self.pages {
+            self.max.max(PAGE as u32)
+        } else {
+            self.max
+        }
     }
 
     /// Derive min = avg/2 and max = avg*8 from an average, the shape used by `--chunk-size`.
@@ -223,12 +246,53 @@ pub fn chunk_bytes(data: &[u8], p: ChunkParams) -> FileChunks {
     }
 }
 
+/// Size of a memory page in CRIU images.
+pub const PAGE: usize = 4096;
+
+/// Whether `path` is a CRIU memory image: `pages-N.img`. Its content is a sequence of 4 KiB
+/// pages in virtual-address order; dirty pages are rewritten in place between dumps and whole
+/// pages come and go, so it is cut on every page: one dirty page costs one page-sized chunk (and
+/// usually only a patch of it, see [`crate::delta`]), and pages that moved are still found by
+/// their content. Both sides decide by the name alone, so they always agree.
+pub fn is_page_image(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("pages-"))
+        .and_then(|n| n.strip_suffix(".img"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Cut `data` on every page (the last chunk may be shorter), hashing pages on all cores.
+pub fn chunk_pages(data: &[u8]) -> FileChunks {
+    let chunks: Vec<ChunkSpec> = data
+        .par_chunks(PAGE)
+        .map(|c| ChunkSpec {
+            len: c.len() as u32,
+            id: ChunkId::of(c),
+            zero: is_zero(c),
+        })
+        .collect();
+    FileChunks {
+        size: data.len() as u64,
+        hash: file_hash(data.len() as u64, &chunks),
+        chunks,
+    }
+}
+
 /// Files up to this size are read into memory; larger ones are memory-mapped.
 const MMAP_MIN: u64 = 256 * 1024;
 
 /// Chunk a file on disk (memory-mapped when large). Fails with [`Error::SourceChanged`] when the
 /// file's size changes while it is read.
 pub fn chunk_file(path: &Path, p: ChunkParams) -> Result<FileChunks> {
+    let paged = p.pages && is_page_image(path);
+    let cut = |data: &[u8]| {
+        if paged {
+            chunk_pages(data)
+        } else {
+            chunk_bytes(data, p)
+        }
+    };
     let mut f = File::open(path).ctx("open", path)?;
     let len = f.metadata().ctx("stat", path)?.len();
     if len < MMAP_MIN {
@@ -237,14 +301,14 @@ pub fn chunk_file(path: &Path, p: ChunkParams) -> Result<FileChunks> {
         if buf.len() as u64 != len {
             return Err(Error::SourceChanged { path: path.into() });
         }
-        return Ok(chunk_bytes(&buf, p));
+        return Ok(cut(&buf));
     }
     // SAFETY: the map is read-only and private to this call. A concurrent truncation by another
     // process could fault; the size is re-checked below to report concurrent changes.
     let map = unsafe { memmap2::MmapOptions::new().map(&f) }.ctx("mmap", path)?;
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Sequential);
-    let out = chunk_bytes(&map, p);
+    let out = cut(&map);
     if f.metadata().ctx("stat", path)?.len() != len {
         return Err(Error::SourceChanged { path: path.into() });
     }
@@ -303,6 +367,35 @@ mod tests {
             assert!(c.len >= p.min && c.len <= p.max, "chunk of {}", c.len);
         }
         assert_eq!(fc.hash, file_hash(data.len() as u64, &fc.chunks));
+    }
+
+    #[test]
+    fn page_images_are_cut_on_every_page() {
+        use std::path::Path;
+        assert!(is_page_image(Path::new("/d/pages-1.img")));
+        assert!(is_page_image(Path::new("pages-12.img")));
+        for n in [
+            "pages-.img",
+            "pages-1.img.bak",
+            "pagemap-1.img",
+            "xpages-1.img",
+            "pages-a.img",
+        ] {
+            assert!(!is_page_image(Path::new(n)), "{n}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut data = noise(3, 10 * PAGE + 100);
+        data[PAGE..2 * PAGE].fill(0);
+        let p = d.path().join("pages-1.img");
+        std::fs::write(&p, &data).unwrap();
+        let fc = chunk_file(&p, ChunkParams::default()).unwrap();
+        assert_eq!(fc.chunks.len(), 11);
+        assert!(fc.chunks[..10].iter().all(|c| c.len as usize == PAGE));
+        assert_eq!(fc.chunks[10].len, 100);
+        assert!(fc.chunks[1].zero && !fc.chunks[0].zero);
+        // Off: ordinary content-defined chunks.
+        let fc = chunk_file(&p, ChunkParams::default().with_pages(false)).unwrap();
+        assert!(fc.chunks.iter().any(|c| c.len as usize != PAGE));
     }
 
     /// Pin the cut points of a fixed input: a dependency bump must not silently change chunking

@@ -37,6 +37,9 @@ pub struct ReceiverOptions {
     pub index_cache: Option<PathBuf>,
     /// Do not read or write an index cache.
     pub no_index_cache: bool,
+    /// Ask for sub-chunk patches of chunks that look like edits of local data
+    /// (see [`crate::delta`]).
+    pub delta: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -50,6 +53,7 @@ impl Default for ReceiverOptions {
             sparse: true,
             index_cache: None,
             no_index_cache: false,
+            delta: true,
         }
     }
 }
@@ -97,10 +101,11 @@ fn request(
     chunks: &[crate::manifest::ChunkSpec],
     fp: &crate::plan::FilePlan,
     table: &FileTable<'_>,
+    delta: bool,
 ) -> Request {
     let mut hints = Vec::with_capacity(fp.fetch.len());
     let mut any = false;
-    for (&n, base) in fp.fetch.iter().zip(&fp.bases) {
+    for (&n, base) in fp.fetch.iter().zip(&fp.bases).filter(|_| delta) {
         let h = base
             .and_then(|(f, off)| {
                 crate::assemble::read_base(table, f, off, chunks[n as usize].len as usize).ok()
@@ -303,7 +308,7 @@ impl Receiver {
         let owner = self.owner();
         let table = FileTable::new(&self.index);
         let dry = self.opts.dry_run;
-        let mut validator = crate::manifest::Validator::new(self.opts.params.max);
+        let mut validator = crate::manifest::Validator::new(self.opts.params.max_len());
         let mut manifest: Vec<Entry> = Vec::new();
         let mut actions: Vec<Action> = Vec::new();
         let mut failed_dirs: Vec<RelPath> = Vec::new();
@@ -364,7 +369,7 @@ impl Receiver {
                             report.changes.push(this.file_change(&e.path, fp.literal));
                         } else if let EntryKind::File { chunks, .. } = &e.kind {
                             let req = (!fp.fetch.is_empty())
-                                .then(|| request(i as u32, chunks, fp, &table));
+                                .then(|| request(i as u32, chunks, fp, &table, this.opts.delta));
                             // The least loaded lane; cost: bytes to fetch, a share of the size
                             // (local copies) and a fixed cost per file.
                             let lane = (0..lanes).min_by_key(|&k| load[k]).unwrap_or(0);

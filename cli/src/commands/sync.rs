@@ -56,6 +56,12 @@ pub struct SyncArgs {
     /// Maximum chunk size in bytes.
     #[arg(long, value_name = "BYTES")]
     pub chunk_max: Option<u32>,
+    /// Cut CRIU memory images (pages-N.img) like any other file instead of on every 4 KiB page.
+    #[arg(long)]
+    pub no_page_chunks: bool,
+    /// Send changed chunks whole instead of as patches of the changed 512-byte blocks.
+    #[arg(long)]
+    pub no_delta: bool,
     /// Compress chunk payloads: "zstd" or "zstd:LEVEL" (1-19). Chunks that do not shrink go raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
@@ -124,7 +130,8 @@ fn chunk_params(a: &SyncArgs) -> Result<ChunkParams> {
         a.chunk_min.unwrap_or(base.min),
         a.chunk_avg.unwrap_or(base.avg),
         a.chunk_max.unwrap_or(base.max),
-    )?)
+    )?
+    .with_pages(!a.no_page_chunks))
 }
 
 /// Which side of a sync is remote.
@@ -214,6 +221,7 @@ fn run_remote(
         sparse: !a.no_sparse,
         no_index_cache: a.no_index_cache,
         streams: cfg.net.streams as u32,
+        delta: !a.no_delta,
     };
     match sides {
         Sides::Push(mut remote) => {
@@ -249,6 +257,7 @@ fn run_remote(
                 sparse: !a.no_sparse,
                 index_cache: None,
                 no_index_cache: a.no_index_cache,
+                delta: !a.no_delta,
             };
             hop_engine::net::pull(&remote, &a.dest, settings, ropts, &cfg, progress)
                 .with_context(|| format!("pull {} -> {}", a.src.display(), a.dest.display()))
@@ -296,6 +305,7 @@ pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
         sparse: !a.no_sparse,
         index_cache: None,
         no_index_cache: a.no_index_cache,
+        delta: !a.no_delta,
     };
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), a.progress && !out.quiet);

@@ -43,6 +43,8 @@ pub struct SyncSettings {
     pub no_index_cache: bool,
     /// Receiver: streams (lanes) to fetch chunks on; the server caps it at 64.
     pub streams: u32,
+    /// Receiver: ask for sub-chunk patches.
+    pub delta: bool,
 }
 
 /// Control messages. The order on the control stream is: client `Hello`; server `Welcome` or

@@ -250,6 +250,7 @@ async fn run(
                 sparse: settings.sparse,
                 index_cache: crate::index::dest_cache_path(&path),
                 no_index_cache: settings.no_index_cache,
+                delta: settings.delta,
             };
             let prepare = move || Receiver::prepare(&path, ropts);
             // The client chose the streams; `net.streams` is the most a client may use.

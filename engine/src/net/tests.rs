@@ -87,6 +87,7 @@ fn settings() -> SyncSettings {
         sparse: true,
         no_index_cache: true,
         streams: 2,
+        delta: true,
     }
 }
 
