@@ -260,3 +260,133 @@ fn a_memory_heavy_redis_keeps_all_its_data_through_dump_and_restore() {
     let _ = redis_cli(port, &["SHUTDOWN", "NOSAVE"]);
     kill(restored);
 }
+
+/// An OCI bundle with a static busybox that counts in /tmp/counter every 100 ms.
+fn busybox_bundle(d: &Dir) -> std::path::PathBuf {
+    let b = d.mkdir("bundle");
+    let rootfs = b.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static installed");
+    for applet in ["sh", "sleep", "echo"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let st = Command::new("runc")
+        .arg("spec")
+        .arg("--bundle")
+        .arg(&b)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cfg = b.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    spec["process"]["terminal"] = false.into();
+    spec["root"]["readonly"] = false.into();
+    spec["process"]["args"] = serde_json::json!([
+        "sh",
+        "-c",
+        "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+    ]);
+    std::fs::write(&cfg, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+    b
+}
+
+fn runc_state(root: &Path, id: &str) -> Option<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["state", id])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["status"].as_str().map(str::to_string)
+}
+
+fn runc_remove(root: &Path, id: &str) {
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["delete", "-f", id])
+        .output();
+}
+
+#[test]
+fn a_runc_container_is_checkpointed_and_restored_with_its_state() {
+    let d = Dir::new();
+    let bundle = busybox_bundle(&d);
+    let root = d.mkdir("runc-state");
+    let id = format!("hop-test-{}", std::process::id());
+    let id2 = format!("{id}-restored");
+    // Container stdio must be pipes for CRIU: stdin at EOF, stdout into a cat.
+    let run = format!(
+        "true | runc --root '{}' run -d --bundle '{}' '{id}' 2>&1 | cat > '{}'",
+        root.display(),
+        bundle.display(),
+        d.path("run.out").display()
+    );
+    let mut helper = Command::new("setsid")
+        .args(["sh", "-c", &run])
+        .spawn()
+        .unwrap();
+    let counter = bundle.join("rootfs/tmp/counter");
+    wait_for_value(&counter, Duration::from_secs(10));
+    assert_eq!(runc_state(&root, &id).as_deref(), Some("running"));
+
+    let runc_args = |extra: &[&str]| {
+        let mut c = hop_cmd!["checkpoint", "--runc", &id, "--runc-root", &root];
+        c.args(extra);
+        c
+    };
+    // Pre-copy round: still running.
+    let mut c = runc_args(&["--leave-running"]);
+    c.arg("--dir").arg(d.path("round1"));
+    ok(c);
+    assert!(d.path("round1/pages-1.img").exists());
+    assert!(
+        advances(&counter),
+        "the container stopped after --leave-running"
+    );
+    // Final checkpoint: the container is gone.
+    let mut c = runc_args(&[]);
+    c.arg("--dir").arg(d.path("final"));
+    ok(c);
+    let at_dump = value(&counter).unwrap();
+    assert_ne!(runc_state(&root, &id).as_deref(), Some("running"));
+    runc_remove(&root, &id);
+    let _ = helper.wait();
+
+    // Restore under a new id: it counts on from where it stopped.
+    let out = ok(hop_cmd![
+        "restore",
+        "--runc",
+        &id2,
+        "--bundle",
+        &bundle,
+        "--runc-root",
+        &root,
+        "--dir",
+        d.path("final")
+    ]);
+    assert!(out.contains("restored container"), "{out}");
+    assert_eq!(runc_state(&root, &id2).as_deref(), Some("running"));
+    assert!(advances(&counter), "the restored container does not run");
+    let now = value(&counter).unwrap();
+    assert!(
+        now > at_dump && now < at_dump + 100,
+        "{now} does not continue {at_dump}"
+    );
+    // And it can be checkpointed again (its stdio are pipes).
+    let mut c = hop_cmd![
+        "checkpoint",
+        "--runc",
+        &id2,
+        "--runc-root",
+        &root,
+        "--leave-running"
+    ];
+    c.arg("--dir").arg(d.path("again"));
+    ok(c);
+    runc_remove(&root, &id2);
+}

@@ -25,19 +25,26 @@ pub struct CriuArgs {
     pub json: bool,
 }
 
-/// Checkpoint a running process tree with CRIU (a full memory dump).
+/// Checkpoint a running process tree (CRIU) or OCI container (runc, which drives CRIU): a
+/// full memory dump.
 ///
-/// With --leave-running the process keeps running (a pre-copy round); without it, it is
-/// stopped and gone after a successful dump. If the dump fails, the process keeps running and
-/// the error quotes CRIU's log.
+/// With --leave-running it keeps running (a pre-copy round); without it, it is stopped and gone
+/// after a successful dump. If the dump fails, it keeps running and the error quotes CRIU's log.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   hop checkpoint --pid 4242 --dir /var/tmp/app.1 --leave-running
-  hop checkpoint --pid 4242 --dir /var/tmp/app.2 --tcp-established --json")]
+  hop checkpoint --pid 4242 --dir /var/tmp/app.2 --tcp-established --json
+  hop checkpoint --runc web --dir /var/tmp/web.1")]
 pub struct CheckpointArgs {
     /// Root of the process tree.
-    #[arg(long)]
-    pub pid: u32,
+    #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
+    pub pid: Option<u32>,
+    /// Container id (runc).
+    #[arg(long, value_name = "ID")]
+    pub runc: Option<String>,
+    /// runc's state directory (runc --root).
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<PathBuf>,
     /// Keep the process running after the dump.
     #[arg(long)]
     pub leave_running: bool,
@@ -48,11 +55,21 @@ pub struct CheckpointArgs {
     pub criu: CriuArgs,
 }
 
-/// Restore a process tree from CRIU images, detached; prints its PID.
+/// Restore a process tree (CRIU) or container (runc) from its images, detached; prints its PID.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
-  hop restore --dir /var/tmp/app.2 --tcp-established")]
+  hop restore --dir /var/tmp/app.2 --tcp-established
+  hop restore --runc web --bundle /srv/bundles/web --dir /var/tmp/web.1")]
 pub struct RestoreArgs {
+    /// Restore as this container id (runc).
+    #[arg(long, value_name = "ID", requires = "bundle")]
+    pub runc: Option<String>,
+    /// The container's OCI bundle (with --runc).
+    #[arg(long, value_name = "DIR")]
+    pub bundle: Option<PathBuf>,
+    /// runc's state directory (runc --root).
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<PathBuf>,
     #[command(flatten)]
     pub criu: CriuArgs,
 }
@@ -68,27 +85,45 @@ fn options(c: &CriuArgs) -> DumpOptions {
 
 /// Run `hop checkpoint`.
 pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
+    if let Some(id) = &a.runc {
+        let runc = crate::checkpoint::runc::Runc::find(a.runc_root.clone())?;
+        Criu::find()?;
+        let t = runc.checkpoint(id, &a.criu.dir, a.leave_running, a.criu.tcp_established)?;
+        if a.criu.json {
+            println!("{}", serde_json::to_string(&t)?);
+        } else if !out.quiet {
+            println!(
+                "checkpointed container {id} into {} in {:.1} ms{}",
+                a.criu.dir.display(),
+                t.wall_ms,
+                if a.leave_running {
+                    "; still running"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pid = a.pid.unwrap_or_default();
     let criu = Criu::find()?;
     let mut o = options(&a.criu);
     o.leave_running = a.leave_running;
     if a.criu.tcp_established {
         o.network_lock = Some(a.network_lock.clone());
     }
-    let s = criu.dump(a.pid, &a.criu.dir, &o)?;
+    let s = criu.dump(pid, &a.criu.dir, &o)?;
     if !a.leave_running
-        && !crate::checkpoint::criu::wait_gone(a.pid, std::time::Duration::from_secs(5))
+        && !crate::checkpoint::criu::wait_gone(pid, std::time::Duration::from_secs(5))
     {
-        tracing::warn!(
-            "PID {} still exists after its dump (not reaped yet?)",
-            a.pid
-        );
+        tracing::warn!("PID {pid} still runs after its final dump");
     }
     if a.criu.json {
         println!("{}", serde_json::to_string(&s)?);
     } else if !out.quiet {
         println!(
             "dumped PID {} into {}: {} pages written, frozen {:.1} ms (memory dump {:.1} ms, write {:.1} ms), {:.1} ms in all{}",
-            a.pid,
+            pid,
             a.criu.dir.display(),
             s.pages_written,
             s.frozen_ms,
@@ -103,6 +138,24 @@ pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
 
 /// Run `hop restore`.
 pub fn run_restore(a: RestoreArgs, out: Output) -> Result<ExitCode> {
+    if let (Some(id), Some(bundle)) = (&a.runc, &a.bundle) {
+        let runc = crate::checkpoint::runc::Runc::find(a.runc_root.clone())?;
+        Criu::find()?;
+        let t = runc.restore(id, bundle, &a.criu.dir)?;
+        if a.criu.json {
+            println!("{}", serde_json::to_string(&t)?);
+        } else if out.quiet {
+            println!("{}", t.pid);
+        } else {
+            println!(
+                "restored container {id} (init PID {}) from {} in {:.1} ms",
+                t.pid,
+                a.criu.dir.display(),
+                t.wall_ms
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let criu = Criu::find()?;
     let s = criu.restore(&a.criu.dir, &options(&a.criu))?;
     if a.criu.json {

@@ -1,0 +1,161 @@
+//! runc: checkpoint and restore of OCI containers (runc drives CRIU, found on PATH).
+//!
+//! Facts from this machine (`../shared/notes/criu-on-this-kernel.md`): pre-dumps fail
+//! ("CRIU is missing features"), full checkpoints with and without `--leave-running` work, and a
+//! container can only be checkpointed if its stdio are pipes (not host files). A restored
+//! container therefore gets pipes too.
+
+use super::criu::log_errors;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// A runc binary and its state directory.
+#[derive(Debug, Clone)]
+pub struct Runc {
+    /// `--root` (runc's state directory), `None` for runc's default.
+    pub root: Option<PathBuf>,
+}
+
+/// What runc reports about a container.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct State {
+    /// `running`, `paused`, `stopped`, ...
+    pub status: String,
+    /// PID of the container's init.
+    pub pid: u32,
+}
+
+/// Wall times of a checkpoint or restore.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Timing {
+    /// Container init PID after a restore (0 after a checkpoint).
+    pub pid: u32,
+    /// Wall time of the runc command.
+    pub wall_ms: f64,
+}
+
+impl Runc {
+    /// A runc with state under `root` (runc's default when `None`), checked to run.
+    pub fn find(root: Option<PathBuf>) -> Result<Runc> {
+        let ok = Command::new("runc")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            bail!("runc not found: install it (apt-get install runc)");
+        }
+        Ok(Runc { root })
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("runc");
+        if let Some(r) = &self.root {
+            c.arg("--root").arg(r);
+        }
+        c
+    }
+
+    /// The container's state.
+    pub fn state(&self, id: &str) -> Result<State> {
+        let out = self.cmd().args(["state", id]).output()?;
+        if !out.status.success() {
+            bail!(
+                "no container {id}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("cannot parse `runc state`")
+    }
+
+    /// Checkpoint container `id` into `dir` (CRIU's log in `dir/dump.log`).
+    pub fn checkpoint(
+        &self,
+        id: &str,
+        dir: &Path,
+        leave_running: bool,
+        tcp_established: bool,
+    ) -> Result<Timing> {
+        self.state(id)?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create image directory {}", dir.display()))?;
+        let mut c = self.cmd();
+        c.arg("checkpoint")
+            .arg("--image-path")
+            .arg(dir)
+            .arg("--work-path")
+            .arg(dir);
+        if leave_running {
+            c.arg("--leave-running");
+        }
+        if tcp_established {
+            c.arg("--tcp-established");
+        }
+        c.arg(id);
+        let t0 = Instant::now();
+        let out = c.output().context("cannot run runc checkpoint")?;
+        let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if !out.status.success() {
+            let why = log_errors(&dir.join("dump.log"), 6);
+            let running = self
+                .state(id)
+                .map(|s| format!("; the container is still {}", s.status))
+                .unwrap_or_default();
+            bail!(
+                "runc checkpoint of container {id} failed{running}:\n  {}\n  {}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                why.join("\n  ")
+            );
+        }
+        Ok(Timing { pid: 0, wall_ms })
+    }
+
+    /// Restore container `id` from `dir` with `bundle`, detached. Its stdio are pipes (stdin at
+    /// end of file, output appended to `dir/container.out` by a detached `cat`), so that it can
+    /// be checkpointed again later.
+    pub fn restore(&self, id: &str, bundle: &Path, dir: &Path) -> Result<Timing> {
+        let root = self
+            .root
+            .as_ref()
+            .map(|r| format!("--root '{}' ", r.display()))
+            .unwrap_or_default();
+        let script = format!(
+            "true | runc {root}restore -d --image-path '{img}' --work-path '{img}' --bundle '{bundle}' '{id}' 2>&1 | cat >> '{img}/container.out'",
+            img = dir.display(),
+            bundle = bundle.display(),
+        );
+        let t0 = Instant::now();
+        let mut helper = Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run runc restore")?;
+        // The pipeline lives as long as the container holds its pipes: if it ends before the
+        // container runs, the restore failed.
+        loop {
+            let ended = helper.try_wait().ok().flatten().is_some();
+            if let Ok(s) = self.state(id) {
+                if s.status == "running" {
+                    return Ok(Timing {
+                        pid: s.pid,
+                        wall_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                    });
+                }
+            }
+            if ended || t0.elapsed().as_secs() > 30 {
+                let why = log_errors(&dir.join("restore.log"), 6);
+                let out = std::fs::read_to_string(dir.join("container.out")).unwrap_or_default();
+                bail!(
+                    "runc restore of container {id} from {} did not start it:\n  {}\n  {}",
+                    dir.display(),
+                    out.trim(),
+                    why.join("\n  ")
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
