@@ -4,8 +4,8 @@
 Run through scripts/bench-criu.sh. Loads redis with --keys 1 KB values (~500 MiB at 500k),
 dumps it with --leave-running, overwrites random existing keys for --seconds under a bounded
 rate, dumps it again (killing dump), then syncs the second dump onto a copy of the first with:
-hop (page chunks + deltas, the default), hop --no-delta, hop --no-page-chunks, and
-rsync -a --no-whole-file. Counts "pages with new content" (4 KiB pages of dump 2 whose content
+hop (page chunks + deltas, the default), hop --no-delta, hop --no-page-chunks, hop with zstd,
+hop --sender-basis (the sender still has dump 1, as in a migration), and rsync -a --no-whole-file. Counts "pages with new content" (4 KiB pages of dump 2 whose content
 is nowhere in dump 1) and restores redis from hop's copy to check every key.
 """
 import argparse, hashlib, json, os, random, shutil, socket, subprocess, sys, time
@@ -110,7 +110,8 @@ def main():
     rows = []
     for name, extra in [("hop (page chunks + deltas)", []), ("hop --no-delta", ["--no-delta"]),
                         ("hop --no-page-chunks", ["--no-page-chunks"]),
-                        ("hop --compress zstd:1", ["--compress", "zstd:1"])]:
+                        ("hop --compress zstd:1", ["--compress", "zstd:1"]),
+                        ("hop --sender-basis DUMP1 (sender keeps round 1)", ["--sender-basis", d1])]:
         dst = f"{w}/dst-{len(rows)}"
         shutil.copytree(d1, dst, symlinks=True)
         t = time.time()

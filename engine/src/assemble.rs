@@ -369,6 +369,19 @@ fn decode(
             let base = read_base(files, file, offset, len)?;
             crate::delta::apply(&base, &patch, len)
         }
+        Codec::Ref => {
+            let (id, z) = crate::delta::split_ref(&bytes)?;
+            let Some(loc) = files.index.get(&id) else {
+                // The sender thought we held this chunk; we do not. Fetched again, whole.
+                return Err(Error::Integrity {
+                    what: "a chunk sent as a difference to a chunk this side does not hold".into(),
+                    expected: id.to_hex(),
+                    actual: "missing".into(),
+                });
+            };
+            let base = read_base(files, loc.file, loc.offset, loc.len as usize)?;
+            crate::delta::apply_ref(&base, z, len)
+        }
     }
 }
 

@@ -82,6 +82,44 @@ pub fn apply(base: &[u8], patch: &[u8], len: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Compress `new` with `base` (a chunk the receiver holds, named `base_id`) as zstd dictionary:
+/// `[16-byte base id][zstd frame]`. A page where a few bytes changed costs tens of bytes. `None`
+/// when that is not smaller than `limit`.
+pub fn encode_ref(
+    new: &[u8],
+    base: &[u8],
+    base_id: &crate::id::ChunkId,
+    level: i32,
+    limit: usize,
+) -> Option<Vec<u8>> {
+    let z = zstd::bulk::Compressor::with_dictionary(level, base)
+        .and_then(|mut c| c.compress(new))
+        .ok()?;
+    let mut out = Vec::with_capacity(crate::id::ID_LEN + z.len());
+    out.extend_from_slice(&base_id.0);
+    out.extend_from_slice(&z);
+    (out.len() < limit).then_some(out)
+}
+
+/// The base id a [`encode_ref`] payload names, and its zstd frame.
+pub fn split_ref(payload: &[u8]) -> Result<(crate::id::ChunkId, &[u8])> {
+    if payload.len() < crate::id::ID_LEN {
+        return Err(Error::Protocol("reference payload too short".into()));
+    }
+    let (id, z) = payload.split_at(crate::id::ID_LEN);
+    let mut a = [0u8; crate::id::ID_LEN];
+    a.copy_from_slice(id);
+    Ok((crate::id::ChunkId(a), z))
+}
+
+/// Rebuild a chunk of `len` bytes from a zstd frame compressed with `base` as dictionary; never
+/// produces more than `len` bytes.
+pub fn apply_ref(base: &[u8], z: &[u8], len: usize) -> Result<Vec<u8>> {
+    zstd::bulk::Decompressor::with_dictionary(base)
+        .and_then(|mut d| d.decompress(z, len))
+        .map_err(|e| Error::Compression(format!("chunk does not decompress against its base: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +138,21 @@ mod tests {
         // A shorter base: blocks past its end are literal.
         let p = encode(&new, &hint(&base[..3000]), new.len()).unwrap();
         assert_eq!(apply(&base[..3000], &p, new.len()).unwrap(), new);
+    }
+
+    #[test]
+    fn a_few_changed_bytes_cost_tens_of_bytes_against_a_base() {
+        let base = noise(5, 4096);
+        let mut new = base.clone();
+        new[100..108].copy_from_slice(b"CHANGED!");
+        let id = crate::id::ChunkId::of(&base);
+        let p = encode_ref(&new, &base, &id, 1, 4096).unwrap();
+        assert!(p.len() < 80, "{} bytes for an 8-byte change", p.len());
+        let (got, z) = split_ref(&p).unwrap();
+        assert_eq!(got, id);
+        assert_eq!(apply_ref(&base, z, new.len()).unwrap(), new);
+        // A bomb: never more than the chunk's length.
+        assert!(apply_ref(&base, z, 100).is_err());
     }
 
     #[test]

@@ -42,30 +42,40 @@ impl ChunkSource for LocalSource<'_> {
         req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()> {
-        let Frame::Want { entry, runs, hints } = self.wire.pass(&Frame::Want {
+        let Frame::Want {
+            entry,
+            runs,
+            hints,
+            no_refs,
+        } = self.wire.pass(&Frame::Want {
             entry: req.entry,
             runs: protocol::to_runs(&req.want),
             hints: req.hints.clone(),
+            no_refs: req.no_refs,
         })?
         else {
             return Err(Error::Protocol("want frame changed in transit".into()));
         };
         let want = protocol::from_runs(&runs, req.want.len())?;
-        self.sender.serve(
-            entry,
-            &want,
-            &hints,
-            &mut |frame| match self.wire.pass(&frame)? {
-                Frame::Data {
-                    chunk,
-                    codec,
-                    bytes,
-                    ..
-                } => sink((chunk, codec, bytes)),
-                Frame::Failed { reason, .. } => Err(Error::Protocol(format!("sender: {reason}"))),
-                other => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
-            },
-        )
+        self.sender
+            .serve(
+                entry,
+                &want,
+                &hints,
+                no_refs,
+                &mut |frame| match self.wire.pass(&frame)? {
+                    Frame::Data {
+                        chunk,
+                        codec,
+                        bytes,
+                        ..
+                    } => sink((chunk, codec, bytes)),
+                    Frame::Failed { reason, .. } => {
+                        Err(Error::Protocol(format!("sender: {reason}")))
+                    }
+                    other => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
+                },
+            )
     }
 }
 
@@ -212,7 +222,7 @@ mod tests {
             std::fs::create_dir(&src).unwrap();
             let mut files: Vec<Vec<u8>> = seeds.iter().map(|&(s, len)| noise(s, len)).collect();
             let params = if small { ChunkParams::new(256, 1024, 4096).unwrap() } else { ChunkParams::default() };
-            let sopts = SenderOptions { params, compress: if small { Some(1) } else { None }, cache: None };
+            let sopts = SenderOptions { params, compress: if small { Some(1) } else { None }, cache: None, basis: None };
             let ropts = ReceiverOptions { params, delete: true, ..Default::default() };
             for round in 0..2 {
                 if round == 1 {

@@ -65,6 +65,9 @@ pub enum Codec {
     Patch,
     /// A zstd frame that decompresses to such a patch.
     PatchZstd,
+    /// The 16-byte id of a chunk the receiver holds, then a zstd frame compressed with that
+    /// chunk as its dictionary (see [`crate::delta::encode_ref`]).
+    Ref,
 }
 
 /// Everything that travels between the two halves.
@@ -83,6 +86,8 @@ pub enum Frame {
         /// Empty, or one entry per wanted chunk: the block hashes of the local data the chunk is
         /// probably an edit of (empty when there is none), for [`Codec::Patch`] answers.
         hints: Vec<Vec<crate::delta::BlockHash>>,
+        /// Do not answer with [`Codec::Ref`] (a retry after a base was missing).
+        no_refs: bool,
     },
     /// One chunk's payload.
     Data {
@@ -288,6 +293,7 @@ mod tests {
                 entry: 1,
                 runs: to_runs(&[1, 2, 3, 7]),
                 hints: vec![vec![[1, 2, 3, 4]], vec![], vec![], vec![]],
+                no_refs: false,
             },
             Frame::Data {
                 entry: 1,

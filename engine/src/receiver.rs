@@ -93,6 +93,9 @@ pub struct Request {
     pub want: Vec<u32>,
     /// Empty, or per wanted chunk the block hashes of its probable base (see [`crate::delta`]).
     pub hints: Vec<Vec<crate::delta::BlockHash>>,
+    /// Ask the sender not to answer with references to chunks it believes the receiver holds
+    /// (set on the retry after such a chunk turned out to be missing).
+    pub no_refs: bool,
 }
 
 /// The request for a file's fetches, with delta hints read from each chunk's base.
@@ -122,6 +125,7 @@ fn request(
         entry,
         want: fp.fetch.clone(),
         hints,
+        no_refs: false,
     }
 }
 
@@ -628,6 +632,7 @@ impl Receiver {
                         entry: i,
                         want: fp.fetch.clone(),
                         hints: Vec::new(),
+                        no_refs: true,
                     };
                     &fallback
                 }
@@ -673,10 +678,11 @@ impl Receiver {
         };
         let (tmp, sent) = match attempt(fp, req) {
             Ok(t) => (t, fp.literal),
-            Err(Error::Integrity { .. }) if fp.literal < *size => {
-                // Local data was not what the index said (changed behind our back): fetch it all.
+            Err(Error::Integrity { .. }) => {
+                // Local data was not what the index said (changed behind our back), or a delta's
+                // base was not what the sender thought: fetch it all, plainly, once.
                 tracing::warn!(
-                    "{}: local data changed, fetching the whole file",
+                    "{}: local data or a delta base did not match, fetching the whole file",
                     abs.display()
                 );
                 let full = plan_file(chunks, &ChunkIndex::default());

@@ -23,11 +23,16 @@ pub struct SenderOptions {
     /// Where to keep the chunk lists of source files between runs, so that unchanged files
     /// (same size, mtime, ctime, inode) are not read again. `None`: no cache.
     pub cache: Option<PathBuf>,
+    /// A tree the receiver is known to hold (e.g. the previous round of a migration): a wanted
+    /// chunk is sent compressed against the chunk at the same offset of the same path there
+    /// ([`crate::protocol::Codec::Ref`]) when that is smaller.
+    pub basis: Option<PathBuf>,
 }
 
 /// What the sender keeps to serve one file's chunks.
 struct Served {
     path: PathBuf,
+    rel: RelPath,
     chunks: Vec<crate::manifest::ChunkSpec>,
     offsets: Vec<u64>,
 }
@@ -54,6 +59,14 @@ pub struct Sender {
     root: PathBuf,
     opts: SenderOptions,
     files: std::sync::RwLock<Vec<Option<std::sync::Arc<Served>>>>,
+    basis: std::sync::Mutex<std::collections::HashMap<RelPath, Option<std::sync::Arc<Basis>>>>,
+}
+
+/// The counterpart of a source file in [`SenderOptions::basis`], chunked.
+struct Basis {
+    path: PathBuf,
+    chunks: Vec<crate::manifest::ChunkSpec>,
+    offsets: Vec<u64>,
 }
 
 impl Sender {
@@ -63,6 +76,7 @@ impl Sender {
             root: root.to_path_buf(),
             opts,
             files: Default::default(),
+            basis: Default::default(),
         }
     }
 
@@ -142,6 +156,7 @@ impl Sender {
                 let served = match &e.kind {
                     EntryKind::File { chunks, .. } => Some(std::sync::Arc::new(Served {
                         path: e.path.under(root),
+                        rel: e.path.clone(),
                         offsets: chunk_offsets(chunks),
                         chunks: chunks.clone(),
                     })),
@@ -182,6 +197,23 @@ impl Sender {
             .map(|s| s.chunks.iter().map(|c| c.len).collect())
     }
 
+    /// The basis counterpart of `rel`, chunked on first use.
+    fn basis_of(&self, rel: &RelPath) -> Option<std::sync::Arc<Basis>> {
+        let root = self.opts.basis.as_ref()?;
+        let mut map = self.basis.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(rel.clone())
+            .or_insert_with(|| {
+                let path = rel.under(root);
+                let fc = chunk_file(&path, self.opts.params).ok()?;
+                Some(std::sync::Arc::new(Basis {
+                    path,
+                    offsets: chunk_offsets(&fc.chunks),
+                    chunks: fc.chunks,
+                }))
+            })
+            .clone()
+    }
+
     fn served(&self, entry: u32) -> Option<std::sync::Arc<Served>> {
         self.files
             .read()
@@ -200,6 +232,7 @@ impl Sender {
         entry: u32,
         want: &[u32],
         hints: &[Vec<crate::delta::BlockHash>],
+        no_refs: bool,
         emit: &mut dyn FnMut(Frame) -> Result<()>,
     ) -> Result<()> {
         let served = self
@@ -218,6 +251,14 @@ impl Sender {
         };
         let offsets = &served.offsets;
         let mut squeeze = Squeeze::default();
+        let basis = if no_refs {
+            None
+        } else {
+            self.basis_of(&served.rel)
+        };
+        let basis_file = basis
+            .as_ref()
+            .and_then(|b| crate::assemble::open_nofollow(&b.path).ok().map(|f| (b, f)));
         for (k, &n) in want.iter().enumerate() {
             let spec = chunks
                 .get(n as usize)
@@ -231,10 +272,40 @@ impl Sender {
                 };
                 return emit(Frame::Failed { entry, reason });
             }
+            let reference = basis_file.as_ref().and_then(|(b, f)| {
+                // The basis chunk covering the same offset, if it still holds what was chunked.
+                let j = b
+                    .offsets
+                    .partition_point(|&o| o <= offsets[n as usize])
+                    .checked_sub(1)?;
+                let spec = b.chunks[j];
+                // Zero chunks are holes, not indexed by the receiver: no reference to them.
+                if spec.zero {
+                    return None;
+                }
+                let mut base = vec![0u8; spec.len as usize];
+                f.read_exact_at(&mut base, b.offsets[j]).ok()?;
+                if crate::id::ChunkId::of(&base) != spec.id {
+                    return None;
+                }
+                let level = self.opts.compress.unwrap_or(1);
+                crate::delta::encode_ref(&buf, &base, &spec.id, level, buf.len() * 3 / 4)
+            });
             let patch = hints
                 .get(k)
                 .filter(|h| !h.is_empty())
                 .and_then(|h| crate::delta::encode(&buf, h, buf.len() * 3 / 4));
+            // A reference to a held chunk wins when it is the smaller encoding.
+            if let Some(r) = reference.filter(|r| patch.as_ref().is_none_or(|p| r.len() < p.len()))
+            {
+                emit(Frame::Data {
+                    entry,
+                    chunk: n,
+                    codec: Codec::Ref,
+                    bytes: r,
+                })?;
+                continue;
+            }
             // Data that did not compress lately is not tried again for a while (like rsync's
             // skip-compress, but by measurement): incompressible files cost no zstd time.
             let level = self.opts.compress.filter(|_| squeeze.should_try());
@@ -328,7 +399,7 @@ pub fn decode_payload(codec: Codec, bytes: Vec<u8>, len: usize) -> Result<Vec<u8
         Codec::Zstd => zstd::bulk::decompress(&bytes, len).map_err(|e| {
             Error::Compression(format!("chunk does not decompress within {len} bytes: {e}"))
         })?,
-        Codec::Patch | Codec::PatchZstd => {
+        Codec::Patch | Codec::PatchZstd | Codec::Ref => {
             return Err(Error::Protocol(
                 "a patch needs its base to be decoded".into(),
             ))

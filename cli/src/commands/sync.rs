@@ -62,6 +62,11 @@ pub struct SyncArgs {
     /// Send changed chunks whole instead of as patches of the changed 512-byte blocks.
     #[arg(long)]
     pub no_delta: bool,
+    /// A local tree the destination is known to hold (e.g. the previous round's checkpoint
+    /// images): changed chunks are sent compressed against their counterpart there (same path,
+    /// same offset), so a page with a few changed bytes costs tens of bytes.
+    #[arg(long, value_name = "DIR")]
+    pub sender_basis: Option<PathBuf>,
     /// Compress chunk payloads: "zstd" or "zstd:LEVEL" (1-19). Chunks that do not shrink go raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
@@ -244,8 +249,15 @@ fn run_remote(
             } else {
                 hop_engine::index::source_cache_path(&a.src)
             };
-            hop_engine::net::push(&a.src, &remote, settings, cache, &cfg)
-                .with_context(|| format!("push {} -> {}", a.src.display(), a.dest.display()))
+            hop_engine::net::push(
+                &a.src,
+                &remote,
+                settings,
+                cache,
+                a.sender_basis.clone(),
+                &cfg,
+            )
+            .with_context(|| format!("push {} -> {}", a.src.display(), a.dest.display()))
         }
         Sides::Pull(remote) => {
             let ropts = ReceiverOptions {
@@ -295,6 +307,7 @@ pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
         params,
         compress,
         cache,
+        basis: a.sender_basis.clone(),
     };
     let ropts = ReceiverOptions {
         params,

@@ -27,13 +27,13 @@ async fn serve_stream(
     mut recv: quinn::RecvStream,
     sender: Arc<Sender>,
 ) -> Result<()> {
-    type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>);
+    type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>, bool);
     let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
     let (out_tx, mut out_rx) = mpsc::channel::<[bytes::Bytes; 2]>(64);
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
-        while let Some((entry, want, hints)) = want_rx.blocking_recv() {
-            worker_sender.serve(entry, &want, &hints, &mut |frame| {
+        while let Some((entry, want, hints, no_refs)) = want_rx.blocking_recv() {
+            worker_sender.serve(entry, &want, &hints, no_refs, &mut |frame| {
                 // Data payloads go to the stream as they are, behind their header.
                 let parts = match frame {
                     Frame::Data {
@@ -56,7 +56,13 @@ async fn serve_stream(
     });
     let reader = async move {
         while let Some(frame) = read_msg::<Frame>(&mut recv).await? {
-            let Frame::Want { entry, runs, hints } = frame else {
+            let Frame::Want {
+                entry,
+                runs,
+                hints,
+                no_refs,
+            } = frame
+            else {
                 return Err(Error::Protocol(format!(
                     "expected a want-list, got {frame:?}"
                 )));
@@ -81,7 +87,7 @@ async fn serve_stream(
                     "bad delta hints for entry {entry}"
                 )));
             }
-            if want_tx.send((entry, want, hints)).await.is_err() {
+            if want_tx.send((entry, want, hints, no_refs)).await.is_err() {
                 break;
             }
         }

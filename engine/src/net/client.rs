@@ -273,13 +273,14 @@ async fn close(s: &Session, err: Option<&Error>) -> u64 {
     st.udp_tx.bytes + st.udp_rx.bytes
 }
 
-/// Send the local tree `src` to `remote`. `remote.path` is where it lands; for a single file,
+/// Send the local tree `src` to `remote` (`basis`: see [`SenderOptions::basis`]). `remote.path` is where it lands; for a single file,
 /// a path ending in `/` or naming a directory on the server receives it under its own name.
 pub fn push(
     src: &Path,
     remote: &RemotePath,
     settings: SyncSettings,
     cache: Option<PathBuf>,
+    basis: Option<PathBuf>,
     cfg: &ClientSettings,
 ) -> Result<Report> {
     let t0 = Instant::now();
@@ -289,6 +290,7 @@ pub fn push(
             params: settings.params,
             compress: settings.compress,
             cache,
+            basis,
         };
         let sender = Arc::new(Sender::new(src, sopts));
         let name_if_dir = if src.is_dir() {

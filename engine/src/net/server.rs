@@ -275,6 +275,7 @@ async fn run(
                 params: settings.params,
                 compress: settings.compress,
                 cache,
+                basis: None,
             };
             let summary = send_tree(conn, ctl, Arc::new(Sender::new(&path, sopts))).await?;
             tracing::info!(

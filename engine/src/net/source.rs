@@ -65,6 +65,7 @@ impl StreamSource {
                         entry: r.entry,
                         runs: protocol::to_runs(&r.want),
                         hints: r.hints,
+                        no_refs: r.no_refs,
                     };
                     write_msg(&mut send, &want).await?;
                 }
