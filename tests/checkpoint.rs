@@ -390,3 +390,31 @@ fn a_runc_container_is_checkpointed_and_restored_with_its_state() {
     ok(c);
     runc_remove(&root, &id2);
 }
+
+#[test]
+fn a_failed_container_checkpoint_leaves_the_container_running() {
+    let d = Dir::new();
+    let bundle = busybox_bundle(&d);
+    let root = d.mkdir("runc-state");
+    let id = format!("hop-fail-{}", std::process::id());
+    // Output to a host file: CRIU cannot dump that fd ("Can't lookup mount"), so the checkpoint
+    // fails, and the container must go on running.
+    let run = format!(
+        "true | runc --root '{}' run -d --bundle '{}' '{id}' > '{}' 2>&1",
+        root.display(),
+        bundle.display(),
+        d.path("run.out").display()
+    );
+    let st = Command::new("setsid").args(["sh", "-c", &run]).status().unwrap();
+    assert!(st.success());
+    let counter = bundle.join("rootfs/tmp/counter");
+    wait_for_value(&counter, Duration::from_secs(10));
+    let mut c = hop_cmd!["checkpoint", "--runc", &id, "--runc-root", &root];
+    c.arg("--dir").arg(d.path("img"));
+    let err = fails(c, 1);
+    assert!(err.contains("runc checkpoint of container"), "{err}");
+    assert!(err.contains("still running"), "{err}");
+    assert_eq!(runc_state(&root, &id).as_deref(), Some("running"));
+    assert!(advances(&counter), "the container stopped after a failed checkpoint");
+    runc_remove(&root, &id);
+}
