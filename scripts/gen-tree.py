@@ -25,7 +25,7 @@ def make(d, size_mib, seed):
     n_big = 8
     per = (big_budget // n_big) // PAGE * PAGE
     for i in range(n_big):
-        with open(os.path.join(big, f"pages-{i}.img"), "wb") as f:
+        with open(os.path.join(big, f"blob-{i}.bin"), "wb") as f:
             left = per
             while left:
                 n = min(left, 1 << 20)
@@ -45,7 +45,7 @@ def make(d, size_mib, seed):
         p = os.path.join(d, name)
         if not os.path.lexists(p):
             os.symlink(target, p)
-    os.chmod(os.path.join(big, "pages-0.img"), 0o600)
+    os.chmod(os.path.join(big, "blob-0.bin"), 0o600)
     print(f"made {d}: {n_big} big files of {per >> 20} MiB, {i} small files", file=sys.stderr)
 
 def edit(d, pct, insertions, seed):

@@ -253,7 +253,9 @@ pub const PAGE: usize = 4096;
 /// pages in virtual-address order; dirty pages are rewritten in place between dumps and whole
 /// pages come and go, so it is cut on every page: one dirty page costs one page-sized chunk (and
 /// usually only a patch of it, see [`crate::delta`]), and pages that moved are still found by
-/// their content. Both sides decide by the name alone, so they always agree.
+/// their content. Both sides decide by the name alone, so they always agree. (A file that only
+/// looks like one and gets insertions of a size that is not a page multiple loses its matches
+/// after them: `--no-page-chunks`.)
 pub fn is_page_image(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
