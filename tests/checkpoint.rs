@@ -405,7 +405,10 @@ fn a_failed_container_checkpoint_leaves_the_container_running() {
         bundle.display(),
         d.path("run.out").display()
     );
-    let st = Command::new("setsid").args(["sh", "-c", &run]).status().unwrap();
+    let st = Command::new("setsid")
+        .args(["sh", "-c", &run])
+        .status()
+        .unwrap();
     assert!(st.success());
     let counter = bundle.join("rootfs/tmp/counter");
     wait_for_value(&counter, Duration::from_secs(10));
@@ -415,6 +418,9 @@ fn a_failed_container_checkpoint_leaves_the_container_running() {
     assert!(err.contains("runc checkpoint of container"), "{err}");
     assert!(err.contains("still running"), "{err}");
     assert_eq!(runc_state(&root, &id).as_deref(), Some("running"));
-    assert!(advances(&counter), "the container stopped after a failed checkpoint");
+    assert!(
+        advances(&counter),
+        "the container stopped after a failed checkpoint"
+    );
     runc_remove(&root, &id);
 }

@@ -165,6 +165,38 @@ impl SeenKey {
     }
 }
 
+/// The error for a key that is not trusted.
+fn untrusted() -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// Both verifiers refuse TLS 1.2 (QUIC is TLS 1.3 only anyway).
+fn no_tls12() -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+    Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+}
+
+/// A TLS 1.3 handshake signature, checked with the certificate's public key.
+fn tls13_signature(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+    rustls::crypto::verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider.signature_verification_algorithms,
+    )
+}
+
+/// The signature schemes the provider verifies.
+fn schemes(provider: &CryptoProvider) -> Vec<SignatureScheme> {
+    provider
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
 /// Client side: accept the server only if its key is the one recorded for it (or, with
 /// `accept_new`, if nothing is recorded yet).
 #[derive(Debug)]
@@ -194,9 +226,7 @@ impl ServerCertVerifier for PinnedServer {
         match &self.expected {
             Some(e) if *e == fp => Ok(ServerCertVerified::assertion()),
             None if self.accept_new => Ok(ServerCertVerified::assertion()),
-            _ => Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            )),
+            _ => Err(untrusted()),
         }
     }
 
@@ -206,7 +236,7 @@ impl ServerCertVerifier for PinnedServer {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+        no_tls12()
     }
 
     fn verify_tls13_signature(
@@ -215,18 +245,11 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
 }
 
@@ -257,15 +280,11 @@ impl ClientCertVerifier for AuthorizedClients {
             Ok(keys) if keys.contains(&fp) => Ok(ClientCertVerified::assertion()),
             Ok(_) => {
                 tracing::warn!("refused client key {fp}: not in {}", self.path.display());
-                Err(rustls::Error::InvalidCertificate(
-                    CertificateError::ApplicationVerificationFailure,
-                ))
+                Err(untrusted())
             }
             Err(e) => {
                 tracing::error!("refused client key {fp}: {e}");
-                Err(rustls::Error::InvalidCertificate(
-                    CertificateError::ApplicationVerificationFailure,
-                ))
+                Err(untrusted())
             }
         }
     }
@@ -276,7 +295,7 @@ impl ClientCertVerifier for AuthorizedClients {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+        no_tls12()
     }
 
     fn verify_tls13_signature(
@@ -285,18 +304,11 @@ impl ClientCertVerifier for AuthorizedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
 }
 
