@@ -107,6 +107,16 @@ pub fn log_errors(log: &Path, n: usize) -> Vec<String> {
     errors[errors.len().saturating_sub(n)..].to_vec()
 }
 
+/// Why a CRIU command failed: the errors of its log, else what it printed.
+fn failure(log: &Path, stderr: &[u8]) -> String {
+    let why = log_errors(log, 6);
+    if why.is_empty() {
+        String::from_utf8_lossy(stderr).trim().to_string()
+    } else {
+        why.join("\n  ")
+    }
+}
+
 /// Whether process `pid` exists and is not stopped.
 pub fn is_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -211,7 +221,7 @@ impl Criu {
                 }
             }
             let log = dir.join("dump.log");
-            let why = log_errors(&log, 6);
+            let why = failure(&log, &out.stderr);
             bail!(
                 "criu dump of PID {pid} failed (exit {}){}:\n  {}\n(full log: {})",
                 out.status.code().unwrap_or(-1),
@@ -220,11 +230,7 @@ impl Criu {
                 } else {
                     ""
                 },
-                if why.is_empty() {
-                    String::from_utf8_lossy(&out.stderr).trim().to_string()
-                } else {
-                    why.join("\n  ")
-                },
+                why,
                 log.display()
             );
         }
@@ -262,16 +268,12 @@ impl Criu {
         let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
         if !out.status.success() {
             let log = dir.join("restore.log");
-            let why = log_errors(&log, 6);
+            let why = failure(&log, &out.stderr);
             bail!(
                 "criu restore from {} failed (exit {}):\n  {}\n(full log: {})",
                 dir.display(),
                 out.status.code().unwrap_or(-1),
-                if why.is_empty() {
-                    String::from_utf8_lossy(&out.stderr).trim().to_string()
-                } else {
-                    why.join("\n  ")
-                },
+                why,
                 log.display()
             );
         }
