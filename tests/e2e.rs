@@ -468,3 +468,67 @@ fn sender_basis_sends_small_edits_as_tens_of_bytes_and_survives_a_wrong_basis() 
     ]);
     assert_eq!(fs::read(d.path("dst2/pages-1.img")).unwrap(), new);
 }
+
+#[test]
+fn include_and_exclude_follow_rsync_rules_and_protect_from_delete() {
+    let d = Dir::new();
+    for f in [
+        "src/a.c",
+        "src/a.o",
+        "src/sub/b.o",
+        "src/build/x",
+        "src/sub/build/y",
+        "src/keep.log",
+        "src/drop.log",
+    ] {
+        d.write(f, f.as_bytes());
+    }
+    d.write("ex", b"# from a file\n/build\n");
+    d.write("dst/old.o", b"excluded, kept by --delete");
+    d.write("dst/stale.txt", b"gone from the source");
+    let (src, dst) = (d.path("src"), d.path("dst"));
+    ok(hop_cmd![
+        "sync",
+        "--delete",
+        "--exclude",
+        "*.o",
+        "--include",
+        "keep.log",
+        "--exclude",
+        "*.log",
+        "--exclude-from",
+        d.path("ex"),
+        format!("{}/", src.display()),
+        &dst
+    ]);
+    let have = |p: &str| dst.join(p).exists();
+    assert!(have("a.c") && have("keep.log") && have("sub/build/y"));
+    assert!(!have("a.o") && !have("sub/b.o") && !have("drop.log") && !have("build"));
+    assert!(have("old.o"), "--delete removed an excluded path");
+    assert!(
+        !have("stale.txt"),
+        "--delete kept a path that is not excluded"
+    );
+    // Order matters: the first matching rule wins.
+    ok(hop_cmd![
+        "sync",
+        "--exclude",
+        "*.log",
+        "--include",
+        "keep.log",
+        format!("{}/", src.display()),
+        d.path("dst2")
+    ]);
+    assert!(!d.path("dst2/keep.log").exists());
+    let err = fails(
+        hop_cmd![
+            "sync",
+            "--exclude",
+            "[",
+            format!("{}/", src.display()),
+            d.path("dst3")
+        ],
+        1,
+    );
+    assert!(err.contains("pattern"), "{err}");
+}

@@ -79,6 +79,15 @@ fn push_and_pull_round_trip_every_kind_with_and_without_zstd() {
     );
     assert_eq!(raw["bytes_literal"], z["bytes_literal"]);
 
+    // Excludes travel with a pull: the server does not send what they match.
+    ok(c.sync(&[
+        OsStr::new("--exclude"),
+        OsStr::new("*.img"),
+        OsStr::new(&srv.url("src/")),
+        s(&d.path("noimg")),
+    ]));
+    assert!(d.path("noimg/text.txt").exists() && !d.path("noimg/big.img").exists());
+
     // Nothing changed: a re-run moves no data.
     let again = stats(c.sync(&[OsStr::new(&srv.url("src/")), s(&d.path("raw"))]));
     assert_eq!(again["bytes_literal"], 0, "{again}");

@@ -8,7 +8,7 @@ mod commands;
 mod identity;
 mod progress;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 /// Live-migrate containers and sync directory trees, moving only the data the other side lacks.
@@ -55,14 +55,15 @@ fn init_logging(verbose: u8, quiet: bool) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     init_logging(cli.verbose, cli.quiet);
     let out = commands::Output {
         verbose: cli.verbose,
         quiet: cli.quiet,
     };
     let r = match cli.command {
-        Command::Sync(a) => commands::sync::run(a, out),
+        Command::Sync(a) => commands::sync::run(a, matches.subcommand_matches("sync"), out),
         Command::Keygen(a) => commands::keygen::run(a, out),
         Command::Serve(a) => commands::serve::run(a, out),
         Command::Checkpoint(a) => commands::checkpoint::run_checkpoint(a, out),

@@ -67,6 +67,9 @@ pub enum Error {
     /// Authentication failed or a peer's identity is not trusted.
     #[error("{0}")]
     Trust(String),
+    /// An include/exclude pattern or rules file is not usable.
+    #[error("filter: {0}")]
+    Filter(String),
     /// The peer refused the request or reported a failure of its own.
     #[error("{0}")]
     Remote(String),

@@ -13,6 +13,7 @@ pub mod assemble;
 pub mod chunk;
 pub mod delta;
 pub mod error;
+pub mod filter;
 pub mod id;
 pub mod index;
 pub mod local;

@@ -40,6 +40,8 @@ pub struct ReceiverOptions {
     /// Ask for sub-chunk patches of chunks that look like edits of local data
     /// (see [`crate::delta`]).
     pub delta: bool,
+    /// Include/exclude rules of the sync: excluded destination paths are never deleted.
+    pub rules: Option<std::sync::Arc<crate::filter::Rules>>,
 }
 
 impl Default for ReceiverOptions {
@@ -54,6 +56,7 @@ impl Default for ReceiverOptions {
             index_cache: None,
             no_index_cache: false,
             delta: true,
+            rules: None,
         }
     }
 }
@@ -404,7 +407,14 @@ impl Receiver {
         });
         dispatched?;
         let delete = if self.opts.delete {
-            crate::plan::deletions(&manifest, &self.state)
+            let mut d = crate::plan::deletions(&manifest, &self.state);
+            if let Some(rules) = &self.opts.rules {
+                d.retain(|p| {
+                    let is_dir = matches!(self.state.get(p).map(|h| &h.kind), Some(DestKind::Dir));
+                    !rules.excluded_or_under(p, is_dir)
+                });
+            }
+            d
         } else {
             Vec::new()
         };

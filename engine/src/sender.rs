@@ -27,6 +27,8 @@ pub struct SenderOptions {
     /// chunk is sent compressed against the chunk at the same offset of the same path there
     /// ([`crate::protocol::Codec::Ref`]) when that is smaller.
     pub basis: Option<PathBuf>,
+    /// Include/exclude rules: excluded entries are not sent (nor descended into).
+    pub rules: Option<std::sync::Arc<crate::filter::Rules>>,
 }
 
 /// What the sender keeps to serve one file's chunks.
@@ -90,7 +92,11 @@ impl Sender {
     ) -> Result<Notes> {
         let root = &self.root;
         let opts = &self.opts;
-        let s = scan(root, filter);
+        let by_rules = |p: &RelPath, is_dir: bool| {
+            opts.rules.as_ref().is_none_or(|r| !r.excluded(p, is_dir))
+                && filter.is_none_or(|f| f(p, is_dir))
+        };
+        let s = scan(root, Some(&by_rules));
         let mut notes = Notes {
             skipped: s.skipped,
             errors: s.errors,

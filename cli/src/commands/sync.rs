@@ -4,6 +4,7 @@ use super::{Output, EXIT_PARTIAL};
 use crate::progress::Display;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use hop_engine::filter::{read_rules_file, Rule, Rules};
 use hop_engine::net::control::SyncSettings;
 use hop_engine::net::{ClientSettings, NetOptions, RemotePath};
 use hop_engine::{ChangeKind, ChunkParams, Progress, ReceiverOptions, Report, SenderOptions};
@@ -56,6 +57,19 @@ pub struct SyncArgs {
     /// Maximum chunk size in bytes.
     #[arg(long, value_name = "BYTES")]
     pub chunk_max: Option<u32>,
+    /// Exclude paths matching PATTERN (rsync's rules: no `/` matches a name at any depth,
+    /// leading `/` anchors at the root, trailing `/` matches directories, `**` crosses `/`).
+    /// Repeatable; --include, --exclude and --exclude-from are tried in command-line order and
+    /// the first match decides. Excluded destination paths are kept by --delete.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Include paths matching PATTERN (before a broader --exclude that follows it).
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Read exclude patterns from FILE, one per line (`#` comments; `+ PAT` includes, `- PAT`
+    /// excludes).
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
     /// Cut CRIU memory images (pages-N.img) like any other file instead of on every 4 KiB page.
     #[arg(long)]
     pub no_page_chunks: bool,
@@ -211,6 +225,7 @@ fn run_remote(
     sides: Sides,
     params: ChunkParams,
     compress: Option<i32>,
+    rules: Vec<Rule>,
     progress: Arc<Progress>,
 ) -> Result<Report> {
     if !a.basis.is_empty() && matches!(sides, Sides::Push(_)) {
@@ -227,6 +242,7 @@ fn run_remote(
         no_index_cache: a.no_index_cache,
         streams: cfg.net.streams as u32,
         delta: !a.no_delta,
+        rules: rules.clone(),
     };
     match sides {
         Sides::Push(mut remote) => {
@@ -270,6 +286,7 @@ fn run_remote(
                 index_cache: None,
                 no_index_cache: a.no_index_cache,
                 delta: !a.no_delta,
+                rules: compiled(&rules)?,
             };
             hop_engine::net::pull(&remote, &a.dest, settings, ropts, &cfg, progress)
                 .with_context(|| format!("pull {} -> {}", a.src.display(), a.dest.display()))
@@ -278,15 +295,59 @@ fn run_remote(
     }
 }
 
+/// The include/exclude rules in command-line order.
+fn rules_in_order(a: &SyncArgs, m: Option<&clap::ArgMatches>) -> Result<Vec<Rule>> {
+    let at = |id: &str| -> Vec<usize> {
+        m.and_then(|m| m.indices_of(id))
+            .map(|i| i.collect())
+            .unwrap_or_default()
+    };
+    let mut ordered: Vec<(usize, Vec<Rule>)> = Vec::new();
+    for (pattern, i) in a.exclude.iter().zip(at("exclude")) {
+        ordered.push((
+            i,
+            vec![Rule {
+                include: false,
+                pattern: pattern.clone(),
+            }],
+        ));
+    }
+    for (pattern, i) in a.include.iter().zip(at("include")) {
+        ordered.push((
+            i,
+            vec![Rule {
+                include: true,
+                pattern: pattern.clone(),
+            }],
+        ));
+    }
+    for (file, i) in a.exclude_from.iter().zip(at("exclude_from")) {
+        ordered.push((i, read_rules_file(file, false)?));
+    }
+    ordered.sort_by_key(|(i, _)| *i);
+    let rules: Vec<Rule> = ordered.into_iter().flat_map(|(_, r)| r).collect();
+    Rules::new(&rules)?;
+    Ok(rules)
+}
+
+fn compiled(rules: &[Rule]) -> Result<Option<Arc<Rules>>> {
+    Ok(if rules.is_empty() {
+        None
+    } else {
+        Some(Arc::new(Rules::new(rules)?))
+    })
+}
+
 /// Run `hop sync`.
-pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
+pub fn run(a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result<ExitCode> {
+    let rules = rules_in_order(&a, m)?;
     let params = chunk_params(&a)?;
     let compress = a.compress.as_deref().map(parse_compress).transpose()?;
     let sides = sides(&a)?;
     if !matches!(sides, Sides::Local) {
         let progress = Arc::new(Progress::default());
         let display = Display::start(progress.clone(), a.progress && !out.quiet);
-        let report = run_remote(&a, sides, params, compress, progress)?;
+        let report = run_remote(&a, sides, params, compress, rules, progress)?;
         drop(display);
         return finish(&report, &a, out);
     }
@@ -308,6 +369,7 @@ pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
         compress,
         cache,
         basis: a.sender_basis.clone(),
+        rules: compiled(&rules)?,
     };
     let ropts = ReceiverOptions {
         params,
@@ -319,6 +381,7 @@ pub fn run(a: SyncArgs, out: Output) -> Result<ExitCode> {
         index_cache: None,
         no_index_cache: a.no_index_cache,
         delta: !a.no_delta,
+        rules: compiled(&rules)?,
     };
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), a.progress && !out.quiet);

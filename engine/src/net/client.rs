@@ -291,6 +291,11 @@ pub fn push(
             compress: settings.compress,
             cache,
             basis,
+            rules: if settings.rules.is_empty() {
+                None
+            } else {
+                Some(Arc::new(crate::filter::Rules::new(&settings.rules)?))
+            },
         };
         let sender = Arc::new(Sender::new(src, sopts));
         let name_if_dir = if src.is_dir() {

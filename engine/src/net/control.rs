@@ -45,6 +45,9 @@ pub struct SyncSettings {
     pub streams: u32,
     /// Receiver: ask for sub-chunk patches.
     pub delta: bool,
+    /// Include/exclude rules, in order (the sender skips excluded entries, the receiver keeps
+    /// them from `--delete`).
+    pub rules: Vec<crate::filter::Rule>,
 }
 
 /// Control messages. The order on the control stream is: client `Hello`; server `Welcome` or

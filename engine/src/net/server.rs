@@ -203,6 +203,7 @@ fn prepare(s: &ServeSettings, req: &Request, settings: &SyncSettings) -> Result<
         settings.params.avg,
         settings.params.max,
     )?;
+    rules(settings)?;
     match req {
         Request::Push { path, name_if_dir } => {
             let mut dest = confine(&s.root, path)?;
@@ -251,6 +252,7 @@ async fn run(
                 index_cache: crate::index::dest_cache_path(&path),
                 no_index_cache: settings.no_index_cache,
                 delta: settings.delta,
+                rules: rules(&settings)?,
             };
             let prepare = move || Receiver::prepare(&path, ropts);
             // The client chose the streams; `net.streams` is the most a client may use.
@@ -276,6 +278,7 @@ async fn run(
                 compress: settings.compress,
                 cache,
                 basis: None,
+                rules: rules(&settings)?,
             };
             let summary = send_tree(conn, ctl, Arc::new(Sender::new(&path, sopts))).await?;
             tracing::info!(
@@ -286,6 +289,14 @@ async fn run(
             Ok(())
         }
     }
+}
+
+/// The request's include/exclude rules, compiled (`None` when there are none).
+fn rules(settings: &SyncSettings) -> Result<Option<Arc<crate::filter::Rules>>> {
+    if settings.rules.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(crate::filter::Rules::new(&settings.rules)?)))
 }
 
 #[cfg(test)]

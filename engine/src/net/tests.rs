@@ -88,6 +88,7 @@ fn settings() -> SyncSettings {
         no_index_cache: true,
         streams: 2,
         delta: true,
+        rules: Vec::new(),
     }
 }
 
