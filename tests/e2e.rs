@@ -532,3 +532,20 @@ fn include_and_exclude_follow_rsync_rules_and_protect_from_delete() {
     );
     assert!(err.contains("pattern"), "{err}");
 }
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_line_definition() {
+    let bash = ok(hop_cmd!["completions", "bash"]);
+    assert!(
+        bash.contains("--exclude") && bash.contains("checkpoint"),
+        "{bash:.300}"
+    );
+    let d = Dir::new();
+    ok(hop_cmd!["man", d.path("man")]);
+    let sync = fs::read_to_string(d.path("man/hop-sync.1")).unwrap();
+    assert!(
+        sync.contains("exclude") && sync.contains("accept"),
+        "{sync:.300}"
+    );
+    assert!(d.path("man/hop.1").exists() && d.path("man/hop-serve.1").exists());
+}

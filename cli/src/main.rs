@@ -33,6 +33,8 @@ enum Command {
     Checkpoint(commands::checkpoint::CheckpointArgs),
     Restore(commands::checkpoint::RestoreArgs),
     Doctor(commands::doctor::DoctorArgs),
+    Completions(commands::docs::CompletionsArgs),
+    Man(commands::docs::ManArgs),
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -69,6 +71,8 @@ fn main() -> ExitCode {
         Command::Checkpoint(a) => commands::checkpoint::run_checkpoint(a, out),
         Command::Restore(a) => commands::checkpoint::run_restore(a, out),
         Command::Doctor(a) => commands::doctor::run(a, out),
+        Command::Completions(a) => commands::docs::completions(a, Cli::command()),
+        Command::Man(a) => commands::docs::man(a, Cli::command()),
     };
     match r {
         Ok(code) => code,

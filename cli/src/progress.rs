@@ -14,11 +14,19 @@ pub struct Display {
 }
 
 impl Display {
-    /// Start drawing when stderr is a terminal and `enabled`.
+    /// Start when `enabled`: a bar when stderr is a terminal, else a plain line every 5 s.
     pub fn start(progress: Arc<Progress>, enabled: bool) -> Display {
         let stop = Arc::new(AtomicBool::new(false));
-        if !enabled || !std::io::stderr().is_terminal() {
+        if !enabled {
             return Display { stop, thread: None };
+        }
+        if !std::io::stderr().is_terminal() {
+            let s = stop.clone();
+            let thread = std::thread::spawn(move || lines(&progress, &s));
+            return Display {
+                stop,
+                thread: Some(thread),
+            };
         }
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -52,6 +60,28 @@ impl Display {
             stop,
             thread: Some(thread),
         }
+    }
+}
+
+/// Plain progress lines for logs: bytes done of planned, data sent, files; every 5 s.
+fn lines(progress: &Progress, stop: &AtomicBool) {
+    let t0 = std::time::Instant::now();
+    let mut next = Duration::from_secs(5);
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        if t0.elapsed() < next {
+            continue;
+        }
+        next += Duration::from_secs(5);
+        let mib = |n: u64| n as f64 / (1u64 << 20) as f64;
+        eprintln!(
+            "hop: progress {:.1}/{:.1} MiB, {:.1} MiB sent, {} files, {:.0} s",
+            mib(Progress::get(&progress.bytes_done)),
+            mib(Progress::get(&progress.bytes_planned)),
+            mib(Progress::get(&progress.bytes_literal)),
+            Progress::get(&progress.files_done),
+            t0.elapsed().as_secs_f64()
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 pub mod checkpoint;
+pub mod docs;
 pub mod doctor;
 pub mod keygen;
 pub mod serve;
