@@ -549,3 +549,76 @@ fn completions_and_man_pages_come_from_the_command_line_definition() {
     );
     assert!(d.path("man/hop.1").exists() && d.path("man/hop-serve.1").exists());
 }
+
+#[test]
+fn a_full_destination_disk_is_a_clear_error_and_the_old_file_survives() {
+    assert!(is_root(), "needs root to mount a small tmpfs");
+    let d = Dir::new();
+    let small = d.mkdir("small");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "could not mount a small tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(small.clone());
+    let old = noise(50, 600_000);
+    fs::write(small.join("f"), &old).unwrap();
+    d.write("src/f", &noise(51, 3 << 20)); // does not fit beside the old one
+    d.write("src/g", b"small file that fits");
+    let err = fails(
+        hop_cmd![
+            "sync",
+            "--no-index-cache",
+            format!("{}/", d.path("src").display()),
+            &small
+        ],
+        23,
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(
+        fs::read(small.join("f")).unwrap(),
+        old,
+        "the old file was damaged"
+    );
+    assert_eq!(fs::read(small.join("g")).unwrap(), b"small file that fits");
+    let names: Vec<_> = fs::read_dir(&small)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| n == "f" || n == "g"),
+        "leftovers: {names:?}"
+    );
+}
+
+#[test]
+fn a_second_sync_into_a_busy_destination_is_refused() {
+    let d = Dir::new();
+    d.write("src/f", b"data");
+    let dst = d.path("dst");
+    // Another sync holds the destination's lock (as hop does, with flock).
+    extern "C" {
+        fn flock(fd: i32, op: i32) -> i32;
+    }
+    let held = fs::File::create(d.path(".dst.hoplock")).unwrap();
+    use std::os::fd::AsRawFd;
+    assert_eq!(
+        unsafe {
+            flock(held.as_raw_fd(), 2 /* LOCK_EX */)
+        },
+        0
+    );
+    let err = fails(hop_cmd!["sync", d.path("src/"), &dst], 1);
+    assert!(err.contains("another hop sync is writing"), "{err}");
+    assert!(!dst.exists(), "wrote while another sync held the lock");
+    drop(held);
+    ok(hop_cmd!["sync", d.path("src/"), &dst]);
+    assert_eq!(fs::read(dst.join("f")).unwrap(), b"data");
+}

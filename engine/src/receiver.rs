@@ -142,6 +142,52 @@ pub struct Receiver {
     dest_files: HashMap<RelPath, u32>,
     first_basis_file: u32,
     errors: Vec<Error>,
+    /// Held while this receiver exists: one sync at a time per destination.
+    _lock: Option<std::fs::File>,
+}
+
+/// Take the destination's lock (`.NAME.hoplock` beside it, or beside its index cache), so that
+/// two syncs into one destination never interleave: the second is refused with a clear error.
+/// A dry run takes no lock, nor does a sync whose lock file cannot be created.
+fn lock(dest: &Path, cache: &Path, dry: bool) -> Result<Option<std::fs::File>> {
+    if dry {
+        return Ok(None);
+    }
+    let path = cache.with_extension("hoplock");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let f = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        // No place for a lock (a read-only or foreign parent directory): sync without one,
+        // as rsync always does; the per-file guarantees do not depend on it.
+        Err(e) => {
+            tracing::debug!("no lock for {}: {e}", dest.display());
+            return Ok(None);
+        }
+    };
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if r != 0 {
+        return Err(Error::Conflict {
+            path: dest.into(),
+            why: format!(
+                "another hop sync is writing into it (lock {}); wait for it to finish",
+                path.display()
+            ),
+        });
+    }
+    Ok(Some(f))
 }
 
 /// A file handed to a writer lane.
@@ -158,6 +204,7 @@ const INLINE_FETCH: u64 = 8 << 20;
 impl Receiver {
     /// Scan and index the destination and basis directories.
     pub fn prepare(dest: &Path, opts: ReceiverOptions) -> Result<Receiver> {
+        let held = lock(dest, &Self::cache_path(dest, &opts), opts.dry_run)?;
         let s = scan(dest, None);
         let mut errors = s.errors;
         let mut state = HashMap::new();
@@ -223,6 +270,7 @@ impl Receiver {
             dest_files,
             first_basis_file,
             errors,
+            _lock: held,
         })
     }
 
