@@ -214,6 +214,7 @@ pub fn sample_tree(d: &Dir) -> PathBuf {
 /// file inside a test directory. Killed (by PID) when dropped.
 pub struct Server {
     pub child: std::process::Child,
+    pub host: String,
     pub port: u16,
     pub root: PathBuf,
     pub fingerprint: String,
@@ -257,6 +258,17 @@ impl Client {
 impl Server {
     /// Start a server under `d/name` that admits `clients`, on `port` (0: any).
     pub fn start(d: &Dir, name: &str, clients: &[&Client], port: u16) -> Server {
+        Server::start_at(d, name, clients, &format!("127.0.0.1:{port}"), None)
+    }
+
+    /// The same, listening on `listen`, inside network namespace `netns` if given.
+    pub fn start_at(
+        d: &Dir,
+        name: &str,
+        clients: &[&Client],
+        listen: &str,
+        netns: Option<&str>,
+    ) -> Server {
         let base = d.mkdir(name);
         let identity = base.join("id");
         if !identity.join("key.pem").exists() {
@@ -271,10 +283,18 @@ impl Server {
         let root = base.join("root");
         fs::create_dir_all(&root).unwrap();
         let stderr = base.join("serve.log");
-        let mut child = hop()
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_hop")]);
+                c
+            }
+            None => hop(),
+        };
+        let mut child = cmd
             .arg("serve")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(listen)
             .arg("--root")
             .arg(&root)
             .arg("--identity")
@@ -299,10 +319,12 @@ impl Server {
                 fs::read_to_string(&stderr).unwrap_or_default()
             )
         });
-        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let (host, port) = (host.to_string(), port.parse().unwrap());
         let fingerprint = words.nth(1).unwrap().to_string();
         Server {
             child,
+            host,
             port,
             root,
             fingerprint,
@@ -312,7 +334,7 @@ impl Server {
 
     /// `quic://127.0.0.1:PORT/PATH`.
     pub fn url(&self, path: &str) -> String {
-        format!("quic://127.0.0.1:{}/{path}", self.port)
+        format!("quic://{}:{}/{path}", self.host, self.port)
     }
 
     /// The server's log so far.

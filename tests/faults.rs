@@ -1,0 +1,218 @@
+//! Faults on a real link: two network namespaces joined by a veth pair (`scripts/netns.sh`),
+//! `hop serve` in one, `hop sync` in the other, packets dropped with iptables in between.
+//! Needs root.
+
+#[macro_use]
+mod util;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use util::*;
+
+/// Two namespaces `P-a` (10.77.0.1) and `P-b` (10.77.0.2), removed on drop.
+struct Link {
+    prefix: String,
+}
+
+fn netns_sh() -> String {
+    format!("{}/../scripts/netns.sh", env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Link {
+    fn up(tag: &str) -> Link {
+        let prefix = format!("hf{}{tag}", std::process::id() % 10000);
+        let st = Command::new("bash")
+            .args([&netns_sh(), "up", &prefix])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot create namespaces (root needed)");
+        Link { prefix }
+    }
+
+    fn a(&self) -> String {
+        format!("{}-a", self.prefix)
+    }
+
+    fn b(&self) -> String {
+        format!("{}-b", self.prefix)
+    }
+
+    /// Run iptables in the server's namespace.
+    fn iptables(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(["netns", "exec", &self.b(), "iptables"])
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "iptables {args:?}");
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .args([&netns_sh(), "down", &self.prefix])
+            .status();
+    }
+}
+
+/// `hop sync` from the client namespace.
+fn sync_in(link: &Link, c: &Client, args: &[&OsStr]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &link.a(),
+        env!("CARGO_BIN_EXE_hop"),
+        "sync",
+    ])
+    .arg("--identity")
+    .arg(&c.identity)
+    .arg("--known-hosts")
+    .arg(&c.known_hosts)
+    .args(args);
+    cmd
+}
+
+#[test]
+fn random_packet_loss_slows_a_push_but_it_completes_intact() {
+    let link = Link::up("l");
+    let d = Dir::new();
+    d.write("src/big", &noise(60, 24 << 20));
+    d.write("src/small", b"small");
+    let c = Client::new(&d, "client");
+    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
+    // 3 % of the packets reaching the server are lost, both data and acknowledgements.
+    link.iptables(&[
+        "-A",
+        "INPUT",
+        "-p",
+        "udp",
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        "0.03",
+        "-j",
+        "DROP",
+    ]);
+    link.iptables(&[
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-m",
+        "statistic",
+        "--mode",
+        "random",
+        "--probability",
+        "0.03",
+        "-j",
+        "DROP",
+    ]);
+    let src = format!("{}/", d.path("src").display());
+    ok(sync_in(
+        &link,
+        &c,
+        &[
+            OsStr::new("--accept-new"),
+            OsStr::new(&src),
+            OsStr::new(&srv.url("dst")),
+        ],
+    ));
+    assert_same_tree(&d.path("src"), &srv.root.join("dst"));
+}
+
+#[test]
+fn a_short_link_cut_is_ridden_out_and_a_long_one_fails_cleanly() {
+    let link = Link::up("c");
+    let d = Dir::new();
+    let data = noise(61, 96 << 20);
+    d.write("src/big", &data);
+    let c = Client::new(&d, "client");
+    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
+    let src = format!("{}/", d.path("src").display());
+    let url = srv.url("dst");
+    ok(sync_in(
+        &link,
+        &c,
+        &[
+            OsStr::new("--accept-new"),
+            OsStr::new("-n"),
+            OsStr::new(&src),
+            OsStr::new(&url),
+        ],
+    ));
+
+    // A 2 s cut in the middle of the transfer: QUIC retransmits, the sync completes.
+    let mut child = sync_in(&link, &c, &[OsStr::new(&src), OsStr::new(&url)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    link.iptables(&["-I", "INPUT", "-p", "udp", "-j", "DROP"]);
+    std::thread::sleep(Duration::from_secs(2));
+    link.iptables(&["-D", "INPUT", "-p", "udp", "-j", "DROP"]);
+    let st = child.wait().unwrap();
+    assert!(st.success(), "a 2 s cut failed the sync");
+    assert_eq!(fs::read(srv.root.join("dst/big")).unwrap(), data);
+
+    // A cut longer than --timeout: a clear error within the timeout, no partial file.
+    fs::write(d.path("src/big"), noise(62, 96 << 20)).unwrap();
+    let mut child = sync_in(
+        &link,
+        &c,
+        &[
+            OsStr::new("--timeout"),
+            OsStr::new("3"),
+            OsStr::new(&src),
+            OsStr::new(&url),
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    link.iptables(&["-I", "INPUT", "-p", "udp", "-j", "DROP"]);
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no timeout after a long cut"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    link.iptables(&["-D", "INPUT", "-p", "udp", "-j", "DROP"]);
+    assert!(!st.success(), "96 MiB went through in 200 ms?");
+    assert!(
+        err.contains("timed out") || err.contains("stopped answering"),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    // Old or new, never a mix.
+    let got = fs::read(srv.root.join("dst/big")).unwrap();
+    assert!(
+        got == data || got == noise(62, 96 << 20),
+        "a mixed file after a cut"
+    );
+}
