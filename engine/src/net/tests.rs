@@ -238,3 +238,62 @@ fn dot_dot_and_absolute_paths_are_refused_on_decode() {
     nothing_outside(&f);
     assert!(!Path::new(&f.root.join("x")).exists());
 }
+
+#[test]
+fn a_chunk_corrupted_by_the_sender_is_detected_and_never_written() {
+    let f = start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let remote = RemotePath {
+            host: "127.0.0.1".into(),
+            port: f.port,
+            path: "dst".into(),
+        };
+        let request = Request::Push {
+            path: "dst".into(),
+            name_if_dir: None,
+        };
+        let mut s = open(&remote, &f.client, request, settings()).await.unwrap();
+        // A hostile sender: every want-list is answered with bytes that are not the chunk.
+        let conn = s.conn.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    while let Ok(Some(Frame::Want { entry, runs, .. })) =
+                        super::wire::read_msg::<Frame>(&mut recv).await
+                    {
+                        for n in protocol::from_runs(&runs, 16).unwrap() {
+                            let bad = Frame::Data {
+                                entry,
+                                chunk: n,
+                                codec: protocol::Codec::Raw,
+                                bytes: b"forged".to_vec(),
+                            };
+                            let _ = write_msg(&mut send, &bad).await;
+                        }
+                    }
+                    let _ = send.finish();
+                });
+            }
+        });
+        let body = frames(&[entry("", EntryKind::Dir), entry("f", file(b"honest"))]);
+        super::wire::write_raw(&mut s.ctl.send, &body)
+            .await
+            .unwrap();
+        let notes = Control::SenderNotes {
+            skipped: vec![],
+            errors: vec![],
+        };
+        write_msg(&mut s.ctl.send, &notes).await.unwrap();
+        let answer = expect_msg::<Control>(&mut s.ctl.recv, "summary").await;
+        s.conn.close(0u32.into(), b"done");
+        format!("{answer:?}")
+    });
+    assert!(answer.contains("integrity check failed"), "{answer}");
+    assert!(!f.root.join("dst/f").exists(), "a forged chunk was written");
+    let leftovers: Vec<_> = std::fs::read_dir(f.root.join("dst"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
