@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    Sync(commands::sync::SyncArgs),
+    Sync(Box<commands::sync::SyncArgs>),
     Keygen(commands::keygen::KeygenArgs),
     Serve(commands::serve::ServeArgs),
     Checkpoint(commands::checkpoint::CheckpointArgs),
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         quiet: cli.quiet,
     };
     let r = match cli.command {
-        Command::Sync(a) => commands::sync::run(a, matches.subcommand_matches("sync"), out),
+        Command::Sync(a) => commands::sync::run(*a, matches.subcommand_matches("sync"), out),
         Command::Keygen(a) => commands::keygen::run(a, out),
         Command::Serve(a) => commands::serve::run(a, out),
         Command::Checkpoint(a) => commands::checkpoint::run_checkpoint(a, out),

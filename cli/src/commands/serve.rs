@@ -52,15 +52,63 @@ pub struct ServeArgs {
     /// Must exceed the link's bandwidth x round-trip time for full speed.
     #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
     pub window: u64,
+    /// Admit this client fingerprint too (repeatable); with --ephemeral, the only ones admitted.
+    #[arg(long, value_name = "FINGERPRINT")]
+    pub authorize: Vec<String>,
+    /// Use a throwaway identity made for this run instead of --identity (clients learn its
+    /// fingerprint from the line printed on start). What `hop sync` uses over ssh.
+    #[arg(long)]
+    pub ephemeral: bool,
+    /// Serve one session, then exit (give up if no client comes within --timeout).
+    #[arg(long)]
+    pub once: bool,
 }
 
 /// Run `hop serve`.
 pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
-    let id_dir = a.identity.unwrap_or_else(identity::default_identity);
-    let id = identity::load(&id_dir)?;
-    let authorized_keys = a
-        .authorized_keys
-        .unwrap_or_else(|| identity::config_dir().join("authorized_keys"));
+    // Throwaway identity and fingerprints given on the command line live in a private
+    // temporary directory for the life of the server.
+    let scratch = tempfile::Builder::new()
+        .prefix("hop-serve-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let id = if a.ephemeral {
+        identity::generate(&scratch.path().join("id"), false)?
+    } else {
+        identity::load(
+            &a.identity
+                .clone()
+                .unwrap_or_else(identity::default_identity),
+        )?
+    };
+    for fp in &a.authorize {
+        if !hop_engine::net::trust::is_fingerprint(fp) {
+            anyhow::bail!("--authorize {fp:?}: not a fingerprint (sha256:<64 hex digits>)");
+        }
+    }
+    let authorized_keys = if a.ephemeral || !a.authorize.is_empty() {
+        let path = scratch.path().join("authorized_keys");
+        let mut text = String::new();
+        if !a.ephemeral {
+            let file = a
+                .authorized_keys
+                .clone()
+                .unwrap_or_else(|| identity::config_dir().join("authorized_keys"));
+            if file.exists() {
+                text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+            }
+        }
+        for fp in &a.authorize {
+            text.push_str(&format!("\n{fp}\n"));
+        }
+        std::fs::write(&path, text).context("cannot write the authorized keys")?;
+        path
+    } else {
+        a.authorized_keys
+            .clone()
+            .unwrap_or_else(|| identity::config_dir().join("authorized_keys"))
+    };
     let root = std::fs::canonicalize(&a.root)
         .with_context(|| format!("cannot use root {}", a.root.display()))?;
     let settings = ServeSettings {
@@ -76,6 +124,7 @@ pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
         },
         max_sessions: a.max_sessions.max(1),
         source_cache: true,
+        once: a.once,
     };
     let fp = id.fingerprint.clone();
     net::serve(settings, move |addr| {

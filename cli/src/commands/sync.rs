@@ -1,5 +1,6 @@
 //! `hop sync SRC DEST`: make DEST identical to SRC, sending only what DEST lacks.
 
+use super::ssh::{Session, SshSpec};
 use super::{Output, EXIT_PARTIAL};
 use crate::progress::Display;
 use anyhow::{bail, Context, Result};
@@ -117,6 +118,12 @@ pub struct SyncArgs {
     /// Remote syncs: streams carrying chunks at once (default: one per core, 2 to 8).
     #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
     pub streams: usize,
+    /// ssh remotes (`[user@]host:PATH`): the command that reaches the host, like rsync's -e.
+    #[arg(short = 'e', long, value_name = "COMMAND", default_value = "ssh")]
+    pub rsh: String,
+    /// ssh remotes: the hop binary on the remote host, like rsync's --rsync-path.
+    #[arg(long, value_name = "PATH", default_value = "hop")]
+    pub remote_hop: String,
     /// Remote syncs: give up on a peer silent for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     pub timeout: u64,
@@ -156,19 +163,25 @@ fn chunk_params(a: &SyncArgs) -> Result<ChunkParams> {
 /// Which side of a sync is remote.
 enum Sides {
     Local,
-    Push(RemotePath),
-    Pull(RemotePath),
+    Push(Remote),
+    Pull(Remote),
+}
+
+/// A remote side: a `hop serve` already running, or one to start over ssh.
+enum Remote {
+    Quic(RemotePath),
+    Ssh(SshSpec),
 }
 
 fn sides(a: &SyncArgs) -> Result<Sides> {
-    let parse = |p: &Path| -> Result<Option<RemotePath>> {
+    let parse = |p: &Path| -> Result<Option<Remote>> {
         let s = p.as_os_str().to_string_lossy();
         match RemotePath::parse(&s) {
-            Some(r) => Ok(Some(r?)),
+            Some(r) => Ok(Some(Remote::Quic(r?))),
             None if s.contains("://") => {
                 bail!("{s}: only quic://HOST[:PORT]/PATH remotes are supported")
             }
-            None => Ok(None),
+            None => Ok(SshSpec::parse(&s).map(Remote::Ssh)),
         }
     };
     match (parse(&a.src)?, parse(&a.dest)?) {
@@ -231,7 +244,48 @@ fn run_remote(
     if !a.basis.is_empty() && matches!(sides, Sides::Push(_)) {
         bail!("--basis names local directories; it works when the destination is local");
     }
-    let cfg = client_settings(a)?;
+    // An ssh remote gets its one-session server and throwaway keys here.
+    let push = matches!(sides, Sides::Push(_));
+    let (sides, cfg, session) = match sides {
+        Sides::Push(Remote::Ssh(spec)) | Sides::Pull(Remote::Ssh(spec)) => {
+            let net = NetOptions {
+                streams: a.streams.clamp(1, 64),
+                timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+                window: a.window,
+                ..NetOptions::default()
+            };
+            let s = Session::start(&spec, &a.rsh, &a.remote_hop, net)?;
+            let r = s.remote.clone();
+            let cfg = s.cfg.clone();
+            (
+                if push {
+                    Sides::Push(Remote::Quic(r))
+                } else {
+                    Sides::Pull(Remote::Quic(r))
+                },
+                cfg,
+                Some(s),
+            )
+        }
+        other => (other, client_settings(a)?, None),
+    };
+    let r = run_quic(a, sides, cfg, params, compress, rules, progress);
+    if let Some(s) = session {
+        s.finish();
+    }
+    r
+}
+
+/// A push or pull to a running `hop serve`.
+fn run_quic(
+    a: &SyncArgs,
+    sides: Sides,
+    cfg: ClientSettings,
+    params: ChunkParams,
+    compress: Option<i32>,
+    rules: Vec<Rule>,
+    progress: Arc<Progress>,
+) -> Result<Report> {
     let settings = SyncSettings {
         params,
         compress,
@@ -245,7 +299,7 @@ fn run_remote(
         rules: rules.clone(),
     };
     match sides {
-        Sides::Push(mut remote) => {
+        Sides::Push(Remote::Quic(mut remote)) => {
             let s = a.src.as_os_str().to_string_lossy();
             let md = std::fs::symlink_metadata(&a.src)
                 .with_context(|| format!("cannot read source {}", a.src.display()))?;
@@ -275,7 +329,7 @@ fn run_remote(
             )
             .with_context(|| format!("push {} -> {}", a.src.display(), a.dest.display()))
         }
-        Sides::Pull(remote) => {
+        Sides::Pull(Remote::Quic(remote)) => {
             let ropts = ReceiverOptions {
                 params,
                 delete: a.delete,
@@ -291,7 +345,7 @@ fn run_remote(
             hop_engine::net::pull(&remote, &a.dest, settings, ropts, &cfg, progress)
                 .with_context(|| format!("pull {} -> {}", a.src.display(), a.dest.display()))
         }
-        Sides::Local => unreachable!("local syncs do not come here"),
+        _ => unreachable!("local syncs and ssh remotes do not come here"),
     }
 }
 

@@ -34,6 +34,9 @@ pub struct ServeSettings {
     pub max_sessions: usize,
     /// Keep source chunk caches for pulled trees (see [`crate::index::source_cache_path`]).
     pub source_cache: bool,
+    /// Serve one session and return (waiting at most `net.timeout` for it to start): the mode
+    /// of a server started over ssh for one transfer.
+    pub once: bool,
 }
 
 /// Resolve a client's path under `root`: no `..`, no NUL, and no component that is a symlink
@@ -85,6 +88,16 @@ pub fn serve(s: ServeSettings, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         ready(addr);
         let active = Arc::new(AtomicUsize::new(0));
         let s = Arc::new(s);
+        if s.once {
+            let incoming = tokio::time::timeout(s.net.timeout, endpoint.accept())
+                .await
+                .map_err(|_| Error::Transport("no client came".into()))?
+                .ok_or_else(|| Error::Transport("endpoint closed".into()))?;
+            let r = session(incoming, &s).await;
+            endpoint.close(0u32.into(), b"done");
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+            return r;
+        }
         while let Some(incoming) = endpoint.accept().await {
             if active.load(Ordering::Relaxed) >= s.max_sessions {
                 tracing::warn!(

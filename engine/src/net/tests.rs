@@ -54,6 +54,7 @@ fn start() -> Fixture {
         net: NetOptions::default(),
         max_sessions: 4,
         source_cache: false,
+        once: false,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
