@@ -622,3 +622,44 @@ fn a_second_sync_into_a_busy_destination_is_refused() {
     ok(hop_cmd!["sync", d.path("src/"), &dst]);
     assert_eq!(fs::read(dst.join("f")).unwrap(), b"data");
 }
+
+#[test]
+fn config_file_sets_defaults_and_the_command_line_wins() {
+    let d = Dir::new();
+    d.write("src/t.txt", &b"compressible line of text\n".repeat(40_000));
+    let src = format!("{}/", d.path("src").display());
+    let cfg = d.path("config.toml");
+    let run = |cfg_text: &str, extra: &[&str], dst: &str| {
+        fs::write(&cfg, cfg_text).unwrap();
+        let mut c = hop();
+        c.env("HOP_CONFIG", &cfg)
+            .args(["sync", "--stats-json", "-"])
+            .args(extra)
+            .arg(&src)
+            .arg(d.path(dst));
+        c
+    };
+    let wire = |c| {
+        let out = ok(c);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        v["bytes_wire"].as_u64().unwrap()
+    };
+    let plain = wire(run("", &[], "a"));
+    let zstd = wire(run("[sync]\ncompress = \"zstd:3\"\n", &[], "b"));
+    assert!(
+        zstd * 10 < plain,
+        "config compression not applied: {zstd} vs {plain}"
+    );
+    // The command line wins over a (here unusable) config value.
+    wire(run(
+        "[sync]\ncompress = \"gzip\"\n",
+        &["--compress", "zstd"],
+        "c",
+    ));
+    // A mistake in the file is named.
+    let err = fails(run("[sync]\nstreems = 3\n", &[], "e"), 1);
+    assert!(
+        err.contains("config.toml") && err.contains("streems"),
+        "{err}"
+    );
+}

@@ -5,6 +5,7 @@
 
 mod checkpoint;
 mod commands;
+mod config;
 mod identity;
 mod progress;
 

@@ -393,7 +393,8 @@ fn compiled(rules: &[Rule]) -> Result<Option<Arc<Rules>>> {
 }
 
 /// Run `hop sync`.
-pub fn run(a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result<ExitCode> {
+pub fn run(mut a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result<ExitCode> {
+    crate::config::apply(&mut a, m)?;
     let rules = rules_in_order(&a, m)?;
     let params = chunk_params(&a)?;
     let compress = a.compress.as_deref().map(parse_compress).transpose()?;
