@@ -59,6 +59,11 @@ fn read(path: &Path) -> Result<Option<SyncDefaults>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Another user's home (HOME kept across a user switch): not ours to read.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            tracing::warn!("ignoring {}: {e}", path.display());
+            return Ok(None);
+        }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
     let f: File = toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
