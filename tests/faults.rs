@@ -180,24 +180,7 @@ fn a_short_link_cut_is_ridden_out_and_a_long_one_fails_cleanly() {
     std::thread::sleep(Duration::from_millis(200));
     link.iptables(&["-I", "INPUT", "-p", "udp", "-j", "DROP"]);
     let t0 = Instant::now();
-    let st = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no timeout after a long cut"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (st, err) = finish_within(&mut child, Duration::from_secs(20));
     link.iptables(&["-D", "INPUT", "-p", "udp", "-j", "DROP"]);
     assert!(!st.success(), "96 MiB went through in 200 ms?");
     assert!(

@@ -204,21 +204,6 @@ fn remote_paths_are_confined_under_the_root() {
     assert!(!d.path("x").exists() && !d.path("server/x").exists());
 }
 
-/// Wait for `child` up to `limit`; kill it and fail if it does not finish.
-fn wait_for(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            panic!("hop sync did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn killed_server_mid_push_leaves_old_or_new_and_rerun_completes() {
     let d = Dir::new();
@@ -245,15 +230,7 @@ fn killed_server_mid_push_leaves_old_or_new_and_rerun_completes() {
         let mut child = cmd.spawn().unwrap();
         std::thread::sleep(Duration::from_millis(delay));
         srv.kill();
-        let st = wait_for(&mut child, Duration::from_secs(20));
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
+        let (st, err) = finish_within(&mut child, Duration::from_secs(20));
         let got = blake3::hash(&fs::read(srv.root.join("dst/big")).unwrap());
         assert!(
             got == hold || got == hnew,
@@ -341,18 +318,10 @@ fn a_stopped_server_is_detected_by_the_timeout() {
     let pid = srv.child.id().to_string();
     ok_status(std::process::Command::new("kill").args(["-STOP", &pid]));
     let t0 = Instant::now();
-    let st = wait_for(&mut child, Duration::from_secs(20));
+    let (st, err) = finish_within(&mut child, Duration::from_secs(20));
     let waited = t0.elapsed();
     eprintln!("stopped server: client exit {st} after {waited:?}");
     ok_status(std::process::Command::new("kill").args(["-CONT", &pid]));
-    let mut err = String::new();
-    use std::io::Read;
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
     if st.success() {
         // The whole file made it before the stop: then it must be intact.
         assert_eq!(fs::read(dst.join("big")).unwrap(), noise(13, 200 << 20));

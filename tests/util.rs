@@ -354,3 +354,28 @@ impl Drop for Server {
         self.kill();
     }
 }
+
+/// Wait for `child` (stderr piped) at most `limit`, killing it and failing the test if it runs
+/// longer; returns its status and what it wrote on stderr.
+pub fn finish_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> (std::process::ExitStatus, String) {
+    let t0 = std::time::Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{child:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut err);
+    }
+    (st, err)
+}

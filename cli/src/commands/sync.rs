@@ -223,13 +223,18 @@ fn client_settings(a: &SyncArgs) -> Result<ClientSettings> {
             .clone()
             .unwrap_or_else(|| crate::identity::config_dir().join("known_hosts")),
         accept_new: a.accept_new,
-        net: NetOptions {
-            streams: a.streams.clamp(1, 64),
-            timeout: std::time::Duration::from_secs(a.timeout.max(1)),
-            window: a.window,
-            ..NetOptions::default()
-        },
+        net: net_options(a),
     })
+}
+
+/// Transport settings from the command line.
+fn net_options(a: &SyncArgs) -> NetOptions {
+    NetOptions {
+        streams: a.streams.clamp(1, 64),
+        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
+        window: a.window,
+        ..NetOptions::default()
+    }
 }
 
 /// A push or pull; returns the report.
@@ -248,13 +253,7 @@ fn run_remote(
     let push = matches!(sides, Sides::Push(_));
     let (sides, cfg, session) = match sides {
         Sides::Push(Remote::Ssh(spec)) | Sides::Pull(Remote::Ssh(spec)) => {
-            let net = NetOptions {
-                streams: a.streams.clamp(1, 64),
-                timeout: std::time::Duration::from_secs(a.timeout.max(1)),
-                window: a.window,
-                ..NetOptions::default()
-            };
-            let s = Session::start(&spec, &a.rsh, &a.remote_hop, net)?;
+            let s = Session::start(&spec, &a.rsh, &a.remote_hop, net_options(a))?;
             let r = s.remote.clone();
             let cfg = s.cfg.clone();
             (

@@ -104,20 +104,25 @@ fn entry(path: &str, kind: EntryKind) -> Entry {
     }
 }
 
+/// A session that pushes into `dst` under the fixture's root.
+async fn push_session(f: &Fixture) -> super::client::Session {
+    let remote = RemotePath {
+        host: "127.0.0.1".into(),
+        port: f.port,
+        path: "dst".into(),
+    };
+    let request = Request::Push {
+        path: "dst".into(),
+        name_if_dir: None,
+    };
+    open(&remote, &f.client, request, settings()).await.unwrap()
+}
+
 /// Push `body` (already framed) as the manifest and return what the server answered.
 fn push_raw(f: &Fixture, body: Vec<u8>) -> String {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let remote = RemotePath {
-            host: "127.0.0.1".into(),
-            port: f.port,
-            path: "dst".into(),
-        };
-        let request = Request::Push {
-            path: "dst".into(),
-            name_if_dir: None,
-        };
-        let mut s = open(&remote, &f.client, request, settings()).await.unwrap();
+        let mut s = push_session(f).await;
         super::wire::write_raw(&mut s.ctl.send, &body)
             .await
             .unwrap();
@@ -245,16 +250,7 @@ fn a_chunk_corrupted_by_the_sender_is_detected_and_never_written() {
     let f = start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let answer = rt.block_on(async {
-        let remote = RemotePath {
-            host: "127.0.0.1".into(),
-            port: f.port,
-            path: "dst".into(),
-        };
-        let request = Request::Push {
-            path: "dst".into(),
-            name_if_dir: None,
-        };
-        let mut s = open(&remote, &f.client, request, settings()).await.unwrap();
+        let mut s = push_session(&f).await;
         // A hostile sender: every want-list is answered with bytes that are not the chunk.
         let conn = s.conn.clone();
         tokio::spawn(async move {
