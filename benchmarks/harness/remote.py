@@ -6,7 +6,10 @@ does, for every tool in alternating order: a fresh copy of the tree to an empty 
 then the tree is edited (gen-tree.py edit: 1% of 4 KiB pages rewritten plus insertions) and
 every tool syncs the edit onto its copy. Wall time is measured around the client command; bytes
 on the wire are the receiver namespace's veth counters (both directions), not the tools' own
-figures. Prints medians (min-max) and ratios against rsync over ssh; writes JSON and Markdown.
+figures. CPU time: the client's user+sys (/usr/bin/time) plus the server's (hop serve, or the
+daemon with its reaped session processes, from /proc; the rsync daemon's forked sessions are not
+captured and show 0). Peak RSS: the client's, and hop serve's (VmHWM, reset before each run).
+Prints medians (min-max) and ratios against rsync over ssh; writes JSON and Markdown.
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, time
 
@@ -55,7 +58,7 @@ class Bench:
         cli_fp = subprocess.check_output([self.hop, "keygen", "--out", f"{k}/hop-cli"]).decode().strip()
         open(f"{k}/authorized_keys", "w").write(cli_fp + "\n")
         open(f"{k}/known_hosts", "w").write(f"{SERVER}:7420 {srv_fp}\n")
-        serve = self.start(in_b(self.hop, "serve", "--listen", f"{SERVER}:7420", "--root", f"{w}/dst-hop",
+        serve = self.hop_serve = self.start(in_b(self.hop, "serve", "--listen", f"{SERVER}:7420", "--root", f"{w}/dst-hop",
                                 "--identity", f"{k}/hop-srv", "--authorized-keys", f"{k}/authorized_keys"),
                            stdout=subprocess.PIPE, stderr=open(f"{w}/serve.log", "w"))
         line = serve.stdout.readline().decode()
@@ -64,7 +67,7 @@ class Bench:
         # rsync daemon
         open(f"{w}/rsyncd.conf", "w").write(
             f"pid file = {w}/rsyncd.pid\n[bench]\npath = {w}/dst-rsd\nuse chroot = yes\nread only = false\nuid = root\ngid = root\n")
-        self.start(in_b("rsync", "--daemon", "--no-detach", f"--config={w}/rsyncd.conf", "--port=8730",
+        self.rsyncd = self.start(in_b("rsync", "--daemon", "--no-detach", f"--config={w}/rsyncd.conf", "--port=8730",
                         f"--address={SERVER}"), stderr=subprocess.DEVNULL)
         # sshd
         os.makedirs("/run/sshd", exist_ok=True)
@@ -75,7 +78,7 @@ class Bench:
             f"ListenAddress {SERVER}\nPort 22\nHostKey {k}/ssh_host\nAuthorizedKeysFile {k}/ssh_authorized\n"
             f"PermitRootLogin yes\nPasswordAuthentication no\nUsePAM no\nPidFile {w}/sshd.pid\n"
             "StrictModes no\nSubsystem sftp internal-sftp\n")
-        self.start(in_b("/usr/sbin/sshd", "-D", "-e", "-f", f"{w}/sshd_config"), stderr=open(f"{w}/sshd.log", "w"))
+        self.sshd = self.start(in_b("/usr/sbin/sshd", "-D", "-e", "-f", f"{w}/sshd_config"), stderr=open(f"{w}/sshd.log", "w"))
         self.ssh = (f"ssh -i {k}/ssh_cli -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
                     f"-o BatchMode=yes -o LogLevel=ERROR -c aes128-gcm@openssh.com")
         time.sleep(1.0)
@@ -113,15 +116,37 @@ class Bench:
         }
         return {name: t[name] for name in self.a.tools}
 
+    def server_of(self, name):
+        return {"hop": self.hop_serve, "hop-zstd": self.hop_serve, "rsync-ssh": self.sshd,
+                "rsync-ssh-z": self.sshd, "rsyncd": self.rsyncd}[name].pid
+
+    @staticmethod
+    def cpu_s(pid):
+        """CPU seconds of a process and its reaped children (a daemon's sessions)."""
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+
     def run(self, name, argv):
         os.sync()  # start every run with no dirty pages left by the previous one
+        server = self.server_of(name)
+        if name.startswith("hop"):
+            open(f"/proc/{server}/clear_refs", "w").write("5")  # reset the peak RSS
+        c0 = self.cpu_s(server)
         b0 = wire_bytes(self.netns)
+        usage = f"{self.w}/time.out"
         t0 = time.monotonic()
-        r = subprocess.run(argv, capture_output=True)
+        r = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", usage, *argv], capture_output=True)
         dt = time.monotonic() - t0
         if r.returncode != 0:
             sys.exit(f"{name} failed ({r.returncode}): {' '.join(argv)}\n{r.stderr.decode()}")
-        return {"s": dt, "wire": wire_bytes(self.netns) - b0}
+        user, sys_, rss_kib = open(usage).read().split()[-3:]
+        out = {"s": dt, "wire": wire_bytes(self.netns) - b0,
+               "client_cpu_s": float(user) + float(sys_), "client_rss_mib": int(rss_kib) / 1024,
+               "server_cpu_s": self.cpu_s(server) - c0}
+        if name.startswith("hop"):
+            hwm = [l for l in open(f"/proc/{server}/status") if l.startswith("VmHWM")][0]
+            out["server_rss_mib"] = int(hwm.split()[1]) / 1024
+        return out
 
     def verify(self, dest):
         r = subprocess.run(["diff", "-r", "--no-dereference", f"{self.w}/src", dest], capture_output=True)
@@ -174,9 +199,14 @@ def summarize(res, names, base):
             out[n][phase] = {
                 "s_median": med([r["s"] for r in runs]), "s_min": min(r["s"] for r in runs),
                 "s_max": max(r["s"] for r in runs), "wire_median": med([r["wire"] for r in runs]),
+                "client_cpu_s": med([r["client_cpu_s"] for r in runs]),
+                "server_cpu_s": med([r["server_cpu_s"] for r in runs]),
+                "client_rss_mib": max(r["client_rss_mib"] for r in runs),
+                "server_rss_mib": max((r.get("server_rss_mib", 0) for r in runs)) or None,
                 "runs": runs}
-    lines = [f"| tool | phase | wall s median (min-max) | wire MB median | time vs {base} | wire vs {base} |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"| tool | phase | wall s median (min-max) | wire MB median | time vs {base} | wire vs {base} "
+             "| CPU s client + server | peak RSS MiB client / server |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for phase in ["fresh", "delta"]:
         for n in names:
             if not out[n].get(phase):
@@ -185,7 +215,9 @@ def summarize(res, names, base):
             rt = f"{b['s_median'] / o['s_median']:.2f}x faster" if b else "-"
             rw = f"{o['wire_median'] / b['wire_median']:.3f}" if b else "-"
             lines.append(f"| {n} | {phase} | {o['s_median']:.2f} ({o['s_min']:.2f}-{o['s_max']:.2f}) | "
-                         f"{o['wire_median'] / 1e6:.1f} | {rt} | {rw} |")
+                         f"{o['wire_median'] / 1e6:.1f} | {rt} | {rw} | "
+                         f"{o['client_cpu_s']:.2f} + {o['server_cpu_s']:.2f} | {o['client_rss_mib']:.0f} / "
+                         f"{'%.0f' % o['server_rss_mib'] if o['server_rss_mib'] else 'n/a'} |")
     return out, "\n".join(lines)
 
 
