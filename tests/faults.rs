@@ -85,34 +85,22 @@ fn random_packet_loss_slows_a_push_but_it_completes_intact() {
     let c = Client::new(&d, "client");
     let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
     // 3 % of the packets reaching the server are lost, both data and acknowledgements.
-    link.iptables(&[
-        "-A",
-        "INPUT",
-        "-p",
-        "udp",
-        "-m",
-        "statistic",
-        "--mode",
-        "random",
-        "--probability",
-        "0.03",
-        "-j",
-        "DROP",
-    ]);
-    link.iptables(&[
-        "-A",
-        "OUTPUT",
-        "-p",
-        "udp",
-        "-m",
-        "statistic",
-        "--mode",
-        "random",
-        "--probability",
-        "0.03",
-        "-j",
-        "DROP",
-    ]);
+    for chain in ["INPUT", "OUTPUT"] {
+        link.iptables(&[
+            "-A",
+            chain,
+            "-p",
+            "udp",
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.03",
+            "-j",
+            "DROP",
+        ]);
+    }
     let src = format!("{}/", d.path("src").display());
     ok(sync_in(
         &link,

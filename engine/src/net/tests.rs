@@ -162,6 +162,13 @@ fn file(data: &[u8]) -> EntryKind {
     }
 }
 
+/// A symlink to the directory outside the fixture's root.
+fn link_outside(f: &Fixture) -> EntryKind {
+    EntryKind::Symlink {
+        target: f.outside.as_os_str().as_encoded_bytes().to_vec(),
+    }
+}
+
 fn nothing_outside(f: &Fixture) {
     assert!(
         std::fs::read_dir(&f.outside).unwrap().next().is_none(),
@@ -172,9 +179,7 @@ fn nothing_outside(f: &Fixture) {
 #[test]
 fn a_file_through_a_symlink_in_the_same_manifest_is_refused() {
     let f = start();
-    let link = EntryKind::Symlink {
-        target: f.outside.as_os_str().as_encoded_bytes().to_vec(),
-    };
+    let link = link_outside(&f);
     let answer = push_raw(
         &f,
         frames(&[
@@ -195,9 +200,7 @@ fn a_file_through_a_symlink_in_the_same_manifest_is_refused() {
 fn a_file_through_a_symlink_left_by_an_earlier_sync_is_refused() {
     let f = start();
     // First sync: a legitimate symlink pointing out of the root.
-    let link = EntryKind::Symlink {
-        target: f.outside.as_os_str().as_encoded_bytes().to_vec(),
-    };
+    let link = link_outside(&f);
     let answer = push_raw(&f, frames(&[entry("", EntryKind::Dir), entry("l", link)]));
     assert!(answer.contains("Summary"), "{answer}");
     assert!(std::fs::symlink_metadata(f.root.join("dst/l"))
