@@ -35,38 +35,6 @@ fn counter(file: &Path, leader: bool) -> Child {
     child
 }
 
-fn value(file: &Path) -> Option<u64> {
-    std::fs::read_to_string(file).ok()?.trim().parse().ok()
-}
-
-fn wait_for_value(file: &Path, limit: Duration) -> u64 {
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = value(file) {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "{} never got a value", file.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The counter moves on within a second.
-fn advances(file: &Path) -> bool {
-    let a = wait_for_value(file, Duration::from_secs(2));
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(2) {
-        std::thread::sleep(Duration::from_millis(50));
-        if value(file).is_some_and(|b| b > a) {
-            return true;
-        }
-    }
-    false
-}
-
-fn kill(pid: u32) {
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-}
-
 #[test]
 fn dump_leave_running_then_final_dump_and_restore_keep_the_state() {
     let d = Dir::new();
@@ -259,57 +227,6 @@ fn a_memory_heavy_redis_keeps_all_its_data_through_dump_and_restore() {
     }
     let _ = redis_cli(port, &["SHUTDOWN", "NOSAVE"]);
     kill(restored);
-}
-
-/// An OCI bundle with a static busybox that counts in /tmp/counter every 100 ms.
-fn busybox_bundle(d: &Dir) -> std::path::PathBuf {
-    let b = d.mkdir("bundle");
-    let rootfs = b.join("rootfs");
-    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static installed");
-    for applet in ["sh", "sleep", "echo"] {
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
-    }
-    let st = Command::new("runc")
-        .arg("spec")
-        .arg("--bundle")
-        .arg(&b)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let cfg = b.join("config.json");
-    let mut spec: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    spec["process"]["terminal"] = false.into();
-    spec["root"]["readonly"] = false.into();
-    spec["process"]["args"] = serde_json::json!([
-        "sh",
-        "-c",
-        "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
-    ]);
-    std::fs::write(&cfg, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
-    b
-}
-
-fn runc_state(root: &Path, id: &str) -> Option<String> {
-    let out = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["state", id])
-        .output()
-        .ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["status"].as_str().map(str::to_string)
-}
-
-fn runc_remove(root: &Path, id: &str) {
-    let _ = Command::new("runc")
-        .arg("--root")
-        .arg(root)
-        .args(["delete", "-f", id])
-        .output();
 }
 
 #[test]

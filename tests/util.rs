@@ -7,6 +7,7 @@ use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// A temporary directory that lives as long as the test.
 pub struct Dir {
@@ -269,6 +270,23 @@ impl Server {
         listen: &str,
         netns: Option<&str>,
     ) -> Server {
+        let prefix: Vec<String> = match netns {
+            Some(ns) => vec!["ip".into(), "netns".into(), "exec".into(), ns.into()],
+            None => Vec::new(),
+        };
+        Server::start_with(d, name, clients, listen, &prefix, &[])
+    }
+
+    /// The general case: the hop binary run through `prefix` (a command that ends by exec'ing
+    /// its arguments, e.g. `ip netns exec NS`), with `extra` arguments to `hop serve`.
+    pub fn start_with(
+        d: &Dir,
+        name: &str,
+        clients: &[&Client],
+        listen: &str,
+        prefix: &[String],
+        extra: &[String],
+    ) -> Server {
         let base = d.mkdir(name);
         let identity = base.join("id");
         if !identity.join("key.pem").exists() {
@@ -283,10 +301,10 @@ impl Server {
         let root = base.join("root");
         fs::create_dir_all(&root).unwrap();
         let stderr = base.join("serve.log");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_hop")]);
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_hop"));
                 c
             }
             None => hop(),
@@ -302,6 +320,7 @@ impl Server {
             .arg("--authorized-keys")
             .arg(&ak)
             .args(["--timeout", "5"])
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(fs::File::create(&stderr).unwrap())
             .spawn()
@@ -378,4 +397,94 @@ pub fn finish_within(
         let _ = e.read_to_string(&mut err);
     }
     (st, err)
+}
+
+// Applications to checkpoint: counters that write their value to a file.
+
+/// The counter in `file`, if it holds one.
+pub fn value(file: &Path) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// Wait (at most `limit`) until `file` holds a counter.
+pub fn wait_for_value(file: &Path, limit: Duration) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = value(file) {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "{} never got a value", file.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The counter moves on within a second.
+pub fn advances(file: &Path) -> bool {
+    let a = wait_for_value(file, Duration::from_secs(2));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(50));
+        if value(file).is_some_and(|b| b > a) {
+            return true;
+        }
+    }
+    false
+}
+
+/// SIGKILL a process the test started (by PID).
+pub fn kill(pid: u32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// An OCI bundle with a static busybox that counts in /tmp/counter every 100 ms.
+pub fn busybox_bundle(d: &Dir) -> std::path::PathBuf {
+    let b = d.mkdir("bundle");
+    let rootfs = b.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
+        std::fs::create_dir_all(rootfs.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static installed");
+    for applet in ["sh", "sleep", "echo"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let st = Command::new("runc")
+        .arg("spec")
+        .arg("--bundle")
+        .arg(&b)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cfg = b.join("config.json");
+    let mut spec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    spec["process"]["terminal"] = false.into();
+    spec["root"]["readonly"] = false.into();
+    spec["process"]["args"] = serde_json::json!([
+        "sh",
+        "-c",
+        "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+    ]);
+    std::fs::write(&cfg, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+    b
+}
+
+/// A runc container's status, if runc knows it.
+pub fn runc_state(root: &Path, id: &str) -> Option<String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["state", id])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["status"].as_str().map(str::to_string)
+}
+
+/// Remove a runc container, whatever its state.
+pub fn runc_remove(root: &Path, id: &str) {
+    let _ = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(["delete", "-f", id])
+        .output();
 }

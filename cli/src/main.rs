@@ -7,6 +7,7 @@ mod checkpoint;
 mod commands;
 mod config;
 mod identity;
+mod migrate;
 mod progress;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -33,6 +34,7 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     Checkpoint(commands::checkpoint::CheckpointArgs),
     Restore(commands::checkpoint::RestoreArgs),
+    Migrate(Box<commands::migrate::MigrateArgs>),
     Doctor(commands::doctor::DoctorArgs),
     Completions(commands::docs::CompletionsArgs),
     Man(commands::docs::ManArgs),
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => commands::serve::run(a, out),
         Command::Checkpoint(a) => commands::checkpoint::run_checkpoint(a, out),
         Command::Restore(a) => commands::checkpoint::run_restore(a, out),
+        Command::Migrate(a) => commands::migrate::run(*a, out),
         Command::Doctor(a) => commands::doctor::run(a, out),
         Command::Completions(a) => commands::docs::completions(a, Cli::command()),
         Command::Man(a) => commands::docs::man(a, Cli::command()),

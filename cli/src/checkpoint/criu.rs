@@ -313,6 +313,24 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
     false
 }
 
+/// Wait until `pid` is gone altogether (reaped, its PID free for a restore), at most `limit`.
+pub fn wait_reaped(pid: u32, limit: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if std::fs::metadata(format!("/proc/{pid}")).is_err() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Send `sig` to `pid`; false if it could not be sent.
+pub fn signal(pid: u32, sig: i32) -> bool {
+    // SAFETY: kill(2) has no memory effects; the caller names a PID it is responsible for.
+    unsafe { libc_kill(pid as i32, sig) == 0 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

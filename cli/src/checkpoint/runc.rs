@@ -25,6 +25,9 @@ pub struct State {
     pub status: String,
     /// PID of the container's init.
     pub pid: u32,
+    /// The container's bundle directory.
+    #[serde(default)]
+    pub bundle: PathBuf,
 }
 
 /// Wall times of a checkpoint or restore.
@@ -67,6 +70,19 @@ impl Runc {
             );
         }
         serde_json::from_slice(&out.stdout).context("cannot parse `runc state`")
+    }
+
+    /// Drop the record of container `id` if it is no longer running (after a final checkpoint
+    /// runc may keep it as `stopped`, which blocks a restore under the same id).
+    pub fn forget(&self, id: &str) {
+        if self.state(id).is_ok_and(|s| s.status != "running") {
+            let _ = self.cmd().args(["delete", "-f", id]).output();
+        }
+    }
+
+    /// Stop and remove container `id`, whatever its state.
+    pub fn destroy(&self, id: &str) {
+        let _ = self.cmd().args(["delete", "-f", id]).output();
     }
 
     /// Checkpoint container `id` into `dir` (CRIU's log in `dir/dump.log`).
@@ -112,16 +128,28 @@ impl Runc {
     }
 
     /// Restore container `id` from `dir` with `bundle`, detached. Its stdio are pipes (stdin at
-    /// end of file, output appended to `dir/container.out` by a detached `cat`), so that it can
-    /// be checkpointed again later.
-    pub fn restore(&self, id: &str, bundle: &Path, dir: &Path) -> Result<Timing> {
+    /// end of file, output appended to `work/container.out` by a detached `cat`), so that it can
+    /// be checkpointed again later. `work` (created) gets runc's and CRIU's working files and
+    /// logs; keep it apart from `dir` when `dir` is to be removed while the container runs.
+    pub fn restore(
+        &self,
+        id: &str,
+        bundle: &Path,
+        dir: &Path,
+        work: &Path,
+        tcp_established: bool,
+    ) -> Result<Timing> {
+        std::fs::create_dir_all(work)
+            .with_context(|| format!("cannot create {}", work.display()))?;
         let root = self
             .root
             .as_ref()
             .map(|r| format!("--root '{}' ", r.display()))
             .unwrap_or_default();
         let script = format!(
-            "true | runc {root}restore -d --image-path '{img}' --work-path '{img}' --bundle '{bundle}' '{id}' 2>&1 | cat >> '{img}/container.out'",
+            "true | runc {root}restore -d {tcp}--image-path '{img}' --work-path '{work}' --bundle '{bundle}' '{id}' 2>&1 | cat >> '{work}/container.out'",
+            work = work.display(),
+            tcp = if tcp_established { "--tcp-established " } else { "" },
             img = dir.display(),
             bundle = bundle.display(),
         );
@@ -146,8 +174,8 @@ impl Runc {
                 }
             }
             if ended || t0.elapsed().as_secs() > 30 {
-                let why = log_errors(&dir.join("restore.log"), 6);
-                let out = std::fs::read_to_string(dir.join("container.out")).unwrap_or_default();
+                let why = log_errors(&work.join("restore.log"), 6);
+                let out = std::fs::read_to_string(work.join("container.out")).unwrap_or_default();
                 bail!(
                     "runc restore of container {id} from {} did not start it:\n  {}\n  {}",
                     dir.display(),

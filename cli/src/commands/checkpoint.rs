@@ -141,7 +141,7 @@ pub fn run_restore(a: RestoreArgs, out: Output) -> Result<ExitCode> {
     if let (Some(id), Some(bundle)) = (&a.runc, &a.bundle) {
         let runc = crate::checkpoint::runc::Runc::find(a.runc_root.clone())?;
         Criu::find()?;
-        let t = runc.restore(id, bundle, &a.criu.dir)?;
+        let t = runc.restore(id, bundle, &a.criu.dir, &a.criu.dir, a.criu.tcp_established)?;
         if a.criu.json {
             println!("{}", serde_json::to_string(&t)?);
         } else if out.quiet {

@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod docs;
 pub mod doctor;
 pub mod keygen;
+pub mod migrate;
 pub mod serve;
 pub mod ssh;
 pub mod sync;

@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Serve remote syncs: receive pushed trees and send pulled ones, for paths under --root.
+/// Serve remote syncs (receive pushed trees, send pulled ones, for paths under --root) and act
+/// as the target of `hop migrate` (restores need root).
 ///
 /// Clients authenticate with their key: only fingerprints listed in the authorized-keys file
 /// (one per line, as printed by `hop keygen`; `#` starts a comment) get in, and the file is read
@@ -62,6 +63,12 @@ pub struct ServeArgs {
     /// Serve one session, then exit (give up if no client comes within --timeout).
     #[arg(long)]
     pub once: bool,
+    /// Migration target: runc's state directory for restored containers (runc --root).
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<PathBuf>,
+    /// Refuse migration commands (serve syncs only).
+    #[arg(long)]
+    pub no_migrate: bool,
 }
 
 /// Run `hop serve`.
@@ -125,6 +132,13 @@ pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
         max_sessions: a.max_sessions.max(1),
         source_cache: true,
         once: a.once,
+        agent: if a.no_migrate {
+            None
+        } else {
+            Some(std::sync::Arc::new(
+                crate::migrate::agent::MigrationAgent::new(a.runc_root.clone()),
+            ))
+        },
     };
     let fp = id.fingerprint.clone();
     net::serve(settings, move |addr| {

@@ -133,7 +133,7 @@ pub struct SyncArgs {
     pub window: u64,
 }
 
-fn parse_compress(s: &str) -> Result<i32> {
+pub fn parse_compress(s: &str) -> Result<i32> {
     let (algo, level) = s.split_once(':').unwrap_or((s, "1"));
     if algo != "zstd" {
         bail!("unknown compression {algo:?}: use zstd or zstd:LEVEL");

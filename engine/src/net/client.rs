@@ -1,7 +1,7 @@
 //! The client side of remote syncs: connect to a `hop serve`, check its key against the known
 //! hosts, then push a local tree to it or pull a tree from it.
 
-use super::control::{Control, Request, SyncSettings};
+use super::control::{Control, Request, Summary, SyncSettings};
 use super::endpoint::{client_endpoint, pinned_provider, Credentials, NetOptions, SERVER_NAME};
 use super::session::{receive_tree, send_tree, Control2};
 use super::trust::{fingerprint_of_cert, KnownHosts, PinnedServer, SeenKey};
@@ -104,6 +104,17 @@ pub(crate) struct Session {
     source_is_dir: bool,
 }
 
+/// An authenticated connection to a server, before or between requests.
+pub(crate) struct Connected {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    hp: String,
+    /// Until the server first answers: the known hosts to record a newly trusted key in.
+    unrecorded: Option<(KnownHosts, SeenKey)>,
+    /// The client's own fingerprint, for the message when the server refuses it.
+    own: String,
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -140,18 +151,15 @@ fn explain(
     }
 }
 
-pub(crate) async fn open(
-    remote: &RemotePath,
-    cfg: &ClientSettings,
-    request: Request,
-    settings: SyncSettings,
-) -> Result<Session> {
+/// Connect and authenticate (the server's key against the known hosts; the client's key is
+/// checked by the server, which says so at the first request).
+pub(crate) async fn connect(remote: &RemotePath, cfg: &ClientSettings) -> Result<Connected> {
     let addr = tokio::net::lookup_host((remote.host.as_str(), remote.port))
         .await
         .map_err(|e| Error::Transport(format!("cannot resolve {}: {e}", remote.host)))?
         .next()
         .ok_or_else(|| Error::Transport(format!("{} has no address", remote.host)))?;
-    let mut known = KnownHosts::load(&cfg.known_hosts)?;
+    let known = KnownHosts::load(&cfg.known_hosts)?;
     let hp = remote.host_port();
     let expected = known.lookup(&hp).map(str::to_string);
     let seen = SeenKey::default();
@@ -183,67 +191,110 @@ pub(crate) async fn open(
         }
         Ok(Ok(c)) => c,
     };
-    let refused_key = |conn: &quinn::Connection, e: Error| -> Error {
-        if let Some(quinn::ConnectionError::ConnectionClosed(c)) = conn.close_reason() {
-            if (0x100..0x200).contains(&u64::from(c.error_code)) {
-                let own = identity_fingerprint(&cfg.identity).unwrap_or_default();
-                return Error::Trust(format!(
-                    "{hp} refused this client's key {own}: add that line to the server's \
-                     authorized-keys file (see `hop serve --help`)"
-                ));
-            }
-        }
-        e
-    };
-    let hello = Control::Hello {
-        version: VERSION,
-        request,
-        settings,
-    };
-    let (send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return Err(refused_key(&conn, conn_error(&e))),
-    };
-    let mut ctl = Control2 { send, recv };
-    let answer = async {
-        write_msg(&mut ctl.send, &hello).await?;
-        expect_msg::<Control>(&mut ctl.recv, "server's answer").await
-    };
-    let answer = match tokio::time::timeout(cfg.net.timeout, answer).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(e)) => return Err(refused_key(&conn, e)),
-        Err(_) => return Err(Error::Transport(format!("{hp} did not answer the request"))),
-    };
-    // Both keys were checked once the server answers: record a newly trusted server.
-    if expected.is_none() {
-        if let Some(fp) = seen.get() {
-            known.add(&hp, &fp)?;
-            tracing::warn!(
-                "added server {hp} with key {fp} to {}",
-                known.path().display()
-            );
-        }
-    }
-    let source_is_dir = match answer {
-        Control::Welcome {
-            version,
-            source_is_dir,
-        } => {
-            if version != VERSION {
-                return Err(Error::Protocol(format!(
-                    "server speaks protocol {version}, this hop speaks {VERSION}"
-                )));
-            }
-            source_is_dir
-        }
-        Control::Refused { reason } => {
-            return Err(Error::Remote(format!("{hp} refused the request: {reason}")))
-        }
-        other => return Err(Error::Protocol(format!("unexpected answer {other:?}"))),
-    };
-    Ok(Session {
+    Ok(Connected {
         endpoint,
         conn,
+        hp,
+        unrecorded: if expected.is_none() {
+            Some((known, seen))
+        } else {
+            None
+        },
+        own: identity_fingerprint(&cfg.identity).unwrap_or_default(),
+    })
+}
+
+impl Connected {
+    /// Send one request on a control stream of its own and read the server's first answer.
+    async fn request(
+        &mut self,
+        request: Request,
+        settings: SyncSettings,
+        timeout: Duration,
+    ) -> Result<(Control2, Control)> {
+        let hp = self.hp.clone();
+        let refused_key = |conn: &quinn::Connection, own: &str, e: Error| -> Error {
+            if let Some(quinn::ConnectionError::ConnectionClosed(c)) = conn.close_reason() {
+                if (0x100..0x200).contains(&u64::from(c.error_code)) {
+                    return Error::Trust(format!(
+                        "{hp} refused this client's key {own}: add that line to the server's \
+                         authorized-keys file (see `hop serve --help`)"
+                    ));
+                }
+            }
+            e
+        };
+        let hello = Control::Hello {
+            version: VERSION,
+            request,
+            settings,
+        };
+        let (send, recv) = match self.conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return Err(refused_key(&self.conn, &self.own, conn_error(&e))),
+        };
+        let mut ctl = Control2 { send, recv };
+        let answer = async {
+            write_msg(&mut ctl.send, &hello).await?;
+            expect_msg::<Control>(&mut ctl.recv, "server's answer").await
+        };
+        let answer = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => return Err(refused_key(&self.conn, &self.own, e)),
+            Err(_) => return Err(Error::Transport(format!("{hp} did not answer the request"))),
+        };
+        // Both keys were checked once the server answers: record a newly trusted server.
+        if let Some((mut known, seen)) = self.unrecorded.take() {
+            if let Some(fp) = seen.get() {
+                known.add(&hp, &fp)?;
+                tracing::warn!(
+                    "added server {hp} with key {fp} to {}",
+                    known.path().display()
+                );
+            }
+        }
+        if let Control::Refused { reason } = answer {
+            return Err(Error::Remote(format!("{hp} refused the request: {reason}")));
+        }
+        Ok((ctl, answer))
+    }
+
+    /// Start a sync session.
+    async fn sync(
+        &mut self,
+        request: Request,
+        settings: SyncSettings,
+        timeout: Duration,
+    ) -> Result<(Control2, bool)> {
+        let (ctl, answer) = self.request(request, settings, timeout).await?;
+        match answer {
+            Control::Welcome {
+                version,
+                source_is_dir,
+            } => {
+                if version != VERSION {
+                    return Err(Error::Protocol(format!(
+                        "server speaks protocol {version}, this hop speaks {VERSION}"
+                    )));
+                }
+                Ok((ctl, source_is_dir))
+            }
+            other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+pub(crate) async fn open(
+    remote: &RemotePath,
+    cfg: &ClientSettings,
+    request: Request,
+    settings: SyncSettings,
+) -> Result<Session> {
+    let mut c = connect(remote, cfg).await?;
+    let (ctl, source_is_dir) = c.sync(request, settings, cfg.net.timeout).await?;
+    Ok(Session {
+        endpoint: c.endpoint,
+        conn: c.conn,
         ctl,
         source_is_dir,
     })
@@ -273,6 +324,49 @@ async fn close(s: &Session, err: Option<&Error>) -> u64 {
     st.udp_tx.bytes + st.udp_rx.bytes
 }
 
+fn sender_for(
+    src: &Path,
+    settings: &SyncSettings,
+    cache: Option<PathBuf>,
+    basis: Option<PathBuf>,
+) -> Result<(Arc<Sender>, Option<String>)> {
+    let sopts = SenderOptions {
+        params: settings.params,
+        compress: settings.compress,
+        cache,
+        basis,
+        rules: if settings.rules.is_empty() {
+            None
+        } else {
+            Some(Arc::new(crate::filter::Rules::new(&settings.rules)?))
+        },
+    };
+    let name_if_dir = if src.is_dir() {
+        None
+    } else {
+        src.file_name().map(|n| n.to_string_lossy().into_owned())
+    };
+    Ok((Arc::new(Sender::new(src, sopts)), name_if_dir))
+}
+
+/// Turn a sender's summary into its report.
+fn push_report(mut summary: Summary, wire: u64, t0: Instant) -> Report {
+    let notes = summary.sender_notes.take().unwrap_or_default();
+    let mut report = summary.into_report();
+    report.skipped = notes.skipped;
+    report.errors.splice(
+        0..0,
+        notes
+            .errors
+            .into_iter()
+            .map(|e| Error::Remote(format!("(local) {e}"))),
+    );
+    report.stats.errors = report.errors.len() as u64;
+    report.stats.bytes_wire = wire;
+    report.stats.elapsed_ms = t0.elapsed().as_millis() as u64;
+    report
+}
+
 /// Send the local tree `src` to `remote` (`basis`: see [`SenderOptions::basis`]). `remote.path` is where it lands; for a single file,
 /// a path ending in `/` or naming a directory on the server receives it under its own name.
 pub fn push(
@@ -286,23 +380,7 @@ pub fn push(
     let t0 = Instant::now();
     let rt = runtime()?;
     rt.block_on(async {
-        let sopts = SenderOptions {
-            params: settings.params,
-            compress: settings.compress,
-            cache,
-            basis,
-            rules: if settings.rules.is_empty() {
-                None
-            } else {
-                Some(Arc::new(crate::filter::Rules::new(&settings.rules)?))
-            },
-        };
-        let sender = Arc::new(Sender::new(src, sopts));
-        let name_if_dir = if src.is_dir() {
-            None
-        } else {
-            src.file_name().map(|n| n.to_string_lossy().into_owned())
-        };
+        let (sender, name_if_dir) = sender_for(src, &settings, cache, basis)?;
         let request = Request::Push {
             path: remote.path.clone(),
             name_if_dir,
@@ -310,22 +388,105 @@ pub fn push(
         let mut s = open(remote, cfg, request, settings).await?;
         let r = send_tree(&s.conn, &mut s.ctl, sender).await;
         let wire = close(&s, r.as_ref().err()).await;
-        let mut summary = r?;
-        let notes = summary.sender_notes.take().unwrap_or_default();
-        let mut report = summary.into_report();
-        report.skipped = notes.skipped;
-        report.errors.splice(
-            0..0,
-            notes
-                .errors
-                .into_iter()
-                .map(|e| Error::Remote(format!("(local) {e}"))),
-        );
-        report.stats.errors = report.errors.len() as u64;
-        report.stats.bytes_wire = wire;
-        report.stats.elapsed_ms = t0.elapsed().as_millis() as u64;
-        Ok(report)
+        Ok(push_report(r?, wire, t0))
     })
+}
+
+/// A connection to a server kept open for many requests: the pushes and commands of a
+/// migration, without a handshake each.
+pub struct Link {
+    rt: tokio::runtime::Runtime,
+    c: Connected,
+    timeout: Duration,
+}
+
+impl Link {
+    /// Connect and authenticate (see [`push`] for the trust rules).
+    pub fn connect(remote: &RemotePath, cfg: &ClientSettings) -> Result<Link> {
+        let rt = runtime()?;
+        let c = rt.block_on(connect(remote, cfg))?;
+        Ok(Link {
+            rt,
+            c,
+            timeout: cfg.net.timeout,
+        })
+    }
+
+    /// `HOST:PORT` of the server.
+    pub fn host_port(&self) -> &str {
+        &self.c.hp
+    }
+
+    /// Bytes that crossed the network on this connection so far (UDP payloads, both ways).
+    pub fn bytes_wire(&self) -> u64 {
+        let st = self.c.conn.stats();
+        st.udp_tx.bytes + st.udp_rx.bytes
+    }
+
+    /// The connection's current round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        self.c.conn.rtt()
+    }
+
+    /// Push the local tree `src` to `dest` (under the server's root), as [`push`] does.
+    pub fn push(
+        &mut self,
+        src: &Path,
+        dest: &str,
+        settings: SyncSettings,
+        cache: Option<PathBuf>,
+        basis: Option<PathBuf>,
+    ) -> Result<Report> {
+        let t0 = Instant::now();
+        let before = self.bytes_wire();
+        let timeout = self.timeout;
+        let c = &mut self.c;
+        let r = self.rt.block_on(async {
+            let (sender, name_if_dir) = sender_for(src, &settings, cache, basis)?;
+            let request = Request::Push {
+                path: dest.to_string(),
+                name_if_dir,
+            };
+            let (mut ctl, _) = c.sync(request, settings, timeout).await?;
+            send_tree(&c.conn, &mut ctl, sender).await
+        });
+        let wire = self.bytes_wire() - before;
+        Ok(push_report(r?, wire, t0))
+    }
+
+    /// Send a command to the server's agent and return its answer; a refusal or failure of the
+    /// command is an [`Error::Remote`] with the agent's words.
+    pub fn call(&mut self, body: &str) -> Result<String> {
+        let timeout = self.timeout;
+        let c = &mut self.c;
+        self.rt.block_on(async {
+            let request = Request::Agent {
+                body: body.to_string(),
+            };
+            // The agent may work for a while (a restore): the connection's keep-alives and idle
+            // timeout watch the peer meanwhile, not this timeout.
+            let (_, answer) = c
+                .request(
+                    request,
+                    SyncSettings::none(),
+                    timeout.max(Duration::from_secs(600)),
+                )
+                .await?;
+            match answer {
+                Control::Reply { body } => Ok(body),
+                other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+            }
+        })
+    }
+
+    /// Close the connection (the server undoes what waited for a later command).
+    pub fn close(self) {
+        self.c.conn.close(0u32.into(), b"done");
+        let endpoint = self.c.endpoint.clone();
+        self.rt.block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        });
+    }
 }
 
 /// Fetch the tree at `remote` into the local `dest`, with rsync's trailing-slash rule: a source

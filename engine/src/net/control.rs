@@ -22,6 +22,13 @@ pub enum Request {
         /// Source, relative to the server's root.
         path: String,
     },
+    /// A command for the server's agent (see [`super::agent::Agent`]), e.g. a migration step;
+    /// the body's format belongs to the agent. Answered by [`Control::Reply`] or
+    /// [`Control::Refused`].
+    Agent {
+        /// The command.
+        body: String,
+    },
 }
 
 /// Settings of the sync that the server must apply on its side.
@@ -50,9 +57,11 @@ pub struct SyncSettings {
     pub rules: Vec<crate::filter::Rule>,
 }
 
-/// Control messages. The order on the control stream is: client `Hello`; server `Welcome` or
+/// Control messages. The order on a control stream is: client `Hello`; server `Welcome` or
 /// `Refused`; sender's manifest (`Frame::Entry`..., `Frame::ManifestEnd`) and `SenderNotes`;
-/// receiver's `Summary`; sender's `Bye`.
+/// receiver's `Summary`; sender's `Bye`. For an agent command: client `Hello`, server `Reply`
+/// or `Refused`. A connection carries requests one after another, each on its own control
+/// stream; a pull ends the connection.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Control {
     /// The client's request.
@@ -76,6 +85,11 @@ pub enum Control {
     Refused {
         /// Why, for the user.
         reason: String,
+    },
+    /// The agent's answer to [`Request::Agent`].
+    Reply {
+        /// The answer; its format belongs to the agent.
+        body: String,
     },
     /// What the sender could not send: entries of kinds that are not synced, and read errors.
     SenderNotes {
@@ -102,6 +116,24 @@ pub struct Summary {
     /// Filled in locally by the sender with its own notes; never sent.
     #[serde(skip)]
     pub sender_notes: Option<super::session::SenderNotes>,
+}
+
+impl SyncSettings {
+    /// Settings for a request that syncs nothing (an agent command).
+    pub fn none() -> SyncSettings {
+        SyncSettings {
+            params: ChunkParams::default(),
+            compress: None,
+            delete: false,
+            dry_run: false,
+            fsync: false,
+            sparse: false,
+            no_index_cache: false,
+            streams: 1,
+            delta: false,
+            rules: Vec::new(),
+        }
+    }
 }
 
 impl Summary {

@@ -16,6 +16,7 @@
 //!
 //! `docs/PROTOCOL.md` describes the exchange byte by byte.
 
+pub mod agent;
 pub mod chunks;
 pub mod client;
 pub mod control;
@@ -26,7 +27,8 @@ pub mod source;
 pub mod trust;
 pub mod wire;
 
-pub use client::{pull, push, ClientSettings, RemotePath};
+pub use agent::{Agent, CallContext};
+pub use client::{pull, push, ClientSettings, Link, RemotePath};
 pub use endpoint::{Credentials, NetOptions};
 pub use server::{serve, ServeSettings};
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `hop serve`: accept authenticated sessions and act as the receiver (push) or the sender
 //! (pull) for paths confined under a root directory.
 
+use super::agent::{Agent, CallContext};
 use super::control::{Control, Request, SyncSettings};
 use super::endpoint::{server_endpoint, Credentials, NetOptions};
 use super::session::{receive_tree, send_tree, Control2};
@@ -37,6 +38,8 @@ pub struct ServeSettings {
     /// Serve one session and return (waiting at most `net.timeout` for it to start): the mode
     /// of a server started over ssh for one transfer.
     pub once: bool,
+    /// Carries out [`Request::Agent`] commands; without one they are refused.
+    pub agent: Option<Arc<dyn Agent>>,
 }
 
 /// Resolve a client's path under `root`: no `..`, no NUL, and no component that is a symlink
@@ -140,70 +143,115 @@ async fn session(incoming: quinn::Incoming, s: &ServeSettings) -> Result<()> {
         .map_err(|_| Error::Transport("handshake timed out".into()))?
         .map_err(|e| Error::Trust(format!("handshake failed: {}", conn_error(&e))))?;
     let who = peer_fingerprint(&conn);
+    let ctx = CallContext {
+        conn: conn.stable_id() as u64,
+        peer: who.clone(),
+        root: s.root.clone(),
+    };
     let r = async {
-        let (send, recv) = tokio::time::timeout(s.net.timeout, conn.accept_bi())
-            .await
-            .map_err(|_| Error::Transport("no request".into()))?
-            .map_err(|e| conn_error(&e))?;
-        let mut ctl = Control2 { send, recv };
-        let hello = tokio::time::timeout(
-            s.net.timeout,
-            expect_msg::<Control>(&mut ctl.recv, "request"),
-        )
-        .await
-        .map_err(|_| Error::Transport("no request".into()))??;
-        let Control::Hello {
-            version,
-            request,
-            settings,
-        } = hello
-        else {
-            return Err(Error::Protocol("expected a request".into()));
-        };
-        tracing::info!("{peer} ({who}): {request:?}");
-        if version != VERSION {
-            let reason = format!("server speaks protocol {VERSION}, client {version}");
-            write_msg(
-                &mut ctl.send,
-                &Control::Refused {
-                    reason: reason.clone(),
-                },
+        // Requests come one after another, each on a stream of its own; the first must come
+        // within the timeout, later ones whenever the client likes (while the connection lives).
+        let mut first = true;
+        loop {
+            let accepted = if first {
+                tokio::time::timeout(s.net.timeout, conn.accept_bi())
+                    .await
+                    .map_err(|_| Error::Transport("no request".into()))?
+            } else {
+                conn.accept_bi().await
+            };
+            let (send, recv) = match accepted {
+                Ok(s) => s,
+                Err(_) if !first => return Ok(()),
+                Err(e) => return Err(conn_error(&e)),
+            };
+            first = false;
+            let mut ctl = Control2 { send, recv };
+            let hello = tokio::time::timeout(
+                s.net.timeout,
+                expect_msg::<Control>(&mut ctl.recv, "request"),
             )
-            .await?;
-            return Err(Error::Protocol(reason));
-        }
-        match prepare(s, &request, &settings) {
-            Err(e) => {
-                let reason = e.to_string();
-                write_msg(&mut ctl.send, &Control::Refused { reason }).await?;
-                let _ = ctl.send.finish();
-                // Let the refusal reach the client before the connection goes.
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                Err(e)
-            }
-            Ok((path, source_is_dir)) => {
+            .await
+            .map_err(|_| Error::Transport("no request".into()))??;
+            let Control::Hello {
+                version,
+                request,
+                settings,
+            } = hello
+            else {
+                return Err(Error::Protocol("expected a request".into()));
+            };
+            tracing::info!("{peer} ({who}): {request:?}");
+            if version != VERSION {
+                let reason = format!("server speaks protocol {VERSION}, client {version}");
                 write_msg(
                     &mut ctl.send,
-                    &Control::Welcome {
-                        version: VERSION,
-                        source_is_dir,
+                    &Control::Refused {
+                        reason: reason.clone(),
                     },
                 )
                 .await?;
-                run(s, &conn, &mut ctl, request, settings, path).await
+                return Err(Error::Protocol(reason));
+            }
+            if let Request::Agent { body } = request {
+                let answer = match s.agent.clone() {
+                    None => Control::Refused {
+                        reason: "this server runs no agent (it only syncs)".into(),
+                    },
+                    Some(agent) => {
+                        let ctx = ctx.clone();
+                        let out = tokio::task::spawn_blocking(move || agent.call(&ctx, &body))
+                            .await
+                            .map_err(|e| Error::Transport(format!("agent: {e}")))?;
+                        match out {
+                            Ok(body) => Control::Reply { body },
+                            Err(reason) => Control::Refused { reason },
+                        }
+                    }
+                };
+                write_msg(&mut ctl.send, &answer).await?;
+                let _ = ctl.send.finish();
+                continue;
+            }
+            let pull = matches!(request, Request::Pull { .. });
+            match prepare(s, &request, &settings) {
+                Err(e) => {
+                    let reason = e.to_string();
+                    write_msg(&mut ctl.send, &Control::Refused { reason }).await?;
+                    let _ = ctl.send.finish();
+                    // Let the refusal reach the client before the connection goes.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    return Err(e);
+                }
+                Ok((path, source_is_dir)) => {
+                    write_msg(
+                        &mut ctl.send,
+                        &Control::Welcome {
+                            version: VERSION,
+                            source_is_dir,
+                        },
+                    )
+                    .await?;
+                    run(s, &conn, &mut ctl, request, settings, path).await?;
+                }
+            }
+            // The receiver of a pull opens streams of its own: nothing else may follow.
+            if pull {
+                // The client closes when it has what it needs.
+                let _ = tokio::time::timeout(s.net.timeout, conn.closed()).await;
+                return Ok(());
             }
         }
     }
     .await;
-    match &r {
-        Ok(()) => {
-            // The client closes when it has what it needs.
-            let _ = tokio::time::timeout(s.net.timeout, conn.closed()).await;
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            conn.close(1u32.into(), &msg.as_bytes()[..msg.len().min(900)]);
-        }
+    if let Some(agent) = &s.agent {
+        let agent = agent.clone();
+        let id = ctx.conn;
+        let _ = tokio::task::spawn_blocking(move || agent.closed(id)).await;
+    }
+    if let Err(e) = &r {
+        let msg = e.to_string();
+        conn.close(1u32.into(), &msg.as_bytes()[..msg.len().min(900)]);
     }
     r
 }
@@ -233,6 +281,7 @@ fn prepare(s: &ServeSettings, req: &Request, settings: &SyncSettings) -> Result<
             }
             Ok((dest, false))
         }
+        Request::Agent { .. } => Err(Error::Protocol("an agent command is not a sync".into())),
         Request::Pull { path } => {
             let src = confine(&s.root, path)?;
             let md = std::fs::symlink_metadata(&src).map_err(|e| Error::Io {
@@ -301,6 +350,7 @@ async fn run(
             );
             Ok(())
         }
+        Request::Agent { .. } => Err(Error::Protocol("an agent command is not a sync".into())),
     }
 }
 

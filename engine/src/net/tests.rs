@@ -55,6 +55,7 @@ fn start() -> Fixture {
         max_sessions: 4,
         source_cache: false,
         once: false,
+        agent: None,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

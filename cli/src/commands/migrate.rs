@@ -1,0 +1,177 @@
+//! `hop migrate`: live-migrate a process tree or runc container to a `hop serve` target.
+
+use super::Output;
+use crate::migrate::app::App;
+use crate::migrate::run::{default_images_dir, migrate, Options};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hop_engine::net::{ClientSettings, NetOptions, RemotePath};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Live-migrate a running process tree (CRIU) or runc container to another host running
+/// `hop serve` as root, with the least downtime the link allows.
+///
+/// Pre-copy rounds dump the application while it keeps running and push the images; each round
+/// sends only what changed since the previous one. Pre-copy stops when the predicted downtime
+/// fits --max-downtime, when rounds stop shrinking, or after --rounds. Then the application is
+/// frozen and dumped a last time, the last changes are pushed, and the target restores it. If
+/// anything fails before the target confirms that the application runs, it is restored at the
+/// source from its final images (same state, not restarted), and a later `hop migrate` works.
+///
+/// For a container, its bundle (config.json and rootfs) is synced to the target's
+/// containers/ID first, and its files again after the freeze. Progress goes to standard error;
+/// the timeline table to standard output at the end.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  hop migrate --pid 4242 quic://10.0.0.2:7420
+  hop migrate --runc redis --max-downtime 1.5s --report-json mig.json quic://10.0.0.2
+  hop migrate --runc web --runc-root /run/runc --rounds 0 quic://10.0.0.2   (stop and copy)
+
+The target runs, as root:
+  hop serve --root /srv/hop --listen 0.0.0.0:7420 --authorized-keys /etc/hop/authorized_keys")]
+pub struct MigrateArgs {
+    /// The target: quic://HOST[:PORT].
+    pub target: String,
+    /// Root PID of the process tree to move.
+    #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
+    pub pid: Option<u32>,
+    /// Id of the runc container to move.
+    #[arg(long, value_name = "ID")]
+    pub runc: Option<String>,
+    /// runc's state directory here (runc --root).
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<PathBuf>,
+    /// Downtime budget (freeze to running at the target), e.g. 1s, 800ms, 2.5s.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub max_downtime: Duration,
+    /// Most pre-copy rounds; 0 freezes at once (stop and copy).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub rounds: usize,
+    /// Compress chunk payloads: "zstd" or "zstd:LEVEL".
+    #[arg(long, value_name = "ALGO[:LEVEL]")]
+    pub compress: Option<String>,
+    /// Established TCP connections are part of the state (restored on the same addresses).
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Where to keep images at the source [default: /dev/shm].
+    #[arg(long, value_name = "DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// Keep the images on both sides afterwards.
+    #[arg(long)]
+    pub keep_images: bool,
+    /// Write the timeline as JSON to FILE ("-" for standard output).
+    #[arg(long, value_name = "FILE")]
+    pub report_json: Option<PathBuf>,
+    /// This host's identity directory [default: ~/.config/hop/identity].
+    #[arg(long, value_name = "DIR")]
+    pub identity: Option<PathBuf>,
+    /// File of trusted servers [default: ~/.config/hop/known_hosts].
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// Trust a target not yet in --known-hosts and record it.
+    #[arg(long)]
+    pub accept_new: bool,
+    /// Streams carrying chunks at once.
+    #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
+    pub streams: usize,
+    /// Give up on a target silent for this many seconds (then roll back).
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    pub timeout: u64,
+}
+
+/// Parse `1s`, `800ms`, `2.5s`, `1m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 1s, 800ms or 2.5s"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s or m")),
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("{s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Run `hop migrate`.
+pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
+    let target = match RemotePath::parse(&a.target) {
+        Some(r) => r?,
+        None => bail!("{}: the target must be quic://HOST[:PORT]", a.target),
+    };
+    let app = App::find(a.pid, a.runc.as_deref(), a.runc_root.clone())?;
+    let id = crate::identity::load(
+        &a.identity
+            .clone()
+            .unwrap_or_else(crate::identity::default_identity),
+    )?;
+    let compress = a
+        .compress
+        .as_deref()
+        .map(super::sync::parse_compress)
+        .transpose()?;
+    let o = Options {
+        app,
+        target,
+        client: ClientSettings {
+            identity: id.credentials(),
+            known_hosts: a
+                .known_hosts
+                .clone()
+                .unwrap_or_else(|| crate::identity::config_dir().join("known_hosts")),
+            accept_new: a.accept_new,
+            net: NetOptions {
+                streams: a.streams.clamp(1, 64),
+                timeout: Duration::from_secs(a.timeout.max(1)),
+                ..NetOptions::default()
+            },
+        },
+        max_downtime: a.max_downtime,
+        rounds: a.rounds,
+        compress,
+        images_dir: a.images_dir.clone().unwrap_or_else(default_images_dir),
+        keep_images: a.keep_images,
+        tcp_established: a.tcp_established,
+        quiet: out.quiet,
+    };
+    let (tl, r) = migrate(&o);
+    if let Some(path) = &a.report_json {
+        let json = serde_json::to_string_pretty(&tl)?;
+        if path.as_os_str() == "-" {
+            println!("{json}");
+        } else {
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    if !out.quiet && a.report_json.as_deref() != Some(std::path::Path::new("-")) {
+        print!("{}", tl.table());
+    }
+    r.map(|()| ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_the_help_says() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("800ms"), Ok(Duration::from_millis(800)));
+        assert_eq!(parse_duration("2.5s"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        for bad in ["", "s", "0s", "-1s", "1h", "1.2.3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+}

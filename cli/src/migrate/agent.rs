@@ -1,0 +1,276 @@
+//! The migration target: `hop serve`'s agent. It checks what a restore needs, restores the
+//! application from the images the source pushed, keeps it provisional until the source
+//! commits, and kills it if the connection ends before that (so the source can take the
+//! application back without two copies running).
+
+use super::calls::{
+    bundle_dir, images_dir, migration_dir, valid_id, Call, Checked, Kind, Restored,
+};
+use crate::checkpoint::criu::{is_running, signal, Criu, DumpOptions};
+use crate::checkpoint::runc::Runc;
+use hop_engine::net::server::confine;
+use hop_engine::net::{Agent, CallContext};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// A restored application waiting for its commit.
+#[derive(Debug, Clone)]
+enum Provisional {
+    Process(u32),
+    Container(String),
+}
+
+/// A migration under way on a connection.
+#[derive(Debug, Default)]
+struct Open {
+    /// Keep its images if it is abandoned.
+    keep_images: bool,
+    /// Restored, waiting for the commit.
+    restored: Option<Provisional>,
+    /// The server's root.
+    root: PathBuf,
+}
+
+/// The target's agent.
+pub struct MigrationAgent {
+    /// runc's state directory for restored containers (runc's default when `None`).
+    runc_root: Option<PathBuf>,
+    /// Per connection: migrations begun and not committed.
+    open: Mutex<HashMap<u64, HashMap<String, Open>>>,
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
+    unsafe { geteuid() == 0 }
+}
+
+/// Bytes available under `path` (0 if unknown).
+fn free_bytes(path: &std::path::Path) -> u64 {
+    std::process::Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .nth(1)
+                .and_then(|l| l.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl MigrationAgent {
+    /// An agent restoring containers under `runc_root`.
+    pub fn new(runc_root: Option<PathBuf>) -> MigrationAgent {
+        MigrationAgent {
+            runc_root,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn check(&self, ctx: &CallContext) -> Checked {
+        let (criu, criu_problem) = match Criu::find().and_then(|c| {
+            c.check()?;
+            Ok(c)
+        }) {
+            Ok(c) => (
+                Some(format!("{}.{}.{}", c.version.0, c.version.1, c.version.2)),
+                None,
+            ),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        Checked {
+            criu,
+            criu_problem,
+            root: is_root(),
+            runc: Runc::find(self.runc_root.clone()).is_ok(),
+            free_bytes: free_bytes(&ctx.root),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+            boot_id: super::calls::boot_id(),
+        }
+    }
+
+    fn restore(
+        &self,
+        ctx: &CallContext,
+        id: &str,
+        kind: &Kind,
+        tcp_established: bool,
+    ) -> Result<Restored, String> {
+        if !is_root() {
+            return Err("restoring needs root: run `hop serve` as root on the target".into());
+        }
+        let dir = confine(&ctx.root, &images_dir(id)).map_err(|e| e.to_string())?;
+        if !dir.is_dir() {
+            return Err(format!("no images at {}", dir.display()));
+        }
+        let t0 = Instant::now();
+        let criu = Criu::find().map_err(|e| format!("{e:#}"))?;
+        let (pid, provisional) = match kind {
+            Kind::Process { shell_job } => {
+                let s = criu
+                    .restore(
+                        &dir,
+                        &DumpOptions {
+                            leave_running: false,
+                            tcp_established,
+                            shell_job: *shell_job,
+                            network_lock: None,
+                        },
+                    )
+                    .map_err(|e| format!("{e:#}"))?;
+                if !is_running(s.pid) {
+                    return Err(format!("the restored process {} is not running", s.pid));
+                }
+                (s.pid, Provisional::Process(s.pid))
+            }
+            Kind::Runc { container } => {
+                if !valid_id(container) {
+                    return Err(format!("bad container id {container:?}"));
+                }
+                let bundle =
+                    confine(&ctx.root, &bundle_dir(container)).map_err(|e| e.to_string())?;
+                if !bundle.join("config.json").is_file() {
+                    return Err(format!("no bundle at {}", bundle.display()));
+                }
+                let runc = Runc::find(self.runc_root.clone()).map_err(|e| format!("{e:#}"))?;
+                // runc's working files and the container's output outlive the images.
+                let work = confine(&ctx.root, &format!("containers/.{container}.run"))
+                    .map_err(|e| e.to_string())?;
+                let t = runc
+                    .restore(container, &bundle, &dir, &work, tcp_established)
+                    .map_err(|e| format!("{e:#}"))?;
+                (t.pid, Provisional::Container(container.clone()))
+            }
+        };
+        let restore_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            "migration {id}: restored, PID {pid}, {restore_ms:.0} ms; waiting for the commit"
+        );
+        self.lock()
+            .entry(ctx.conn)
+            .or_default()
+            .entry(id.to_string())
+            .or_insert_with(|| Open {
+                root: ctx.root.clone(),
+                ..Open::default()
+            })
+            .restored = Some(provisional);
+        Ok(Restored { pid, restore_ms })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashMap<String, Open>>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn kill(&self, p: &Provisional) {
+        match p {
+            Provisional::Process(pid) => {
+                signal(*pid, 9);
+            }
+            Provisional::Container(id) => {
+                if let Ok(r) = Runc::find(self.runc_root.clone()) {
+                    r.destroy(id);
+                }
+            }
+        }
+    }
+}
+
+impl Agent for MigrationAgent {
+    fn call(&self, ctx: &CallContext, body: &str) -> Result<String, String> {
+        let call: Call =
+            serde_json::from_str(body).map_err(|e| format!("not a migration command: {e}"))?;
+        let (Call::Begin { id, .. }
+        | Call::Restore { id, .. }
+        | Call::Commit { id }
+        | Call::Cleanup { id }) = &call;
+        if !valid_id(id) {
+            return Err(format!("bad migration id {id:?}"));
+        }
+        match call {
+            Call::Begin { id, keep_images } => {
+                self.lock().entry(ctx.conn).or_default().insert(
+                    id,
+                    Open {
+                        keep_images,
+                        restored: None,
+                        root: ctx.root.clone(),
+                    },
+                );
+                json(&self.check(ctx))
+            }
+            Call::Restore {
+                id,
+                kind,
+                tcp_established,
+            } => json(&self.restore(ctx, &id, &kind, tcp_established)?),
+            Call::Commit { id } => {
+                let mut map = self.lock();
+                let open = map.entry(ctx.conn).or_default();
+                match open.get(&id) {
+                    Some(Open {
+                        restored: Some(_), ..
+                    }) => {
+                        open.remove(&id);
+                        tracing::info!("migration {id}: committed");
+                        Ok("{}".into())
+                    }
+                    _ => Err(format!("migration {id}: nothing restored to commit")),
+                }
+            }
+            Call::Cleanup { id } => {
+                let dir = confine(&ctx.root, &migration_dir(&id)).map_err(|e| e.to_string())?;
+                remove_tree(&dir).map(|()| "{}".into())
+            }
+        }
+    }
+
+    fn closed(&self, conn: u64) {
+        let left = self.lock().remove(&conn).unwrap_or_default();
+        for (id, open) in left {
+            tracing::warn!("migration {id}: the source went away before committing; abandoning it");
+            if let Some(p) = &open.restored {
+                tracing::warn!("migration {id}: stopping the restored copy ({p:?})");
+                self.kill(p);
+            }
+            if !open.keep_images {
+                if let Ok(dir) = confine(&open.root, &migration_dir(&id)) {
+                    let _ = remove_tree(&dir);
+                }
+            }
+        }
+    }
+}
+
+/// Remove a tree; a restore that just finished may hold it briefly, so retry for a moment.
+fn remove_tree(dir: &std::path::Path) -> Result<(), String> {
+    let mut tries = 0;
+    loop {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if tries < 20 => {
+                tracing::debug!("removing {}: {e}; retrying", dir.display());
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, String> {
+    serde_json::to_string(v).map_err(|e| e.to_string())
+}

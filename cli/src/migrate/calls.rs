@@ -1,0 +1,162 @@
+//! The commands the source sends the target's agent, and the answers, as JSON in the
+//! engine's agent messages.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration's files live under the target's root.
+pub fn migration_dir(id: &str) -> String {
+    format!(".hop/migrate/{id}")
+}
+
+/// Where a migration's images land under the target's root.
+pub fn images_dir(id: &str) -> String {
+    format!("{}/images", migration_dir(id))
+}
+
+/// Where a container's bundle lands under the target's root.
+pub fn bundle_dir(container: &str) -> String {
+    format!("containers/{container}")
+}
+
+/// A migration or container id safe to use as one path component.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// What is restored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Kind {
+    /// A process tree (CRIU directly).
+    Process {
+        /// Dumped with --shell-job.
+        shell_job: bool,
+    },
+    /// A runc container, whose bundle is at [`bundle_dir`].
+    Runc {
+        /// Container id, kept across the move.
+        container: String,
+    },
+}
+
+/// A command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Call {
+    /// A migration starts on this connection: can the target restore? Answered with a
+    /// [`Checked`]. If the connection ends before [`Call::Commit`], the target removes the
+    /// migration's files (unless `keep_images`) and stops any restored copy.
+    Begin {
+        /// Migration id.
+        id: String,
+        /// Keep the images even then.
+        keep_images: bool,
+    },
+    /// Restore from [`images_dir`]`(id)`; answered with a [`Restored`] once it runs. It stays
+    /// provisional until [`Call::Commit`]: if the connection ends first, the agent kills it.
+    Restore {
+        /// Migration id.
+        id: String,
+        /// What to restore.
+        kind: Kind,
+        /// Established TCP connections are in the images.
+        tcp_established: bool,
+    },
+    /// The source gave the application up: the restored copy stays.
+    Commit {
+        /// Migration id.
+        id: String,
+    },
+    /// Remove the migration's files (its images).
+    Cleanup {
+        /// Migration id.
+        id: String,
+    },
+}
+
+/// The target's answer to [`Call::Check`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Checked {
+    /// CRIU's version there, if it has one that runs.
+    pub criu: Option<String>,
+    /// Why CRIU is unusable there.
+    pub criu_problem: Option<String>,
+    /// The agent runs as root (restores need it).
+    pub root: bool,
+    /// runc is installed.
+    pub runc: bool,
+    /// Bytes free under the server's root.
+    pub free_bytes: u64,
+    /// The target's host name.
+    pub host: String,
+    /// The target kernel's boot id: equal to the source's when both "hosts" share one kernel
+    /// (namespaces on one machine), where a restored process needs its old PID back first.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// This kernel's boot id.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The target's answer to [`Call::Restore`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Restored {
+    /// PID of the restored process (container init for runc).
+    pub pid: u32,
+    /// Wall time of the restore, until the application ran.
+    pub restore_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_single_safe_components() {
+        for ok in ["redis", "web-1", "a.b_c", "x".repeat(128).as_str()] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "a/b",
+            "a b",
+            "x\0",
+            &"x".repeat(129),
+        ] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn calls_round_trip_as_json() {
+        let b = Call::Begin {
+            id: "m1".into(),
+            keep_images: false,
+        };
+        let s = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Call>(&s).unwrap(), b);
+        let c = Call::Restore {
+            id: "m1".into(),
+            kind: Kind::Runc {
+                container: "web".into(),
+            },
+            tcp_established: true,
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(s.contains("\"op\":\"restore\""), "{s}");
+        assert_eq!(serde_json::from_str::<Call>(&s).unwrap(), c);
+        assert!(serde_json::from_str::<Call>("{\"op\":\"format_disk\"}").is_err());
+    }
+}

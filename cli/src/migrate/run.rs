@@ -1,0 +1,411 @@
+//! The source's side of `hop migrate`: prepare, pre-copy rounds, stop-and-copy, restore at the
+//! target, commit, clean up; rollback at the source when anything fails after the freeze.
+
+use super::app::App;
+use super::calls::{bundle_dir, images_dir, Call, Checked, Restored};
+use super::plan::{self, Budget, Next, RoundFigures};
+use super::timeline::{RoundRow, Timeline};
+use crate::checkpoint::criu::Criu;
+use anyhow::{anyhow, bail, Context, Result};
+use hop_engine::chunk::ChunkParams;
+use hop_engine::net::control::SyncSettings;
+use hop_engine::net::{ClientSettings, Link, RemotePath};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What `hop migrate` was asked.
+pub struct Options {
+    /// The application.
+    pub app: App,
+    /// The target (`quic://HOST:PORT`; the path is not used).
+    pub target: RemotePath,
+    /// Identity, known hosts, transport.
+    pub client: ClientSettings,
+    /// Downtime budget.
+    pub max_downtime: Duration,
+    /// Most pre-copy rounds (0: stop and copy at once).
+    pub rounds: usize,
+    /// zstd level for chunk payloads.
+    pub compress: Option<i32>,
+    /// Where the source keeps its images (a fresh directory is made under it).
+    pub images_dir: PathBuf,
+    /// Keep the images on both sides.
+    pub keep_images: bool,
+    /// Established TCP connections are part of the application's state.
+    pub tcp_established: bool,
+    /// No progress lines.
+    pub quiet: bool,
+}
+
+/// Progress lines on standard error, stamped with the time since the start.
+struct Say {
+    t0: Instant,
+    quiet: bool,
+}
+
+impl Say {
+    fn line(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!(
+                "[{:7.2}s] {}",
+                self.t0.elapsed().as_secs_f64(),
+                msg.as_ref()
+            );
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn call<T: serde::de::DeserializeOwned>(link: &mut Link, c: &Call) -> Result<T> {
+    let body = serde_json::to_string(c)?;
+    let answer = link.call(&body)?;
+    serde_json::from_str(&answer).with_context(|| format!("bad answer from the target: {answer}"))
+}
+
+/// How images and bundles are synced.
+fn settings(o: &Options, delete: bool) -> SyncSettings {
+    SyncSettings {
+        params: ChunkParams::default().with_pages(true),
+        compress: o.compress,
+        delete,
+        dry_run: false,
+        fsync: false,
+        sparse: true,
+        no_index_cache: false,
+        streams: o.client.net.streams as u32,
+        delta: true,
+        rules: Vec::new(),
+    }
+}
+
+/// Where the migration stands, for the cleanup and the rollback.
+struct State {
+    id: String,
+    local: PathBuf,
+    /// The final dump succeeded: the application no longer runs at the source.
+    frozen: bool,
+    /// Keep the local images whatever happens (the operator needs them).
+    keep_local: bool,
+}
+
+/// Migrate. The timeline is returned in both outcomes; the error says what failed and where the
+/// application runs now.
+pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
+    let t0 = Instant::now();
+    let say = Say { t0, quiet: o.quiet };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = format!("{}-{stamp}-{}", o.app.name(), std::process::id());
+    let mut tl = Timeline {
+        id: id.clone(),
+        app: o.app.describe(),
+        target: o.target.host_port(),
+        ..Default::default()
+    };
+    let mut st = State {
+        id,
+        local: o.images_dir.join(format!("hop-migrate-{}", tl.id)),
+        frozen: false,
+        keep_local: false,
+    };
+    let mut link = None;
+    let r = run(o, &say, &mut tl, &mut st, &mut link);
+    tl.total_ms = ms(t0.elapsed());
+    let r = match r {
+        Ok(()) => {
+            tl.outcome = "migrated".into();
+            Ok(())
+        }
+        Err(e) if st.frozen => {
+            // Close the connection first: the target stops any restored copy of its own
+            // accord when the connection ends without a commit.
+            if let Some(l) = link.take() {
+                l.close();
+            }
+            say.line(format!("failed after the freeze: {e:#}"));
+            say.line("rolling back: restoring the application at the source");
+            let criu = Criu::find();
+            let back = criu.and_then(|c| {
+                o.app
+                    .rollback(&c, &st.local.join("final"), o.tcp_established)
+            });
+            match back {
+                Ok(where_) => {
+                    tl.outcome = "rolled back".into();
+                    tl.result = where_.clone();
+                    say.line(&where_);
+                    Err(e.context(format!("migration failed; rolled back: {where_}")))
+                }
+                Err(b) => {
+                    tl.outcome = "failed".into();
+                    tl.result = format!("rollback failed; images kept in {}", st.local.display());
+                    let kept = st.local.clone();
+                    st.keep_local = true;
+                    Err(e.context(format!(
+                        "migration failed and the rollback failed too: {b:#}\nthe final images are in {} (`hop restore --dir {}/final`)",
+                        kept.display(),
+                        kept.display()
+                    )))
+                }
+            }
+        }
+        Err(e) => {
+            tl.outcome = "failed".into();
+            tl.result = format!("{} still runs at the source", o.app.describe());
+            Err(e.context(format!(
+                "migration failed before the freeze; {} still runs at the source",
+                o.app.describe()
+            )))
+        }
+    };
+    // Clean up: local images always (unless kept or needed), the target's best effort.
+    if !o.keep_images && !st.keep_local {
+        let _ = std::fs::remove_dir_all(&st.local);
+    }
+    if let Some(mut l) = link {
+        if !o.keep_images {
+            if let Err(e) = call::<serde_json::Value>(&mut l, &Call::Cleanup { id: st.id.clone() })
+            {
+                tracing::warn!("could not remove the images at the target: {e:#}");
+            }
+        }
+        l.close();
+    }
+    (tl, r)
+}
+
+fn run(
+    o: &Options,
+    say: &Say,
+    tl: &mut Timeline,
+    st: &mut State,
+    link_slot: &mut Option<Link>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let criu = Criu::find()?;
+    criu.check()
+        .context("CRIU cannot checkpoint on this host")?;
+    std::fs::create_dir_all(&st.local)
+        .with_context(|| format!("cannot create {}", st.local.display()))?;
+
+    // Prepare: connect, check the target, bring the container's bundle.
+    say.line(format!("connecting to {}", o.target.host_port()));
+    let link = link_slot.insert(Link::connect(&o.target, &o.client)?);
+    let checked: Checked = call(
+        link,
+        &Call::Begin {
+            id: st.id.clone(),
+            keep_images: o.keep_images,
+        },
+    )?;
+    match (&checked.criu, &checked.criu_problem) {
+        (Some(v), _) => {
+            let theirs: Vec<u32> = v.split('.').filter_map(|x| x.parse().ok()).collect();
+            if theirs.first() != Some(&criu.version.0) {
+                bail!(
+                    "CRIU versions differ: {}.{}.{} here, {v} at the target; install the same major version on both",
+                    criu.version.0, criu.version.1, criu.version.2
+                );
+            }
+        }
+        (None, p) => bail!(
+            "the target cannot restore: {}",
+            p.as_deref().unwrap_or("no CRIU")
+        ),
+    }
+    let same_kernel = !checked.boot_id.is_empty() && checked.boot_id == super::calls::boot_id();
+    if !checked.root {
+        bail!("`hop serve` at the target does not run as root; restores need root");
+    }
+    if matches!(o.app, App::Container { .. }) && !checked.runc {
+        bail!("the target has no runc (apt-get install runc)");
+    }
+    say.line(format!(
+        "target {} ({}): CRIU {}, {:.1} GB free",
+        o.target.host_port(),
+        checked.host,
+        checked.criu.as_deref().unwrap_or("?"),
+        checked.free_bytes as f64 / 1e9
+    ));
+    if let App::Container { id, bundle, .. } = &o.app {
+        say.line(format!("syncing bundle {}", bundle.display()));
+        let r = link.push(bundle, &bundle_dir(id), settings(o, true), None, None)?;
+        check_report(&r, "bundle")?;
+        tl.bundle_bytes_wire = r.stats.bytes_wire;
+    }
+    tl.prepare_ms = ms(t0.elapsed());
+
+    // Pre-copy rounds.
+    let dest = images_dir(&st.id);
+    let mut figures: Vec<RoundFigures> = Vec::new();
+    let mut prev: Option<PathBuf> = None;
+    let mut last_start: Option<Instant> = None;
+    let restore_guess = 500.0;
+    let budget = Budget {
+        max_downtime_ms: ms(o.max_downtime),
+        max_rounds: o.rounds,
+        restore_ms: restore_guess,
+    };
+    loop {
+        if let Next::Final(why) = plan::next(&figures, &budget) {
+            say.line(format!("pre-copy done: {why}"));
+            tl.stop_reason = why;
+            break;
+        }
+        let n = figures.len() + 1;
+        let dir = st.local.join(format!("round-{n}"));
+        let start = Instant::now();
+        let d = o
+            .app
+            .dump(&criu, &dir, true, o.tcp_established)
+            .with_context(|| format!("round {n}: dump"))?;
+        say.line(format!(
+            "round {n}: dumped {:.1} MB in {:.0} ms (frozen {:.0} ms); syncing",
+            d.bytes as f64 / 1e6,
+            d.dump_ms,
+            d.frozen_ms
+        ));
+        let t = Instant::now();
+        let r = link
+            .push(&dir, &dest, settings(o, true), None, prev.clone())
+            .with_context(|| format!("round {n}: sync"))?;
+        check_report(&r, "images")?;
+        let sync_ms = ms(t.elapsed());
+        let sent = r.stats.bytes_literal;
+        say.line(format!(
+            "round {n}: sent {:.1} MB ({:.1} MB on the wire) in {:.0} ms",
+            sent as f64 / 1e6,
+            r.stats.bytes_wire as f64 / 1e6,
+            sync_ms
+        ));
+        figures.push(RoundFigures {
+            dump_ms: d.dump_ms,
+            bytes_sent: sent,
+            sync_ms,
+            interval_ms: last_start.map(|s| ms(start - s)).unwrap_or(0.0),
+        });
+        tl.rounds.push(RoundRow {
+            round: n.to_string(),
+            dump_ms: d.dump_ms,
+            frozen_ms: d.frozen_ms,
+            bytes_dumped: d.bytes,
+            bytes_sent: sent,
+            bytes_wire: r.stats.bytes_wire,
+            sync_ms,
+        });
+        last_start = Some(start);
+        if let Some(old) = prev.replace(dir) {
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+
+    // Stop and copy.
+    let dir = st.local.join("final");
+    let freeze = Instant::now();
+    say.line("final dump: the application is frozen from here");
+    let d = o
+        .app
+        .dump(&criu, &dir, false, o.tcp_established)
+        .context("final dump (the application keeps running at the source)")?;
+    st.frozen = true;
+    let t = Instant::now();
+    let r = link
+        .push(&dir, &dest, settings(o, true), None, prev.clone())
+        .context("final sync")?;
+    check_report(&r, "final images")?;
+    let sync_ms = ms(t.elapsed());
+    tl.rounds.push(RoundRow {
+        round: "final".into(),
+        dump_ms: d.dump_ms,
+        frozen_ms: d.frozen_ms,
+        bytes_dumped: d.bytes,
+        bytes_sent: r.stats.bytes_literal,
+        bytes_wire: r.stats.bytes_wire,
+        sync_ms,
+    });
+    say.line(format!(
+        "final: dumped {:.1} MB in {:.0} ms, sent {:.1} MB in {:.0} ms",
+        d.bytes as f64 / 1e6,
+        d.dump_ms,
+        r.stats.bytes_literal as f64 / 1e6,
+        sync_ms
+    ));
+    if let App::Container { id, bundle, .. } = &o.app {
+        // Files the container changed since the bundle was synced.
+        let t = Instant::now();
+        let r = link
+            .push(bundle, &bundle_dir(id), settings(o, true), None, None)
+            .context("final sync of the container's files")?;
+        check_report(&r, "bundle")?;
+        tl.final_fs_sync_ms = ms(t.elapsed());
+    }
+    // A target on the same kernel (namespaces on one machine) needs the PID back before the
+    // restore can reuse it.
+    if same_kernel {
+        let t = Instant::now();
+        o.app.wait_released(Duration::from_secs(5));
+        tl.release_wait_ms = ms(t.elapsed());
+    }
+    say.line("restoring at the target");
+    let t = Instant::now();
+    let restored: Restored = call(
+        link,
+        &Call::Restore {
+            id: st.id.clone(),
+            kind: o.app.kind(),
+            tcp_established: o.tcp_established,
+        },
+    )
+    .context("restore at the target")?;
+    tl.restore_ms = ms(t.elapsed());
+    tl.downtime_ms = ms(freeze.elapsed());
+    say.line(format!(
+        "running at the target as PID {} after {:.0} ms of downtime",
+        restored.pid, tl.downtime_ms
+    ));
+    // The target keeps its copy once it hears this.
+    let committed: Result<serde_json::Value> = call(link, &Call::Commit { id: st.id.clone() });
+    if let Err(e) = committed {
+        // We cannot know whether the commit arrived: do not start a second copy here.
+        st.frozen = false;
+        st.keep_local = true;
+        return Err(anyhow!(
+            "the target restored the application (PID {}) but the commit was not confirmed: {e:#}\n\
+             if the commit never arrived the target stops its copy; check there before restoring \
+             from the source's final images in {}",
+            restored.pid,
+            dir.display()
+        ));
+    }
+    st.frozen = false;
+    o.app.finish();
+    tl.result = format!(
+        "running at {} as PID {}",
+        o.target.host_port(),
+        restored.pid
+    );
+    Ok(())
+}
+
+/// A sync that reported per-entry errors did not deliver everything.
+fn check_report(r: &hop_engine::report::Report, what: &str) -> Result<()> {
+    if let Some(e) = r.errors.first() {
+        bail!("{what}: {} entries failed, first: {e}", r.errors.len());
+    }
+    Ok(())
+}
+
+/// The default place for the source's images: tmpfs (`/dev/shm`) when it exists.
+pub fn default_images_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}

@@ -1,0 +1,421 @@
+//! End-to-end tests of `hop migrate` with the real CRIU and runc: a process and a container
+//! move to a `hop serve` target and keep their state; a failed restore at the target and a link
+//! that dies during the final sync both leave the application running at the source with its
+//! state, and a second migration then works. They need root.
+
+#[macro_use]
+mod util;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use util::*;
+
+/// A Python counter (`python` binary) holding `mib` MiB of memory, part of which it rewrites
+/// on every tick (`noise`: with random bytes, so nothing compresses), writing its counter to
+/// `file` every 50 ms. Started as a session leader, run through `prefix` (e.g. `ip netns exec
+/// NS`), and reaped by a thread as soon as it dies so that its PID is free for a restore.
+fn counter_app(file: &Path, python: &str, mib: usize, noise: bool, prefix: &[&str]) -> u32 {
+    let script = format!(
+        "import os, time\n\
+         buf = bytearray({mib} << 20)\n\
+         for k in range(0, len(buf), 4096): buf[k] = 1\n\
+         i = 0\n\
+         while True:\n\
+         \x20   open({file:?}, 'w').write(str(i))\n\
+         \x20   off = (i * 64 * 4096) % len(buf)\n\
+         \x20   buf[off:off + 64 * 4096] = {fill}\n\
+         \x20   i += 1\n\
+         \x20   time.sleep(0.05)\n",
+        file = file.display().to_string(),
+        fill = if noise {
+            "os.urandom(64 * 4096)"
+        } else {
+            "bytes([i % 256]) * (64 * 4096)"
+        },
+    );
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg("setsid");
+            c
+        }
+        None => Command::new("setsid"),
+    };
+    let mut child = cmd
+        .args([python, "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start python3");
+    let pid = child.id();
+    std::thread::spawn(move || child.wait());
+    wait_for_value(file, Duration::from_secs(10));
+    pid
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        !s.lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z'))
+    })
+}
+
+/// `hop migrate` with the client's keys, images under `d/images`, the timeline in
+/// `d/timeline.json`.
+fn migrate(d: &Dir, c: &Client, target: &str, args: &[&str]) -> Command {
+    let mut cmd = hop();
+    migrate_args(&mut cmd, d, c, target, args);
+    cmd
+}
+
+fn migrate_args(cmd: &mut Command, d: &Dir, c: &Client, target: &str, args: &[&str]) {
+    std::fs::create_dir_all(d.path("images")).unwrap();
+    cmd.arg("migrate")
+        .arg("--identity")
+        .arg(&c.identity)
+        .arg("--known-hosts")
+        .arg(&c.known_hosts)
+        .arg("--accept-new")
+        .arg("--images-dir")
+        .arg(d.path("images"))
+        .arg("--report-json")
+        .arg(d.path("timeline.json"))
+        .args(args)
+        .arg(target);
+}
+
+fn timeline(d: &Dir) -> serde_json::Value {
+    let text = std::fs::read_to_string(d.path("timeline.json")).expect("timeline written");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Nothing left under a directory (images cleaned up).
+fn empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).map_or(true, |mut r| r.next().is_none())
+}
+
+/// The counter continues from at least `from` (the state survived) and moves on.
+fn continues(file: &Path, from: u64) {
+    assert!(advances(file), "{} does not advance", file.display());
+    let now = value(file).unwrap();
+    assert!(
+        now >= from,
+        "counter {now} went back below {from}: restarted from scratch?"
+    );
+}
+
+#[test]
+fn a_process_moves_with_its_state_and_nothing_is_left_behind() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "target", &[&c], 0);
+    let file = d.path("count");
+    let pid = counter_app(&file, "python3", 32, false, &[]);
+    let before = value(&file).unwrap();
+
+    let out = ok(migrate(
+        &d,
+        &c,
+        &srv.url(""),
+        &["--pid", &pid.to_string(), "--max-downtime", "5s"],
+    ));
+    assert!(out.contains("migrated"), "{out}");
+    // Same kernel: CRIU restored the same PID, now a child of the target's restore.
+    assert!(alive(pid), "PID {pid} is not running after the migration");
+    continues(&file, before);
+
+    let tl = timeline(&d);
+    assert_eq!(tl["outcome"], "migrated", "{tl}");
+    let rounds = tl["rounds"].as_array().unwrap();
+    assert!(
+        rounds.len() >= 3,
+        "expected pre-copy rounds then final: {tl}"
+    );
+    assert_eq!(rounds.last().unwrap()["round"], "final");
+    let first = rounds[0]["bytes_sent"].as_u64().unwrap();
+    let last = rounds.last().unwrap()["bytes_sent"].as_u64().unwrap();
+    assert!(first > 1 << 20, "round 1 sent only {first} bytes: {tl}");
+    // The memory barely changed between rounds: the final sync moves a fraction of round 1.
+    assert!(last * 4 < first, "final round sent {last} of {first}: {tl}");
+    let downtime = tl["downtime_ms"].as_f64().unwrap();
+    assert!(downtime > 0.0 && downtime < tl["total_ms"].as_f64().unwrap());
+    // Images are gone on both sides.
+    assert!(empty(&d.path("images")), "source images left");
+    assert!(empty(&srv.root.join(".hop/migrate")), "target images left");
+    kill(pid);
+}
+
+#[test]
+fn a_container_moves_to_the_target_and_back() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let bundle = busybox_bundle(&d);
+    let (runc_a, runc_b) = (d.mkdir("runc-a"), d.mkdir("runc-b"));
+    let id = format!("hop-mig-{}", std::process::id());
+    let run = format!(
+        "true | runc --root '{}' run -d --bundle '{}' '{id}' 2>&1 | cat > '{}'",
+        runc_a.display(),
+        bundle.display(),
+        d.path("run.out").display()
+    );
+    let mut helper = Command::new("setsid")
+        .args(["sh", "-c", &run])
+        .spawn()
+        .unwrap();
+    let counter = bundle.join("rootfs/tmp/counter");
+    wait_for_value(&counter, Duration::from_secs(10));
+    let serve = |name: &str, runc: &Path| {
+        let extra = vec!["--runc-root".to_string(), runc.display().to_string()];
+        Server::start_with(&d, name, &[&c], "127.0.0.1:0", &[], &extra)
+    };
+    let b = serve("host-b", &runc_b);
+    let before = value(&counter).unwrap();
+    ok(migrate(
+        &d,
+        &c,
+        &b.url(""),
+        &["--runc", &id, "--runc-root", runc_a.to_str().unwrap()],
+    ));
+    let _ = helper.wait();
+    assert_eq!(
+        runc_state(&runc_a, &id),
+        None,
+        "the source still lists the container"
+    );
+    assert_eq!(runc_state(&runc_b, &id).as_deref(), Some("running"));
+    // The container's files moved too, and it counts on there.
+    let at_b = b.root.join(format!("containers/{id}/rootfs/tmp/counter"));
+    continues(&at_b, before);
+    assert!(empty(&b.root.join(".hop/migrate")), "target images left");
+
+    // And back to host A (a target there now).
+    let a = serve("host-a", &runc_a);
+    let before = value(&at_b).unwrap();
+    ok(migrate(
+        &d,
+        &c,
+        &a.url(""),
+        &["--runc", &id, "--runc-root", runc_b.to_str().unwrap()],
+    ));
+    assert_eq!(runc_state(&runc_b, &id), None);
+    assert_eq!(runc_state(&runc_a, &id).as_deref(), Some("running"));
+    continues(
+        &a.root.join(format!("containers/{id}/rootfs/tmp/counter")),
+        before,
+    );
+    runc_remove(&runc_a, &id);
+}
+
+#[test]
+fn a_failed_restore_at_the_target_rolls_back_and_a_second_migration_works() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    // The application runs a binary that the target does not have: in the target's own mount
+    // namespace its directory is an empty tmpfs.
+    let bin = d.mkdir("appbin");
+    let python = bin.join("python3");
+    std::fs::copy(std::fs::canonicalize("/usr/bin/python3").unwrap(), &python).unwrap();
+    let hide = format!(
+        "mount -t tmpfs none '{}' && exec \"$0\" \"$@\"",
+        bin.display()
+    );
+    let prefix: Vec<String> = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &hide,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let broken = Server::start_with(&d, "broken", &[&c], "127.0.0.1:0", &prefix, &[]);
+    let file = d.path("count");
+    let pid = counter_app(&file, python.to_str().unwrap(), 16, false, &[]);
+
+    let mut cmd = migrate(&d, &c, &broken.url(""), &["--pid", &pid.to_string()]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("restore at the target"), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+    let tl = timeline(&d);
+    assert_eq!(tl["outcome"], "rolled back", "{tl}");
+    // Back at the source with its state: the same PID, counting on from where it froze.
+    let frozen_at = value(&file).unwrap();
+    assert!(
+        alive(pid),
+        "the application is not running at the source: {err}"
+    );
+    continues(&file, frozen_at);
+    assert!(empty(&d.path("images")), "source images left");
+    assert!(
+        empty(&broken.root.join(".hop/migrate")),
+        "the target kept the failed migration's images"
+    );
+
+    // A second migration, to a target that works.
+    let good = Server::start(&d, "good", &[&c], 0);
+    let before = value(&file).unwrap();
+    ok(migrate(&d, &c, &good.url(""), &["--pid", &pid.to_string()]));
+    assert!(alive(pid));
+    continues(&file, before);
+    kill(pid);
+}
+
+/// Two namespaces joined by a veth capped at `rate`, removed on drop.
+struct Netns {
+    prefix: String,
+}
+
+impl Netns {
+    fn up(rate: &str) -> Netns {
+        let prefix = format!("hm{}", std::process::id() % 10000);
+        let st = Command::new("bash")
+            .arg(format!(
+                "{}/../scripts/netns.sh",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .args(["up", &prefix, rate])
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot create namespaces (root needed)");
+        Netns { prefix }
+    }
+    fn ns(&self, side: &str) -> String {
+        format!("{}-{side}", self.prefix)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(format!(
+                "{}/../scripts/netns.sh",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .args(["down", &self.prefix])
+            .status();
+    }
+}
+
+#[test]
+fn a_link_that_dies_during_the_final_sync_rolls_back_and_a_second_migration_works() {
+    let net = Netns::up("40mbit");
+    let (a, b) = (net.ns("a"), net.ns("b"));
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    // nsenter switches the network namespace only: `ip netns exec` would also give each
+    // process a mount namespace of its own, which CRIU would then have to dump.
+    let enter = |ns: &str| vec!["nsenter".to_string(), format!("--net=/run/netns/{ns}")];
+    let srv = Server::start_with(&d, "target", &[&c], "10.77.0.2:0", &enter(&b), &[]);
+    let file = d.path("count");
+    // 24 MiB of random bytes: about 5 s on the capped link.
+    let in_a = enter(&a);
+    let in_a: Vec<&str> = in_a.iter().map(String::as_str).collect();
+    let pid = counter_app(&file, "python3", 24, true, &in_a);
+    {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{a}"))
+            .arg(env!("CARGO_BIN_EXE_hop"));
+        migrate_args(
+            &mut cmd,
+            &d,
+            &c,
+            &srv.url(""),
+            &["--pid", &pid.to_string(), "--rounds", "0", "--timeout", "2"],
+        );
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        let mut log = String::new();
+        let t0 = Instant::now();
+        // Cut the link a moment into the final sync.
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("no final dump");
+            log += &line;
+            log.push('\n');
+            if line.contains("final dump") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(800));
+        let drop = |op: &str| {
+            for chain in ["INPUT", "OUTPUT"] {
+                let st = Command::new("ip")
+                    .args([
+                        "netns", "exec", &b, "iptables", op, chain, "-p", "udp", "-j", "DROP",
+                    ])
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+            }
+        };
+        drop("-A");
+        let (st, _) = finish_within(&mut child, Duration::from_secs(30));
+        log.extend(rx.try_iter().map(|l| l + "\n"));
+        assert_eq!(st.code(), Some(1), "{log}");
+        assert!(log.contains("final sync"), "{log}");
+        assert!(log.contains("rolled back"), "{log}");
+        assert!(t0.elapsed() < Duration::from_secs(25));
+        let frozen_at = value(&file).unwrap();
+        assert!(
+            alive(pid),
+            "the application is not running at the source: {log}"
+        );
+        continues(&file, frozen_at);
+        assert_eq!(
+            netns_of(pid),
+            a,
+            "the application is not in the source's namespace"
+        );
+        let tl = timeline(&d);
+        assert_eq!(tl["outcome"], "rolled back", "{tl}");
+        assert_eq!(tl["restore_ms"], 0.0, "the target restored: {tl}");
+        drop("-D");
+    }
+    // The link is back: migrate again (pre-copy this time).
+    let before = value(&file).unwrap();
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{a}"))
+        .arg(env!("CARGO_BIN_EXE_hop"));
+    migrate_args(&mut cmd, &d, &c, &srv.url(""), &["--pid", &pid.to_string()]);
+    ok(cmd);
+    assert!(alive(pid));
+    assert_eq!(
+        netns_of(pid),
+        b,
+        "the application did not land in the target's namespace"
+    );
+    continues(&file, before);
+    kill(pid);
+}
+
+/// The name of the network namespace `pid` lives in.
+fn netns_of(pid: u32) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "identify", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
