@@ -663,3 +663,38 @@ fn config_file_sets_defaults_and_the_command_line_wins() {
         "{err}"
     );
 }
+
+#[test]
+fn inplace_updates_a_large_memory_image_without_a_new_copy_and_small_files_the_usual_way() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Dir::new();
+    let page = 4096;
+    let mut img = noise(40, 16 << 20);
+    d.write("src/pages-1.img", &img);
+    d.write("src/core-1.img", &noise(41, 3000));
+    sync_stats(&[s(&d.path("src/")), s(&d.path("dst/"))]);
+    let inode = std::fs::metadata(d.path("dst/pages-1.img")).unwrap().ino();
+    // Rewrite a few hundred pages, insert two pages near the end, change the small file.
+    for k in (1..4000).step_by(13) {
+        img[k * page + 8..k * page + 64].copy_from_slice(&noise(k as u64, 56));
+    }
+    let at = 3900 * page;
+    img.splice(at..at, noise(42, 2 * page));
+    d.write("src/pages-1.img", &img);
+    d.write("src/core-1.img", &noise(43, 3000));
+    let st = sync_stats(&[
+        OsStr::new("--inplace"),
+        s(&d.path("src/")),
+        s(&d.path("dst/")),
+    ]);
+    assert_same_tree(&d.path("src"), &d.path("dst"));
+    assert_eq!(
+        std::fs::metadata(d.path("dst/pages-1.img")).unwrap().ino(),
+        inode,
+        "the image was replaced by a new file instead of updated in place"
+    );
+    assert!(
+        st["bytes_literal"].as_u64().unwrap() < 4 << 20,
+        "sent too much: {st}"
+    );
+}

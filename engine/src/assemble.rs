@@ -58,6 +58,26 @@ impl<'a> FileTable<'a> {
         }
     }
 
+    /// The index file number of `path`, if it is indexed.
+    pub fn number_of(&self, path: &Path) -> Option<u32> {
+        self.by_path.get(path).copied()
+    }
+
+    /// The chunks of index file `n`, as indexed.
+    pub fn chunks_of(&self, n: u32) -> &[ChunkSpec] {
+        &self.index.files[n as usize].chunks.chunks
+    }
+
+    /// Where the index holds a chunk.
+    pub fn locate(&self, id: &ChunkId) -> Option<crate::index::Location> {
+        self.index.get(id)
+    }
+
+    /// The path of index file `n`.
+    pub fn path(&self, n: u32) -> &Path {
+        &self.index.files[n as usize].path
+    }
+
     /// Rename `tmp` over `dest`, first pinning the old file at `dest` if it is indexed.
     pub fn replace(&self, tmp: &Path, dest: &Path) -> Result<()> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
@@ -344,13 +364,21 @@ pub fn read_base(files: &FileTable<'_>, file: u32, offset: u64, len: usize) -> R
     Ok(buf)
 }
 
-/// Turn a payload into the chunk's `len` bytes; patches are applied to `base`.
+/// Reads `len` bytes of local file `file` at `offset` (a delta's base).
+pub(crate) type BaseReader<'r> = dyn Fn(u32, u64, usize) -> Result<Vec<u8>> + 'r;
+
+/// Finds a chunk this side holds (the base a [`crate::protocol::Codec::Ref`] names).
+pub(crate) type Locator<'r> = dyn Fn(&ChunkId) -> Option<crate::index::Location> + 'r;
+
+/// Turn a payload into the chunk's `len` bytes; patches are applied to `base`, read through
+/// `read`; references are found with `locate`.
 fn decode(
     codec: crate::protocol::Codec,
     bytes: Vec<u8>,
     len: usize,
     base: Option<(u32, u64)>,
-    files: &FileTable<'_>,
+    locate: &Locator<'_>,
+    read: &BaseReader<'_>,
 ) -> Result<Vec<u8>> {
     use crate::protocol::Codec;
     match codec {
@@ -366,12 +394,12 @@ fn decode(
             } else {
                 bytes
             };
-            let base = read_base(files, file, offset, len)?;
+            let base = read(file, offset, len)?;
             crate::delta::apply(&base, &patch, len)
         }
         Codec::Ref => {
             let (id, z) = crate::delta::split_ref(&bytes)?;
-            let Some(loc) = files.index.get(&id) else {
+            let Some(loc) = locate(&id) else {
                 // The sender thought we held this chunk; we do not. Fetched again, whole.
                 return Err(Error::Integrity {
                     what: "a chunk sent as a difference to a chunk this side does not hold".into(),
@@ -379,10 +407,34 @@ fn decode(
                     actual: "missing".into(),
                 });
             };
-            let base = read_base(files, loc.file, loc.offset, loc.len as usize)?;
+            let base = read(loc.file, loc.offset, loc.len as usize)?;
             crate::delta::apply_ref(&base, z, len)
         }
     }
+}
+
+/// Decode fetched chunk `n` (`spec`) of `dest` and check it against its id.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_fetched(
+    codec: crate::protocol::Codec,
+    payload: Vec<u8>,
+    spec: &ChunkSpec,
+    base: Option<(u32, u64)>,
+    locate: &Locator<'_>,
+    read: &BaseReader<'_>,
+    dest: &Path,
+    n: u32,
+) -> Result<Vec<u8>> {
+    let bytes = decode(codec, payload, spec.len as usize, base, locate, read)?;
+    let actual = ChunkId::of(&bytes);
+    if bytes.len() != spec.len as usize || actual != spec.id {
+        return Err(Error::Integrity {
+            what: format!("chunk {n} of {}", dest.display()),
+            expected: spec.id.to_hex(),
+            actual: actual.to_hex(),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Checks a file's output chunk by chunk against the manifest, so that every byte is hashed
@@ -605,15 +657,9 @@ pub fn assemble(
                     .ok_or_else(|| Error::Protocol(format!("chunk {n} out of range")))?;
                 let base = plan.bases.get(fetched).copied().flatten();
                 fetched += 1;
-                let bytes = decode(codec, payload, spec.len as usize, base, files)?;
-                let actual = ChunkId::of(&bytes);
-                if bytes.len() != spec.len as usize || actual != spec.id {
-                    return Err(Error::Integrity {
-                        what: format!("chunk {n} of {}", dest.display()),
-                        expected: spec.id.to_hex(),
-                        actual: actual.to_hex(),
-                    });
-                }
+                let read = |f, o, l| read_base(files, f, o, l);
+                let locate = |id: &ChunkId| files.index.get(id);
+                let bytes = decode_fetched(codec, payload, spec, base, &locate, &read, dest, n)?;
                 verify.checked(n)?;
                 w.write(&bytes)?;
                 if plan.keep.binary_search(&n).is_ok() {

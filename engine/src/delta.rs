@@ -92,9 +92,7 @@ pub fn encode_ref(
     level: i32,
     limit: usize,
 ) -> Option<Vec<u8>> {
-    let z = zstd::bulk::Compressor::with_dictionary(level, base)
-        .and_then(|mut c| c.compress(new))
-        .ok()?;
+    let z = with_prefix_compress(new, base, level)?;
     let mut out = Vec::with_capacity(crate::id::ID_LEN + z.len());
     out.extend_from_slice(&base_id.0);
     out.extend_from_slice(&z);
@@ -115,9 +113,59 @@ pub fn split_ref(payload: &[u8]) -> Result<(crate::id::ChunkId, &[u8])> {
 /// Rebuild a chunk of `len` bytes from a zstd frame compressed with `base` as dictionary; never
 /// produces more than `len` bytes.
 pub fn apply_ref(base: &[u8], z: &[u8], len: usize) -> Result<Vec<u8>> {
-    zstd::bulk::Decompressor::with_dictionary(base)
-        .and_then(|mut d| d.decompress(z, len))
+    with_prefix_decompress(z, base, len)
         .map_err(|e| Error::Compression(format!("chunk does not decompress against its base: {e}")))
+}
+
+thread_local! {
+    /// One zstd context per thread: creating one per chunk cost more than compressing it.
+    static CCTX: std::cell::RefCell<zstd::zstd_safe::CCtx<'static>> =
+        std::cell::RefCell::new(zstd::zstd_safe::CCtx::create());
+    static DCTX: std::cell::RefCell<zstd::zstd_safe::DCtx<'static>> =
+        std::cell::RefCell::new(zstd::zstd_safe::DCtx::create());
+}
+
+/// A zstd frame of `new` with `base` as prefix (a raw-content dictionary for one frame).
+fn with_prefix_compress(new: &[u8], base: &[u8], level: i32) -> Option<Vec<u8>> {
+    use zstd::zstd_safe::{CParameter, ResetDirective};
+    CCTX.with(|c| {
+        let mut c = c.borrow_mut();
+        c.reset(ResetDirective::SessionOnly).ok()?;
+        c.set_parameter(CParameter::CompressionLevel(level)).ok()?;
+        // SAFETY: zstd keeps a pointer to the prefix only until the end of the next frame:
+        // `compress2` below ends it, and every use of the context starts with a session reset,
+        // so the pointer is never read after `base` is gone.
+        let prefix: &'static [u8] = unsafe { std::mem::transmute::<&[u8], &'static [u8]>(base) };
+        c.ref_prefix(prefix).ok()?;
+        let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(new.len()));
+        let r = c.compress2(&mut out, new);
+        let _ = c.reset(ResetDirective::SessionOnly);
+        r.ok().map(|_| out)
+    })
+}
+
+/// Undo [`with_prefix_compress`]: at most `len` bytes.
+fn with_prefix_decompress(
+    z: &[u8],
+    base: &[u8],
+    len: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    use zstd::zstd_safe::{get_error_name, ResetDirective};
+    DCTX.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(ResetDirective::SessionOnly)
+            .map_err(|e| get_error_name(e).to_string())?;
+        // SAFETY: as in `with_prefix_compress`: the prefix is used for the next frame only and
+        // the context is reset before any other use.
+        let prefix: &'static [u8] = unsafe { std::mem::transmute::<&[u8], &'static [u8]>(base) };
+        d.ref_prefix(prefix)
+            .map_err(|e| get_error_name(e).to_string())?;
+        let mut out = Vec::with_capacity(len);
+        let r = d.decompress(&mut out, z);
+        let _ = d.reset(ResetDirective::SessionOnly);
+        r.map_err(|e| get_error_name(e).to_string())?;
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
@@ -162,5 +210,33 @@ mod tests {
         assert!(apply(&base, &[0xff], 4000).is_err()); // blocks beyond the base
         assert!(apply(&base, &[0, 1, 2], 1000).is_err()); // literal runs out
         assert!(apply(&base, &[0x3, 9], 1000).is_err()); // trailing bytes
+    }
+
+    #[test]
+    fn refs_round_trip_and_stay_plain_zstd_with_a_raw_dictionary() {
+        let base = noise(7, 4096);
+        let mut new = base.clone();
+        new[100..140].copy_from_slice(&noise(8, 40));
+        let id = crate::id::ChunkId::of(&base);
+        for _ in 0..3 {
+            // The per-thread contexts are reused: repeat to catch state left behind.
+            let r = encode_ref(&new, &base, &id, 3, 4096).expect("a small reference");
+            assert!(r.len() < 200, "reference of {} bytes", r.len());
+            let (got_id, z) = split_ref(&r).unwrap();
+            assert_eq!(got_id, id);
+            assert_eq!(apply_ref(&base, z, new.len()).unwrap(), new);
+            // Any zstd with the base as raw-content dictionary reads it.
+            let plain = zstd::bulk::Decompressor::with_dictionary(&base)
+                .unwrap()
+                .decompress(z, new.len())
+                .unwrap();
+            assert_eq!(plain, new);
+            // Against another base it fails cleanly instead of producing bytes.
+            let wrong = apply_ref(&noise(9, 4096), z, new.len());
+            assert!(wrong.map_or(true, |b| b != new));
+        }
+        // Output longer than announced is refused.
+        let r = encode_ref(&new, &base, &id, 3, 4096).unwrap();
+        assert!(apply_ref(&base, split_ref(&r).unwrap().1, 100).is_err());
     }
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod filter;
 pub mod id;
 pub mod index;
+pub mod inplace;
 pub mod local;
 pub mod manifest;
 pub mod meta;

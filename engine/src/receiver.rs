@@ -42,6 +42,9 @@ pub struct ReceiverOptions {
     pub delta: bool,
     /// Include/exclude rules of the sync: excluded destination paths are never deleted.
     pub rules: Option<std::sync::Arc<crate::filter::Rules>>,
+    /// Update changed files in place when little of them changes (see [`crate::inplace`]):
+    /// faster for large files, but a failure part-way leaves a file half-updated.
+    pub inplace: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -57,6 +60,7 @@ impl Default for ReceiverOptions {
             no_index_cache: false,
             delta: true,
             rules: None,
+            inplace: false,
         }
     }
 }
@@ -675,6 +679,12 @@ impl Receiver {
             return Err(Error::Protocol("write of a non-file".into()));
         };
         let abs = e.path.under(&self.dest);
+        tracing::debug!(
+            "{:?}: writing, {} chunks ({} bytes) to fetch",
+            e.path,
+            fp.fetch.len(),
+            fp.literal
+        );
         let opts = AssembleOptions {
             sparse: self.opts.sparse,
             fsync: self.opts.fsync,
@@ -682,58 +692,55 @@ impl Receiver {
         let attempt = |fp: &crate::plan::FilePlan,
                        req: Option<&Request>|
          -> Result<crate::assemble::Staged> {
-            let fallback;
-            let req = match req {
-                Some(r) => r,
-                None => {
-                    fallback = Request {
-                        entry: i,
-                        want: fp.fetch.clone(),
-                        hints: Vec::new(),
-                        no_refs: true,
-                    };
-                    &fallback
-                }
-            };
-            if fp.literal <= INLINE_FETCH {
-                // Little to fetch: get it first, then assemble.
-                let mut got = std::collections::VecDeque::with_capacity(fp.fetch.len());
-                if !fp.fetch.is_empty() {
-                    source.fetch(lane, req, &mut |f| {
-                        Progress::add(&progress.bytes_literal, f.2.len() as u64);
-                        got.push_back(f);
-                        Ok(())
-                    })?;
-                }
-                let mut next = || {
-                    got.pop_front()
-                        .ok_or_else(|| Error::Protocol("sender sent too few chunks".into()))
-                };
-                return assemble(&abs, *size, hash, chunks, fp, table, &mut next, opts);
-            }
-            // Much to fetch: stream it through a bounded channel so the sender never runs far
-            // ahead of the writer.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Fetched>>(64);
-            std::thread::scope(|s| {
-                s.spawn(move || {
-                    let r = source.fetch(lane, req, &mut |f| {
-                        Progress::add(&progress.bytes_literal, f.2.len() as u64);
-                        tx.send(Ok(f))
-                            .map_err(|_| Error::Protocol("receiver gave up".into()))
-                    });
-                    if let Err(err) = r {
-                        let _ = tx.send(Err(err));
-                    }
-                });
-                let mut next = || -> Result<Fetched> {
-                    rx.recv()
-                        .map_err(|_| Error::Protocol("sender ended early".into()))?
-                };
-                let r = assemble(&abs, *size, hash, chunks, fp, table, &mut next, opts);
-                drop(rx);
-                r
+            fetching(source, lane, i, fp, req, progress, &mut |next| {
+                assemble(&abs, *size, hash, chunks, fp, table, next, opts)
             })
         };
+        if self.opts.inplace {
+            if let Some(me) = table.number_of(&abs) {
+                if crate::inplace::suitable(me, *size, chunks, fp) {
+                    let r = fetching(source, lane, i, fp, req, progress, &mut |next| {
+                        crate::inplace::update(
+                            &abs,
+                            me,
+                            *size,
+                            hash,
+                            chunks,
+                            fp,
+                            table,
+                            next,
+                            opts.sparse,
+                        )
+                    });
+                    match r {
+                        Ok(crate::inplace::Outcome::Done) => {
+                            let f = crate::assemble::open_nofollow(&abs)?;
+                            meta::apply_fd(&f, &abs, &e.meta, owner)?;
+                            if opts.fsync {
+                                f.sync_all().ctx("fsync", &abs)?;
+                            }
+                            Progress::add(&progress.bytes_done, *size);
+                            Progress::add(&progress.files_done, 1);
+                            return Ok(fp.literal);
+                        }
+                        Ok(crate::inplace::Outcome::NotSuitable) => {}
+                        Err(err) => tracing::warn!(
+                            "{}: in-place update failed ({err}); rebuilding it whole",
+                            abs.display()
+                        ),
+                    }
+                    // Partly updated (or never started): rebuild it from what the sender has.
+                    let full = plan_file(chunks, &ChunkIndex::default());
+                    let tmp = attempt(&full, None)?;
+                    meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
+                    self.make_way(&abs, &e.path, false, table)?;
+                    tmp.commit(&abs, table)?;
+                    Progress::add(&progress.bytes_done, *size);
+                    Progress::add(&progress.files_done, 1);
+                    return Ok(full.literal);
+                }
+            }
+        }
         let (tmp, sent) = match attempt(fp, req) {
             Ok(t) => (t, fp.literal),
             Err(Error::Integrity { .. }) => {
@@ -809,4 +816,69 @@ impl Receiver {
             tracing::warn!("could not save the index cache: {e}");
         }
     }
+}
+
+/// Builds a file from its fetched chunks, taken in order from the function it is given.
+type Build<'b, T> = dyn FnMut(&mut dyn FnMut() -> Result<Fetched>) -> Result<T> + Send + 'b;
+
+/// Fetch the chunks `fp` wants (as announced in `req`, or on a stream of their own when `req`
+/// is `None`) and hand them, in order, to `build`. Little data is fetched first; much is
+/// streamed through a bounded channel so the sender never runs far ahead of the writer.
+fn fetching<T: Send>(
+    source: &dyn ChunkSource,
+    lane: usize,
+    i: u32,
+    fp: &crate::plan::FilePlan,
+    req: Option<&Request>,
+    progress: &Progress,
+    build: &mut Build<'_, T>,
+) -> Result<T> {
+    let fallback;
+    let req = match req {
+        Some(r) => r,
+        None => {
+            fallback = Request {
+                entry: i,
+                want: fp.fetch.clone(),
+                hints: Vec::new(),
+                no_refs: true,
+            };
+            &fallback
+        }
+    };
+    if fp.literal <= INLINE_FETCH {
+        let mut got = std::collections::VecDeque::with_capacity(fp.fetch.len());
+        if !fp.fetch.is_empty() {
+            source.fetch(lane, req, &mut |f| {
+                Progress::add(&progress.bytes_literal, f.2.len() as u64);
+                got.push_back(f);
+                Ok(())
+            })?;
+        }
+        let mut next = || {
+            got.pop_front()
+                .ok_or_else(|| Error::Protocol("sender sent too few chunks".into()))
+        };
+        return build(&mut next);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Fetched>>(64);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let r = source.fetch(lane, req, &mut |f| {
+                Progress::add(&progress.bytes_literal, f.2.len() as u64);
+                tx.send(Ok(f))
+                    .map_err(|_| Error::Protocol("receiver gave up".into()))
+            });
+            if let Err(err) = r {
+                let _ = tx.send(Err(err));
+            }
+        });
+        let mut next = || -> Result<Fetched> {
+            rx.recv()
+                .map_err(|_| Error::Protocol("sender ended early".into()))?
+        };
+        let r = build(&mut next);
+        drop(rx);
+        r
+    })
 }

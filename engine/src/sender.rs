@@ -62,6 +62,9 @@ pub struct Sender {
     opts: SenderOptions,
     files: std::sync::RwLock<Vec<Option<std::sync::Arc<Served>>>>,
     basis: std::sync::Mutex<std::collections::HashMap<RelPath, Option<std::sync::Arc<Basis>>>>,
+    /// The chunk cache, loaded on the first basis lookup: a basis tree that was itself sent
+    /// earlier with the same cache (a migration's previous round) is not read again.
+    basis_cache: std::sync::OnceLock<Option<IndexCache>>,
 }
 
 /// The counterpart of a source file in [`SenderOptions::basis`], chunked.
@@ -79,6 +82,7 @@ impl Sender {
             opts,
             files: Default::default(),
             basis: Default::default(),
+            basis_cache: std::sync::OnceLock::new(),
         }
     }
 
@@ -172,6 +176,7 @@ impl Sender {
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(served);
+                tracing::debug!("manifest: {:?} ready", e.path);
                 emit(e)?;
             }
         }
@@ -210,7 +215,17 @@ impl Sender {
         map.entry(rel.clone())
             .or_insert_with(|| {
                 let path = rel.under(root);
-                let fc = chunk_file(&path, self.opts.params).ok()?;
+                let cache = self.basis_cache.get_or_init(|| {
+                    self.opts
+                        .cache
+                        .as_ref()
+                        .map(|c| IndexCache::load(c, self.opts.params))
+                });
+                let md = std::fs::symlink_metadata(&path).ok()?;
+                let fc = match cache.as_ref().and_then(|c| c.lookup(&path, &md)) {
+                    Some(fc) => fc.clone(),
+                    None => chunk_file(&path, self.opts.params).ok()?,
+                };
                 Some(std::sync::Arc::new(Basis {
                     path,
                     offsets: chunk_offsets(&fc.chunks),

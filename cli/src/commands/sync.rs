@@ -85,6 +85,11 @@ pub struct SyncArgs {
     /// Compress chunk payloads: "zstd" or "zstd:LEVEL" (1-19). Chunks that do not shrink go raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
+    /// Update changed files in place instead of building a new copy beside them, when little of
+    /// them changed (as rsync --inplace): much less I/O for large files; but an interrupted sync
+    /// leaves such a file half-updated (it is rebuilt whole by the next run).
+    #[arg(long)]
+    pub inplace: bool,
     /// fsync each written file before it replaces the old one.
     #[arg(long)]
     pub fsync: bool,
@@ -296,6 +301,7 @@ fn run_quic(
         streams: cfg.net.streams as u32,
         delta: !a.no_delta,
         rules: rules.clone(),
+        inplace: a.inplace,
     };
     match sides {
         Sides::Push(Remote::Quic(mut remote)) => {
@@ -340,6 +346,7 @@ fn run_quic(
                 no_index_cache: a.no_index_cache,
                 delta: !a.no_delta,
                 rules: compiled(&rules)?,
+                inplace: a.inplace,
             };
             hop_engine::net::pull(&remote, &a.dest, settings, ropts, &cfg, progress)
                 .with_context(|| format!("pull {} -> {}", a.src.display(), a.dest.display()))
@@ -436,6 +443,7 @@ pub fn run(mut a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result
         no_index_cache: a.no_index_cache,
         delta: !a.no_delta,
         rules: compiled(&rules)?,
+        inplace: a.inplace,
     };
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), a.progress && !out.quiet);

@@ -78,6 +78,9 @@ fn settings(o: &Options, delete: bool) -> SyncSettings {
         streams: o.client.net.streams as u32,
         delta: true,
         rules: Vec::new(),
+        // The target's images are scratch: updating them in place spares copying and hashing
+        // the unchanged hundreds of MB each round.
+        inplace: true,
     }
 }
 
@@ -272,7 +275,13 @@ fn run(
         ));
         let t = Instant::now();
         let r = link
-            .push(&dir, &dest, settings(o, true), None, prev.clone())
+            .push(
+                &dir,
+                &dest,
+                settings(o, true),
+                Some(chunk_cache(st)),
+                prev.clone(),
+            )
             .with_context(|| format!("round {n}: sync"))?;
         check_report(&r, "images")?;
         let sync_ms = ms(t.elapsed());
@@ -315,7 +324,13 @@ fn run(
     st.frozen = true;
     let t = Instant::now();
     let r = link
-        .push(&dir, &dest, settings(o, true), None, prev.clone())
+        .push(
+            &dir,
+            &dest,
+            settings(o, true),
+            Some(chunk_cache(st)),
+            prev.clone(),
+        )
         .context("final sync")?;
     check_report(&r, "final images")?;
     let sync_ms = ms(t.elapsed());
@@ -390,6 +405,12 @@ fn run(
         restored.pid
     );
     Ok(())
+}
+
+/// The chunk cache of the source's images: each round's chunk lists, so that the next round's
+/// sender finds those of its basis (the previous round) without reading it again.
+fn chunk_cache(st: &State) -> PathBuf {
+    st.local.join(".chunks.hopidx")
 }
 
 /// A sync that reported per-entry errors did not deliver everything.

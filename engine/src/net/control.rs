@@ -55,6 +55,8 @@ pub struct SyncSettings {
     /// Include/exclude rules, in order (the sender skips excluded entries, the receiver keeps
     /// them from `--delete`).
     pub rules: Vec<crate::filter::Rule>,
+    /// Receiver: update files in place (see [`crate::inplace`]).
+    pub inplace: bool,
 }
 
 /// Control messages. The order on a control stream is: client `Hello`; server `Welcome` or
@@ -132,6 +134,7 @@ impl SyncSettings {
             streams: 1,
             delta: false,
             rules: Vec::new(),
+            inplace: false,
         }
     }
 }

@@ -315,6 +315,7 @@ async fn run(
                 no_index_cache: settings.no_index_cache,
                 delta: settings.delta,
                 rules: rules(&settings)?,
+                inplace: settings.inplace,
             };
             let prepare = move || Receiver::prepare(&path, ropts);
             // The client chose the streams; `net.streams` is the most a client may use.

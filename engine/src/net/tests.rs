@@ -91,6 +91,7 @@ fn settings() -> SyncSettings {
         streams: 2,
         delta: true,
         rules: Vec::new(),
+        inplace: false,
     }
 }
 
