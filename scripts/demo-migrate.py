@@ -241,7 +241,7 @@ def main():
         s.add_argument("--logs", nargs="*", default=[])
     p.add_argument("--keys", type=int, default=500000, help="keys of ~1,000 bytes to load")
     p.add_argument("--rate", default="1gbit", help="link cap (tc tbf), e.g. 1gbit, 100mbit")
-    p.add_argument("--writes-per-s", type=float, default=2000, help="client write rate")
+    p.add_argument("--writes-per-s", type=float, default=2000, help="client write rate (0: idle)")
     p.add_argument("--moves", type=int, default=1, help="migrations, alternating a->b, b->a")
     p.add_argument("--max-downtime", default="2s")
     p.add_argument("--prefix", default="hopdemo")
@@ -295,7 +295,7 @@ def main():
             there = "b" if here == "a" else "a"
             log = os.path.join(w, f"writes-{move}.log")
             logs.append(log)
-            writer = subprocess.Popen(
+            writer = None if a.writes_per_s <= 0 else subprocess.Popen(
                 enter(a.prefix, here) + [sys.executable, me, "write", "--host", ADDR[here], "--keys", str(a.keys),
                                          "--per-s", str(a.writes_per_s), "--out", log, "--seed", str(move + 1),
                                          "--seq-start", str(move * 10_000_000)])
@@ -307,11 +307,14 @@ def main():
                                          "--identity", client, "--known-hosts", os.path.join(w, "known_hosts"),
                                          "--accept-new", "--max-downtime", a.max_downtime,
                                          "--report-json", report, f"quic://{ADDR[there]}:7420"])
-            try:
-                writer.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                writer.send_signal(signal.SIGTERM)
-                writer.wait()
+            if writer is None:
+                open(log, "w").close()
+            else:
+                try:
+                    writer.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    writer.send_signal(signal.SIGTERM)
+                    writer.wait()
             if mig.returncode != 0:
                 sys.exit("migration failed")
             here = there
@@ -327,9 +330,17 @@ def main():
             results.append({"move": f"{'ab'[move % 2]}->{'ba'[move % 2]}", "timeline": tl, "check": check})
             print(f"all {check['keys_written']} keys written ({check['acked_writes']} acknowledged writes) and "
                   f"{check['untouched_sampled']} sampled untouched keys read back right at {ADDR[here]}")
-        downs = [r["timeline"]["downtime_ms"] for r in results]
-        print(f"downtime over {len(downs)} moves: median {statistics.median(downs):.0f} ms, "
-              f"min {min(downs):.0f}, max {max(downs):.0f}")
+        def summary(key, get):
+            v = [get(r["timeline"]) for r in results]
+            return f"{key} median {statistics.median(v):.0f} ms (min {min(v):.0f}, max {max(v):.0f})"
+        final = lambda tl: tl["rounds"][-1]
+        print(f"over {len(results)} moves: " + "; ".join([
+            summary("downtime", lambda tl: tl["downtime_ms"]),
+            summary("final dump", lambda tl: final(tl)["dump_ms"]),
+            summary("final sync", lambda tl: final(tl)["sync_ms"]),
+            summary("restore", lambda tl: tl["restore_ms"]),
+            summary("total", lambda tl: tl["total_ms"]),
+        ]))
         if a.json:
             json.dump(results, open(a.json, "w"), indent=1)
     finally:

@@ -419,3 +419,220 @@ fn netns_of(pid: u32) -> String {
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// Unmounts a test mount when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_target_without_room_for_the_images_is_refused_before_the_freeze() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "small", &[&c], 0);
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "none"])
+        .arg(&srv.root)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _m = Mounted(srv.root.clone());
+    let file = d.path("count");
+    let pid = counter_app(&file, "python3", 32, false, &[]);
+    let mut cmd = migrate(&d, &c, &srv.url(""), &["--pid", &pid.to_string()]);
+    cmd.stderr(Stdio::piped());
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("free under its root"), "{err}");
+    assert!(err.contains("still runs at the source"), "{err}");
+    assert!(alive(pid));
+    continues(&file, 0);
+    assert!(empty(&d.path("images")), "source images left");
+    kill(pid);
+}
+
+/// An HTTP service with state: every request gets the next number of a counter kept in memory.
+const COUNTER_APP: &str = r#"
+import http.server, json, sys, threading
+lock = threading.Lock()
+n = 0
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    def do_GET(self):
+        global n
+        with lock:
+            n += 1
+            body = json.dumps({"n": n}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// Two client threads (one keep-alive connection, one connection per request) until `stop`
+/// exists; prints requests, failures, the largest latency and whether every thread saw the
+/// counter only grow.
+const CLIENT: &str = r#"
+import http.client, json, os, sys, threading, time
+port, stop = int(sys.argv[1]), sys.argv[2]
+res = {"requests": 0, "errors": [], "max_s": 0.0, "monotonic": True, "last": 0}
+lock = threading.Lock()
+def run(keep):
+    last = 0
+    conn = None
+    t_end = time.time() + 60
+    while not os.path.exists(stop) and time.time() < t_end:
+        t = time.time()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            conn.request("GET", "/", headers={} if keep else {"Connection": "close"})
+            r = conn.getresponse()
+            body = r.read()
+            if not keep:
+                conn.close(); conn = None
+            if r.status != 200:
+                raise RuntimeError(f"status {r.status}")
+            v = json.loads(body)["n"]
+            with lock:
+                res["requests"] += 1
+                res["max_s"] = max(res["max_s"], time.time() - t)
+                res["monotonic"] &= v > last
+                res["last"] = max(res["last"], v)
+            last = v
+        except Exception as e:
+            with lock:
+                res["errors"].append(repr(e))
+            if conn is not None:
+                conn.close()
+            conn = None
+        time.sleep(0.01)
+ts = [threading.Thread(target=run, args=(k,)) for k in (True, False)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print(json.dumps(res))
+"#;
+
+#[test]
+fn haproxy_holds_clients_during_the_move_and_none_fails() {
+    let net = Netns::up("10gbit");
+    let (a, b) = (net.ns("a"), net.ns("b"));
+    let enter = |ns: &str| vec!["nsenter".to_string(), format!("--net=/run/netns/{ns}")];
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start_with(&d, "target", &[&c], "10.77.0.2:0", &enter(&b), &[]);
+    let (app_port, fe_port) = (18080, 18000);
+    let app = d.write("app.py", COUNTER_APP.as_bytes());
+    let client = d.write("client.py", CLIENT.as_bytes());
+    let sock = d.path("haproxy.sock");
+    let hold = format!("{}/../scripts/haproxy/hold.lua", env!("CARGO_MANIFEST_DIR"));
+    let cfg = d.write(
+        "haproxy.cfg",
+        format!(
+            "global\n    stats socket {sock} mode 600 level admin\n    lua-load {hold}\n\
+             defaults\n    mode http\n    timeout connect 1s\n    timeout client 30s\n    timeout server 30s\n\
+             frontend fe\n    bind 127.0.0.1:{fe_port}\n    default_backend be\n\
+             backend be\n    http-request lua.hold_until_up be 30000\n    server s1 127.0.0.1:{app_port}\n",
+            sock = sock.display()
+        )
+        .as_bytes(),
+    );
+    let in_a = enter(&a);
+    // The application (the process that moves), reaped as soon as it dies.
+    let mut child = Command::new(&in_a[0])
+        .arg(&in_a[1])
+        .args(["setsid", "python3"])
+        .arg(&app)
+        .arg(app_port.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    std::thread::spawn(move || child.wait());
+    let mut haproxy = Command::new(&in_a[0])
+        .arg(&in_a[1])
+        .args(["haproxy", "-db", "-f"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.path("haproxy.log")).unwrap())
+        .spawn()
+        .expect("haproxy installed (scripts/setup.sh)");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "haproxy did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = d.path("stop");
+    let load = Command::new(&in_a[0])
+        .arg(&in_a[1])
+        .arg("python3")
+        .arg(&client)
+        .arg(fe_port.to_string())
+        .arg(&stop)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut cmd = Command::new(&in_a[0]);
+    cmd.arg(&in_a[1]).arg(env!("CARGO_BIN_EXE_hop"));
+    let sock_s = sock.display().to_string();
+    let addr = format!("10.77.0.2:{app_port}");
+    migrate_args(
+        &mut cmd,
+        &d,
+        &c,
+        &srv.url(""),
+        &[
+            "--pid",
+            &pid.to_string(),
+            "--tcp-close",
+            "--haproxy",
+            &sock_s,
+            "--haproxy-server",
+            "be/s1",
+            "--haproxy-addr",
+            &addr,
+        ],
+    );
+    let out = ok(cmd);
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&stop, b"").unwrap();
+    let res = load.wait_with_output().unwrap();
+    let _ = haproxy.kill();
+    let _ = haproxy.wait();
+    let report: serde_json::Value =
+        serde_json::from_slice(&res.stdout).unwrap_or_else(|_| panic!("client: {res:?}"));
+    let tl = timeline(&d);
+    eprintln!("client: {report}\n{out}");
+    assert_eq!(netns_of(pid), b, "the application did not move: {out}");
+    assert_eq!(
+        report["errors"],
+        serde_json::json!([]),
+        "failed requests: {report}\n{out}"
+    );
+    assert!(report["requests"].as_u64().unwrap() > 100, "{report}");
+    assert_eq!(
+        report["monotonic"], true,
+        "the counter went back: state lost? {report}"
+    );
+    assert!(tl["hold_ms"].as_f64().unwrap() > 0.0, "{tl}");
+    // Requests waited at most about the hold, not a client timeout.
+    assert!(report["max_s"].as_f64().unwrap() < 15.0, "{report}");
+    kill(pid);
+}

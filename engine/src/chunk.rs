@@ -281,6 +281,44 @@ pub fn chunk_pages(data: &[u8]) -> FileChunks {
     }
 }
 
+/// Like [`chunk_pages`], but a page byte-identical to the page at the same offset of `base`
+/// (whose page chunks are `base_chunks`) takes that page's id instead of being hashed: comparing
+/// costs a fraction of hashing, and successive memory dumps are mostly unchanged pages. Falls
+/// back to [`chunk_pages`] when `base_chunks` are not page chunks of `base`.
+pub fn chunk_pages_like(data: &[u8], base: &[u8], base_chunks: &[ChunkSpec]) -> FileChunks {
+    let n = base_chunks.len();
+    let paged = base_chunks
+        .iter()
+        .enumerate()
+        .all(|(i, c)| c.len as usize == PAGE || (i + 1 == n && (c.len as usize) < PAGE))
+        && base_chunks.iter().map(|c| c.len as usize).sum::<usize>() == base.len();
+    if !paged {
+        return chunk_pages(data);
+    }
+    let chunks: Vec<ChunkSpec> = data
+        .par_chunks(PAGE)
+        .enumerate()
+        .map(|(i, c)| {
+            let off = i * PAGE;
+            if let Some(b) = base_chunks.get(i) {
+                if b.len as usize == c.len() && base.get(off..off + c.len()) == Some(c) {
+                    return *b;
+                }
+            }
+            ChunkSpec {
+                len: c.len() as u32,
+                id: ChunkId::of(c),
+                zero: is_zero(c),
+            }
+        })
+        .collect();
+    FileChunks {
+        size: data.len() as u64,
+        hash: file_hash(data.len() as u64, &chunks),
+        chunks,
+    }
+}
+
 /// Files up to this size are read into memory; larger ones are memory-mapped.
 const MMAP_MIN: u64 = 256 * 1024;
 
@@ -288,13 +326,43 @@ const MMAP_MIN: u64 = 256 * 1024;
 /// file's size changes while it is read.
 pub fn chunk_file(path: &Path, p: ChunkParams) -> Result<FileChunks> {
     let paged = p.pages && is_page_image(path);
-    let cut = |data: &[u8]| {
+    map_file(path, &|data: &[u8]| {
         if paged {
             chunk_pages(data)
         } else {
             chunk_bytes(data, p)
         }
+    })
+}
+
+/// [`chunk_file`] for a memory image with a previous version at `base` whose page chunks are
+/// `base_chunks` (see [`chunk_pages_like`]). Other files, or an unreadable base, are chunked as
+/// [`chunk_file`] does.
+pub fn chunk_file_like(
+    path: &Path,
+    p: ChunkParams,
+    base: &Path,
+    base_chunks: &[ChunkSpec],
+) -> Result<FileChunks> {
+    if !(p.pages && is_page_image(path)) {
+        return chunk_file(path, p);
+    }
+    let Ok(bf) = File::open(base) else {
+        return chunk_file(path, p);
     };
+    // SAFETY: read-only private map; a change of the base only costs hashing (ids are taken from
+    // it only where its bytes equal the new page's, compared through this map).
+    let Ok(bmap) = (unsafe { memmap2::MmapOptions::new().map(&bf) }) else {
+        return chunk_file(path, p);
+    };
+    map_file(path, &|data: &[u8]| {
+        chunk_pages_like(data, &bmap, base_chunks)
+    })
+}
+
+/// Run `cut` over the content of `path` (read, or memory-mapped when large); fails with
+/// [`Error::SourceChanged`] when the file's size changes meanwhile.
+fn map_file(path: &Path, cut: &(dyn Fn(&[u8]) -> FileChunks + Sync)) -> Result<FileChunks> {
     let mut f = File::open(path).ctx("open", path)?;
     let len = f.metadata().ctx("stat", path)?.len();
     if len < MMAP_MIN {
@@ -369,6 +437,29 @@ mod tests {
             assert!(c.len >= p.min && c.len <= p.max, "chunk of {}", c.len);
         }
         assert_eq!(fc.hash, file_hash(data.len() as u64, &fc.chunks));
+    }
+
+    #[test]
+    fn pages_like_a_base_get_the_same_ids_as_pages_hashed_afresh() {
+        let base = noise(11, 64 * PAGE + 100);
+        let bc = chunk_pages(&base);
+        let mut new = base.clone();
+        new[5 * PAGE + 7] ^= 1;
+        new[9 * PAGE..10 * PAGE].fill(0);
+        new.extend_from_slice(&noise(12, 3 * PAGE));
+        let like = chunk_pages_like(&new, &base, &bc.chunks);
+        assert_eq!(like, chunk_pages(&new));
+        // A shorter new file, and base chunks that are not pages: still right.
+        let short = &base[..10 * PAGE + 1];
+        assert_eq!(
+            chunk_pages_like(short, &base, &bc.chunks),
+            chunk_pages(short)
+        );
+        let cdc = chunk_bytes(&base, ChunkParams::default());
+        assert_eq!(
+            chunk_pages_like(&new, &base, &cdc.chunks),
+            chunk_pages(&new)
+        );
     }
 
     #[test]

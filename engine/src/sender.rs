@@ -136,7 +136,20 @@ impl Sender {
                         ScanKind::Unreadable => EntryKind::Unreadable,
                         ScanKind::Symlink { target } => EntryKind::Symlink { target },
                         ScanKind::File { .. } => {
-                            match chunk_cached(&e.path.under(root), opts.params, &cache, &fresh) {
+                            let like = if opts.params.pages
+                                && crate::chunk::is_page_image(&e.path.under(root))
+                            {
+                                self.basis_of(&e.path)
+                            } else {
+                                None
+                            };
+                            match chunk_cached(
+                                &e.path.under(root),
+                                opts.params,
+                                &cache,
+                                &fresh,
+                                like.as_deref(),
+                            ) {
                                 Ok(fc) => EntryKind::File {
                                     size: fc.size,
                                     hash: fc.hash,
@@ -387,12 +400,16 @@ fn chunk_cached(
     params: ChunkParams,
     cache: &IndexCache,
     fresh: &Fresh,
+    like: Option<&Basis>,
 ) -> Result<FileChunks> {
     let md = std::fs::symlink_metadata(path).ctx("stat", path)?;
     if let Some(fc) = cache.lookup(path, &md) {
         return Ok(fc.clone());
     }
-    let fc = chunk_file(path, params)?;
+    let fc = match like {
+        Some(b) => crate::chunk::chunk_file_like(path, params, &b.path, &b.chunks)?,
+        None => chunk_file(path, params)?,
+    };
     fresh
         .lock()
         .unwrap_or_else(|e| e.into_inner())

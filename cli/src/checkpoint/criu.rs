@@ -35,6 +35,9 @@ pub struct DumpOptions {
     pub tcp_established: bool,
     /// The process is not a session leader (started from a shell).
     pub shell_job: bool,
+    /// Established TCP connections are not dumped and are restored closed (CRIU --tcp-close):
+    /// for an application that changes address, whose clients reconnect.
+    pub tcp_close: bool,
     /// Network lock method (`nftables`, `iptables`, `skip`); `None` for CRIU's default.
     pub network_lock: Option<String>,
 }
@@ -206,6 +209,9 @@ impl Criu {
         if o.shell_job {
             c.arg("--shell-job");
         }
+        if o.tcp_close {
+            c.arg("--tcp-close");
+        }
         if let Some(lock) = &o.network_lock {
             c.args(["--network-lock", lock]);
         }
@@ -262,6 +268,9 @@ impl Criu {
         }
         if o.shell_job {
             c.arg("--shell-job");
+        }
+        if o.tcp_close {
+            c.arg("--tcp-close");
         }
         let t0 = Instant::now();
         let out = c.output().context("cannot run criu restore")?;

@@ -80,6 +80,7 @@ fn options(c: &CriuArgs) -> DumpOptions {
         tcp_established: c.tcp_established,
         shell_job: c.shell_job,
         network_lock: None,
+        tcp_close: false,
     }
 }
 

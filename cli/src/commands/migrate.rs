@@ -53,8 +53,23 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
     /// Established TCP connections are part of the state (restored on the same addresses).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "tcp_close")]
     pub tcp_established: bool,
+    /// Close established TCP connections at the freeze (CRIU --tcp-close): for an application
+    /// that changes address, whose clients reconnect (through HAProxy: see --haproxy).
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// HAProxy's admin runtime socket: hold the application's clients during the move, then send
+    /// them to the target (the backend needs scripts/haproxy/hold.lua; see docs/migrate.md).
+    #[arg(long, value_name = "SOCKET", requires = "haproxy_server")]
+    pub haproxy: Option<PathBuf>,
+    /// The HAProxy server that is the application, as BACKEND/SERVER.
+    #[arg(long, value_name = "BACKEND/SERVER", requires = "haproxy")]
+    pub haproxy_server: Option<String>,
+    /// The application's address at the target, IP:PORT, for HAProxy (default: unchanged, e.g.
+    /// an address that moves with it over the VPN).
+    #[arg(long, value_name = "IP:PORT", requires = "haproxy")]
+    pub haproxy_addr: Option<String>,
     /// Where to keep images at the source [default: /dev/shm].
     #[arg(long, value_name = "DIR")]
     pub images_dir: Option<PathBuf>,
@@ -140,7 +155,17 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         compress,
         images_dir: a.images_dir.clone().unwrap_or_else(default_images_dir),
         keep_images: a.keep_images,
-        tcp_established: a.tcp_established,
+        tcp: crate::migrate::calls::Tcp {
+            established: a.tcp_established,
+            close: a.tcp_close,
+        },
+        hold: match (&a.haproxy, &a.haproxy_server) {
+            (Some(sock), Some(server)) => {
+                Some(crate::migrate::haproxy::Hold::new(sock.clone(), server)?)
+            }
+            _ => None,
+        },
+        hold_addr: a.haproxy_addr.clone(),
         quiet: out.quiet,
     };
     let (tl, r) = migrate(&o);

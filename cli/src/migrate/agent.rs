@@ -4,7 +4,7 @@
 //! application back without two copies running).
 
 use super::calls::{
-    bundle_dir, images_dir, migration_dir, valid_id, Call, Checked, Kind, Restored,
+    bundle_dir, images_dir, migration_dir, valid_id, Call, Checked, Kind, Restored, Tcp,
 };
 use crate::checkpoint::criu::{is_running, signal, Criu, DumpOptions};
 use crate::checkpoint::runc::Runc;
@@ -104,7 +104,7 @@ impl MigrationAgent {
         ctx: &CallContext,
         id: &str,
         kind: &Kind,
-        tcp_established: bool,
+        tcp: Tcp,
     ) -> Result<Restored, String> {
         if !is_root() {
             return Err("restoring needs root: run `hop serve` as root on the target".into());
@@ -122,9 +122,10 @@ impl MigrationAgent {
                         &dir,
                         &DumpOptions {
                             leave_running: false,
-                            tcp_established,
+                            tcp_established: tcp.established,
                             shell_job: *shell_job,
                             network_lock: None,
+                            tcp_close: tcp.close,
                         },
                     )
                     .map_err(|e| format!("{e:#}"))?;
@@ -147,7 +148,7 @@ impl MigrationAgent {
                 let work = confine(&ctx.root, &format!("containers/.{container}.run"))
                     .map_err(|e| e.to_string())?;
                 let t = runc
-                    .restore(container, &bundle, &dir, &work, tcp_established)
+                    .restore(container, &bundle, &dir, &work, tcp.established)
                     .map_err(|e| format!("{e:#}"))?;
                 (t.pid, Provisional::Container(container.clone()))
             }
@@ -211,11 +212,7 @@ impl Agent for MigrationAgent {
                 );
                 json(&self.check(ctx))
             }
-            Call::Restore {
-                id,
-                kind,
-                tcp_established,
-            } => json(&self.restore(ctx, &id, &kind, tcp_established)?),
+            Call::Restore { id, kind, tcp } => json(&self.restore(ctx, &id, &kind, tcp)?),
             Call::Commit { id } => {
                 let mut map = self.lock();
                 let open = map.entry(ctx.conn).or_default();

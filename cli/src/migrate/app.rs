@@ -1,7 +1,7 @@
 //! The application being migrated, at the source: dump it (leaving it running or not) and, if
 //! the move fails after the final dump, put it back from its final images.
 
-use super::calls::Kind;
+use super::calls::{Kind, Tcp};
 use crate::checkpoint::criu::{is_running, wait_reaped, Criu, DumpOptions};
 use crate::checkpoint::runc::Runc;
 use anyhow::{bail, Context, Result};
@@ -114,13 +114,7 @@ impl App {
 
     /// Full dump into `dir`. With `leave_running` the application keeps running (a pre-copy
     /// round); without, it is gone after a successful dump. A failed dump leaves it running.
-    pub fn dump(
-        &self,
-        criu: &Criu,
-        dir: &Path,
-        leave_running: bool,
-        tcp_established: bool,
-    ) -> Result<Dumped> {
+    pub fn dump(&self, criu: &Criu, dir: &Path, leave_running: bool, tcp: Tcp) -> Result<Dumped> {
         let (dump_ms, frozen_ms) = match self {
             App::Process { pid, shell_job } => {
                 let s = criu.dump(
@@ -128,15 +122,22 @@ impl App {
                     dir,
                     &DumpOptions {
                         leave_running,
-                        tcp_established,
+                        tcp_established: tcp.established,
                         shell_job: *shell_job,
-                        network_lock: tcp_established.then(|| "nftables".to_string()),
+                        network_lock: tcp.established.then(|| "nftables".to_string()),
+                        tcp_close: tcp.close,
                     },
                 )?;
                 (s.wall_ms, s.frozen_ms)
             }
             App::Container { id, runc, .. } => {
-                let t = runc.checkpoint(id, dir, leave_running, tcp_established)?;
+                if tcp.close {
+                    bail!(
+                        "--tcp-close: runc has no such switch; put `tcp-close` in a CRIU \
+                         configuration file named by the bundle's org.criu.config annotation"
+                    );
+                }
+                let t = runc.checkpoint(id, dir, leave_running, tcp.established)?;
                 (t.wall_ms, t.wall_ms)
             }
         };
@@ -162,7 +163,7 @@ impl App {
 
     /// Put the application back at the source from its final images in `dir`; returns where
     /// it runs now, for the user.
-    pub fn rollback(&self, criu: &Criu, dir: &Path, tcp_established: bool) -> Result<String> {
+    pub fn rollback(&self, criu: &Criu, dir: &Path, tcp: Tcp) -> Result<String> {
         self.wait_released(Duration::from_secs(10));
         match self {
             App::Process { shell_job, .. } => {
@@ -171,9 +172,10 @@ impl App {
                         dir,
                         &DumpOptions {
                             leave_running: false,
-                            tcp_established,
+                            tcp_established: tcp.established,
                             shell_job: *shell_job,
                             network_lock: None,
+                            tcp_close: tcp.close,
                         },
                     )
                     .context("rollback: restoring at the source failed")?;
@@ -181,7 +183,7 @@ impl App {
             }
             App::Container { id, runc, bundle } => {
                 let t = runc
-                    .restore(id, bundle, dir, dir, tcp_established)
+                    .restore(id, bundle, dir, dir, tcp.established)
                     .context("rollback: restoring the container at the source failed")?;
                 Ok(format!(
                     "container {id} restored at the source (init PID {})",

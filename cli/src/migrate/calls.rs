@@ -28,6 +28,15 @@ pub fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// What happens to established TCP connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tcp {
+    /// They are part of the state and restored (their addresses must exist at the target).
+    pub established: bool,
+    /// They are closed at the freeze and restored closed; clients reconnect.
+    pub close: bool,
+}
+
 /// What is restored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -64,8 +73,8 @@ pub enum Call {
         id: String,
         /// What to restore.
         kind: Kind,
-        /// Established TCP connections are in the images.
-        tcp_established: bool,
+        /// Established TCP connections: restored, or restored closed.
+        tcp: Tcp,
     },
     /// The source gave the application up: the restored copy stays.
     Commit {
@@ -152,7 +161,10 @@ mod tests {
             kind: Kind::Runc {
                 container: "web".into(),
             },
-            tcp_established: true,
+            tcp: Tcp {
+                established: true,
+                close: false,
+            },
         };
         let s = serde_json::to_string(&c).unwrap();
         assert!(s.contains("\"op\":\"restore\""), "{s}");

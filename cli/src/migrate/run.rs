@@ -2,7 +2,8 @@
 //! target, commit, clean up; rollback at the source when anything fails after the freeze.
 
 use super::app::App;
-use super::calls::{bundle_dir, images_dir, Call, Checked, Restored};
+use super::calls::{bundle_dir, images_dir, Call, Checked, Restored, Tcp};
+use super::haproxy::Hold;
 use super::plan::{self, Budget, Next, RoundFigures};
 use super::timeline::{RoundRow, Timeline};
 use crate::checkpoint::criu::Criu;
@@ -31,8 +32,12 @@ pub struct Options {
     pub images_dir: PathBuf,
     /// Keep the images on both sides.
     pub keep_images: bool,
-    /// Established TCP connections are part of the application's state.
-    pub tcp_established: bool,
+    /// What happens to established TCP connections.
+    pub tcp: Tcp,
+    /// HAProxy in front of the application: hold its clients during the move.
+    pub hold: Option<Hold>,
+    /// The application's address at the target, for HAProxy (`IP:PORT`); `None` keeps it.
+    pub hold_addr: Option<String>,
     /// No progress lines.
     pub quiet: bool,
 }
@@ -92,6 +97,8 @@ struct State {
     frozen: bool,
     /// Keep the local images whatever happens (the operator needs them).
     keep_local: bool,
+    /// HAProxy holds the application's clients (since this instant).
+    held: Option<Instant>,
 }
 
 /// Migrate. The timeline is returned in both outcomes; the error says what failed and where the
@@ -115,6 +122,7 @@ pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
         local: o.images_dir.join(format!("hop-migrate-{}", tl.id)),
         frozen: false,
         keep_local: false,
+        held: None,
     };
     let mut link = None;
     let r = run(o, &say, &mut tl, &mut st, &mut link);
@@ -133,10 +141,7 @@ pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
             say.line(format!("failed after the freeze: {e:#}"));
             say.line("rolling back: restoring the application at the source");
             let criu = Criu::find();
-            let back = criu.and_then(|c| {
-                o.app
-                    .rollback(&c, &st.local.join("final"), o.tcp_established)
-            });
+            let back = criu.and_then(|c| o.app.rollback(&c, &st.local.join("final"), o.tcp));
             match back {
                 Ok(where_) => {
                     tl.outcome = "rolled back".into();
@@ -166,6 +171,20 @@ pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
             )))
         }
     };
+    // Clients held at HAProxy go back to the source's address (where the application runs
+    // again, or still).
+    if let (Some(h), Some(since)) = (&o.hold, st.held) {
+        match h.release(None) {
+            Ok(()) => say.line(format!(
+                "HAProxy: requests released to the source after {:.0} ms",
+                ms(since.elapsed())
+            )),
+            Err(e) => say.line(format!(
+                "HAProxy: could not release the held requests: {e:#}"
+            )),
+        }
+        tl.hold_ms = ms(since.elapsed());
+    }
     // Clean up: local images always (unless kept or needed), the target's best effort.
     if !o.keep_images && !st.keep_local {
         let _ = std::fs::remove_dir_all(&st.local);
@@ -235,6 +254,13 @@ fn run(
         checked.criu.as_deref().unwrap_or("?"),
         checked.free_bytes as f64 / 1e9
     ));
+    if let Some(h) = &o.hold {
+        let s = h.check()?;
+        say.line(format!(
+            "HAProxy: server {}/{} is {} at {}",
+            h.backend, h.server, s.status, s.addr
+        ));
+    }
     if let App::Container { id, bundle, .. } = &o.app {
         say.line(format!("syncing bundle {}", bundle.display()));
         let r = link.push(bundle, &bundle_dir(id), settings(o, true), None, None)?;
@@ -265,7 +291,7 @@ fn run(
         let start = Instant::now();
         let d = o
             .app
-            .dump(&criu, &dir, true, o.tcp_established)
+            .dump(&criu, &dir, true, o.tcp)
             .with_context(|| format!("round {n}: dump"))?;
         say.line(format!(
             "round {n}: dumped {:.1} MB in {:.0} ms (frozen {:.0} ms); syncing",
@@ -273,6 +299,14 @@ fn run(
             d.dump_ms,
             d.frozen_ms
         ));
+        if n == 1 && checked.free_bytes > 0 && checked.free_bytes < d.bytes + d.bytes / 8 {
+            bail!(
+                "the target has {:.1} GB free under its root, the images need {:.1} GB (and a \
+                 container its bundle): free space there or choose another --root",
+                checked.free_bytes as f64 / 1e9,
+                d.bytes as f64 / 1e9
+            );
+        }
         let t = Instant::now();
         let r = link
             .push(
@@ -315,11 +349,20 @@ fn run(
 
     // Stop and copy.
     let dir = st.local.join("final");
+    if let Some(h) = &o.hold {
+        st.held = Some(Instant::now());
+        let drained = h.hold(Duration::from_secs(5))?;
+        tl.drain_ms = ms(drained);
+        say.line(format!(
+            "HAProxy: holding new requests; those in flight finished in {:.0} ms",
+            tl.drain_ms
+        ));
+    }
     let freeze = Instant::now();
     say.line("final dump: the application is frozen from here");
     let d = o
         .app
-        .dump(&criu, &dir, false, o.tcp_established)
+        .dump(&criu, &dir, false, o.tcp)
         .context("final dump (the application keeps running at the source)")?;
     st.frozen = true;
     let t = Instant::now();
@@ -373,12 +416,24 @@ fn run(
         &Call::Restore {
             id: st.id.clone(),
             kind: o.app.kind(),
-            tcp_established: o.tcp_established,
+            tcp: o.tcp,
         },
     )
     .context("restore at the target")?;
     tl.restore_ms = ms(t.elapsed());
     tl.downtime_ms = ms(freeze.elapsed());
+    if let (Some(h), Some(since)) = (&o.hold, st.held) {
+        // The restored application runs: send the held requests (and all later ones) there.
+        h.release(o.hold_addr.as_deref())
+            .context("HAProxy: pointing the server at the target")?;
+        st.held = None;
+        tl.hold_ms = ms(since.elapsed());
+        say.line(format!(
+            "HAProxy: requests go to {} (held {:.0} ms)",
+            o.hold_addr.as_deref().unwrap_or("the same address"),
+            tl.hold_ms
+        ));
+    }
     say.line(format!(
         "running at the target as PID {} after {:.0} ms of downtime",
         restored.pid, tl.downtime_ms

@@ -49,6 +49,10 @@ pub struct Timeline {
     pub restore_ms: f64,
     /// From the final dump's start (the freeze) to the application running at the target.
     pub downtime_ms: f64,
+    /// HAProxy: waiting for requests in flight to finish before the freeze.
+    pub drain_ms: f64,
+    /// HAProxy: how long new requests were held (what clients saw as a pause).
+    pub hold_ms: f64,
     /// Start to finish.
     pub total_ms: f64,
     /// Where the application runs at the end (PID at the target, or at the source).
@@ -117,6 +121,12 @@ impl Timeline {
                     - self.release_wait_ms
                     - self.restore_ms)
                     .max(0.0)
+            ));
+        }
+        if self.hold_ms > 0.0 {
+            t.push_str(&format!(
+                "HAProxy held new requests for {:.0} ms (in-flight ones drained in {:.0} ms)\n",
+                self.hold_ms, self.drain_ms
             ));
         }
         t.push_str(&format!("total {:.0} ms; {}\n", self.total_ms, self.result));
