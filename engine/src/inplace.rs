@@ -417,12 +417,15 @@ mod tests {
 
     const PAGE: usize = 4096;
 
+    /// How the test's sender encodes a chunk, given the old page at its offset.
+    type Encode = dyn Fn(&[u8], Option<&[u8]>) -> (Codec, Vec<u8>);
+
     /// Write `old` as `pages-1.img`, update it in place to `new` (chunks fetched as `codec`
     /// produces them), and return the outcome and the file's content afterwards.
     fn run(
         old: &[u8],
         new: &[u8],
-        codec: &dyn Fn(&[u8], Option<&[u8]>) -> (Codec, Vec<u8>),
+        codec: &Encode,
     ) -> (Outcome, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let p = ChunkParams::default().with_pages(true);
