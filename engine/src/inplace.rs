@@ -422,11 +422,7 @@ mod tests {
 
     /// Write `old` as `pages-1.img`, update it in place to `new` (chunks fetched as `codec`
     /// produces them), and return the outcome and the file's content afterwards.
-    fn run(
-        old: &[u8],
-        new: &[u8],
-        codec: &Encode,
-    ) -> (Outcome, Vec<u8>) {
+    fn run(old: &[u8], new: &[u8], codec: &Encode) -> (Outcome, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let p = ChunkParams::default().with_pages(true);
         let path = d.path().join("pages-1.img");

@@ -293,7 +293,9 @@ impl Sender {
         let basis_file = basis
             .as_ref()
             .and_then(|b| crate::assemble::open_nofollow(&b.path).ok().map(|f| (b, f)));
-        for (k, &n) in want.iter().enumerate() {
+        // Reading and difference-encoding run on all cores, a batch at a time; the choice of
+        // encoding, compression and sending stay in order.
+        let prepare = |k: usize, n: u32| -> Result<std::result::Result<Prepared, String>> {
             let spec = chunks
                 .get(n as usize)
                 .ok_or_else(|| Error::Protocol(format!("entry {entry} has no chunk {n}")))?;
@@ -304,7 +306,7 @@ impl Sender {
                 } else {
                     err.to_string()
                 };
-                return emit(Frame::Failed { entry, reason });
+                return Ok(Err(reason));
             }
             let reference = basis_file.as_ref().and_then(|(b, f)| {
                 // The basis chunk covering the same offset, if it still holds what was chunked.
@@ -329,39 +331,75 @@ impl Sender {
                 .get(k)
                 .filter(|h| !h.is_empty())
                 .and_then(|h| crate::delta::encode(&buf, h, buf.len() * 3 / 4));
-            // A reference to a held chunk wins when it is the smaller encoding.
-            if let Some(r) = reference.filter(|r| patch.as_ref().is_none_or(|p| r.len() < p.len()))
-            {
+            Ok(Ok(Prepared {
+                n,
+                buf,
+                reference,
+                patch,
+            }))
+        };
+        for (g, group) in want.chunks(SERVE_BATCH).enumerate() {
+            let prepared: Vec<_> = group
+                .par_iter()
+                .enumerate()
+                .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
+                .collect();
+            for p in prepared {
+                let Prepared {
+                    n,
+                    buf,
+                    reference,
+                    patch,
+                } = match p? {
+                    Ok(p) => p,
+                    Err(reason) => return emit(Frame::Failed { entry, reason }),
+                };
+                // A reference to a held chunk wins when it is the smaller encoding.
+                if let Some(r) =
+                    reference.filter(|r| patch.as_ref().is_none_or(|p| r.len() < p.len()))
+                {
+                    emit(Frame::Data {
+                        entry,
+                        chunk: n,
+                        codec: Codec::Ref,
+                        bytes: r,
+                    })?;
+                    continue;
+                }
+                // Data that did not compress lately is not tried again for a while (like rsync's
+                // skip-compress, but by measurement): incompressible files cost no zstd time.
+                let level = self.opts.compress.filter(|_| squeeze.should_try());
+                let (codec, bytes) = match patch {
+                    Some(p) => match encode_payload(p, level) {
+                        (Codec::Zstd, z) => (Codec::PatchZstd, z),
+                        (_, p) => (Codec::Patch, p),
+                    },
+                    None => encode_payload(buf, level),
+                };
+                if level.is_some() {
+                    squeeze.record(matches!(codec, Codec::Zstd | Codec::PatchZstd));
+                }
                 emit(Frame::Data {
                     entry,
                     chunk: n,
-                    codec: Codec::Ref,
-                    bytes: r,
+                    codec,
+                    bytes,
                 })?;
-                continue;
             }
-            // Data that did not compress lately is not tried again for a while (like rsync's
-            // skip-compress, but by measurement): incompressible files cost no zstd time.
-            let level = self.opts.compress.filter(|_| squeeze.should_try());
-            let (codec, bytes) = match patch {
-                Some(p) => match encode_payload(p, level) {
-                    (Codec::Zstd, z) => (Codec::PatchZstd, z),
-                    (_, p) => (Codec::Patch, p),
-                },
-                None => encode_payload(buf, level),
-            };
-            if level.is_some() {
-                squeeze.record(matches!(codec, Codec::Zstd | Codec::PatchZstd));
-            }
-            emit(Frame::Data {
-                entry,
-                chunk: n,
-                codec,
-                bytes,
-            })?;
         }
         Ok(())
     }
+}
+
+/// Chunks read and encoded at once, in parallel, when serving a want-list.
+const SERVE_BATCH: usize = 64;
+
+/// A wanted chunk read and difference-encoded, before the choice of encoding.
+struct Prepared {
+    n: u32,
+    buf: Vec<u8>,
+    reference: Option<Vec<u8>>,
+    patch: Option<Vec<u8>>,
 }
 
 /// Whether compressing is worth trying: after 8 chunks in a row that did not shrink, only every
