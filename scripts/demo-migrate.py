@@ -7,8 +7,9 @@ namespaces ("hosts" joined by a veth with a bandwidth cap) while a client writes
 1. Two namespaces PREFIX-a (10.77.0.1, the source) and PREFIX-b (10.77.0.2, the target).
 2. An OCI bundle with redis-server and its libraries; the container shares the host's network
    namespace, so redis listens on the host's address. CRIU closes the client's established TCP
-   connections at the freeze (runc reads `tcp-close` from the CRIU config file named by the
-   bundle's `org.criu.config` annotation): the client reconnects to the new host.
+   connections at the freeze and leaves connections still being set up alone (runc reads
+   `tcp-close` and `skip-in-flight` from the CRIU config file named by the bundle's
+   `org.criu.config` annotation): the client reconnects to the new host.
 3. N keys of ~1,000 bytes are loaded (500,000 keys: ~550 MiB of redis memory).
 4. `hop serve` runs as the target in each namespace; a writer adds keys w:0, w:1, ... at a
    bounded rate and records each acknowledged write.
@@ -259,7 +260,7 @@ def main():
         run(["bash", os.path.join(ROOT, "scripts/netns.sh"), "up", a.prefix, a.rate])
         criu_conf = os.path.join(w, "criu.conf")
         with open(criu_conf, "w") as f:
-            f.write("tcp-close\n")
+            f.write("tcp-close\nskip-in-flight\n")
         bundle = make_bundle(w, criu_conf)
         # Identities: the operator's, and one per host (each host is a target once).
         client = os.path.join(w, "id-client")

@@ -275,8 +275,9 @@ struct Netns {
 }
 
 impl Netns {
-    fn up(rate: &str) -> Netns {
-        let prefix = format!("hm{}", std::process::id() % 10000);
+    fn up(tag: &str, rate: &str) -> Netns {
+        // Unique per test: `cargo test` runs tests as threads of one process.
+        let prefix = format!("hm{}{tag}", std::process::id() % 10000);
         let st = Command::new("bash")
             .arg(format!(
                 "{}/../scripts/netns.sh",
@@ -307,7 +308,7 @@ impl Drop for Netns {
 
 #[test]
 fn a_link_that_dies_during_the_final_sync_rolls_back_and_a_second_migration_works() {
-    let net = Netns::up("40mbit");
+    let net = Netns::up("l", "40mbit");
     let (a, b) = (net.ns("a"), net.ns("b"));
     let d = Dir::new();
     let c = Client::new(&d, "client");
@@ -524,7 +525,7 @@ print(json.dumps(res))
 
 #[test]
 fn haproxy_holds_clients_during_the_move_and_none_fails() {
-    let net = Netns::up("10gbit");
+    let net = Netns::up("h", "10gbit");
     let (a, b) = (net.ns("a"), net.ns("b"));
     let enter = |ns: &str| vec!["nsenter".to_string(), format!("--net=/run/netns/{ns}")];
     let d = Dir::new();

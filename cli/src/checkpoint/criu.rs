@@ -8,7 +8,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Oldest CRIU that works on kernels >= 6.16 without patches.
@@ -40,6 +40,48 @@ pub struct DumpOptions {
     pub tcp_close: bool,
     /// Network lock method (`nftables`, `iptables`, `skip`); `None` for CRIU's default.
     pub network_lock: Option<String>,
+    /// Restore: start the process at once and bring its memory in afterwards (post-copy from the
+    /// local images, through userfaultfd and a `criu lazy-pages` daemon).
+    pub lazy_pages: bool,
+}
+
+/// The smallest `fs.pipe-max-size` lazy restores work with here (CRIU wants ~3.2 MiB pipes and
+/// cannot raise the limit itself without CAP_SYS_RESOURCE).
+const LAZY_PIPE_MAX: u64 = 4 << 20;
+
+/// Make sure pipes can be as large as lazy restores need; false if that cannot be arranged.
+pub fn allow_lazy_pipes() -> bool {
+    let path = "/proc/sys/fs/pipe-max-size";
+    let now: u64 = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    now >= LAZY_PIPE_MAX || std::fs::write(path, LAZY_PIPE_MAX.to_string()).is_ok()
+}
+
+/// A running `criu lazy-pages` daemon: it serves a restored tree's memory from the images until
+/// all of it is in, then exits. Reaped in the background once left alone.
+pub struct LazyPages {
+    child: Option<std::process::Child>,
+}
+
+impl LazyPages {
+    /// The restore succeeded: let the daemon finish on its own.
+    pub fn detach(mut self) {
+        if let Some(mut c) = self.child.take() {
+            std::thread::spawn(move || c.wait());
+        }
+    }
+}
+
+impl Drop for LazyPages {
+    fn drop(&mut self) {
+        // Not detached: the restore failed, nothing needs the daemon.
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// What CRIU reported about a dump, plus our own wall time.
@@ -203,6 +245,11 @@ impl Criu {
         if o.leave_running {
             c.arg("--leave-running");
         }
+        if o.leave_running || o.tcp_close {
+            // Connections still in a listener's queue: a pre-copy round leaves them to the
+            // running process; a final dump that closes connections anyway lets them go.
+            c.arg("--skip-in-flight");
+        }
         if o.tcp_established {
             c.arg("--tcp-established");
         }
@@ -252,10 +299,47 @@ impl Criu {
         })
     }
 
+    /// Start a `criu lazy-pages` daemon for the images in `dir`, its socket in the work
+    /// directory `work` (the restore must use the same), and wait until it listens.
+    pub fn lazy_pages(&self, dir: &Path, work: &Path) -> Result<LazyPages> {
+        let sock = work.join("lazy-pages.socket");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(&self.bin)
+            .arg("lazy-pages")
+            .arg("-D")
+            .arg(dir)
+            .arg("-W")
+            .arg(work)
+            .args(["-o", "lazy-pages.log", "-v4"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start criu lazy-pages")?;
+        let daemon = LazyPages { child: Some(child) };
+        let t0 = Instant::now();
+        while !sock.exists() {
+            if t0.elapsed() > Duration::from_secs(5) {
+                bail!(
+                    "criu lazy-pages did not start: {}",
+                    log_errors(&work.join("lazy-pages.log"), 4).join("; ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(daemon)
+    }
+
     /// Restore the tree dumped in `dir`, detached (`-d`); returns its root PID.
     pub fn restore(&self, dir: &Path, o: &DumpOptions) -> Result<RestoreStats> {
         let pidfile = dir.join("restore.pid");
         let _ = std::fs::remove_file(&pidfile);
+        let t0 = Instant::now();
+        let lazy = if o.lazy_pages {
+            Some(self.lazy_pages(dir, dir)?)
+        } else {
+            None
+        };
         let mut c = Command::new(&self.bin);
         c.arg("restore")
             .arg("-D")
@@ -272,7 +356,9 @@ impl Criu {
         if o.tcp_close {
             c.arg("--tcp-close");
         }
-        let t0 = Instant::now();
+        if lazy.is_some() {
+            c.arg("--lazy-pages");
+        }
         let out = c.output().context("cannot run criu restore")?;
         let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
         if !out.status.success() {
@@ -290,6 +376,9 @@ impl Criu {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .with_context(|| format!("criu restore wrote no PID to {}", pidfile.display()))?;
+        if let Some(l) = lazy {
+            l.detach();
+        }
         let text = String::from_utf8_lossy(&out.stdout);
         Ok(RestoreStats {
             pid,

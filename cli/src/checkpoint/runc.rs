@@ -138,18 +138,21 @@ impl Runc {
         dir: &Path,
         work: &Path,
         tcp_established: bool,
+        lazy: Option<&super::criu::Criu>,
     ) -> Result<Timing> {
         std::fs::create_dir_all(work)
             .with_context(|| format!("cannot create {}", work.display()))?;
+        let daemon = lazy.map(|c| c.lazy_pages(dir, work)).transpose()?;
         let root = self
             .root
             .as_ref()
             .map(|r| format!("--root '{}' ", r.display()))
             .unwrap_or_default();
         let script = format!(
-            "true | runc {root}restore -d {tcp}--image-path '{img}' --work-path '{work}' --bundle '{bundle}' '{id}' 2>&1 | cat >> '{work}/container.out'",
+            "true | runc {root}restore -d {tcp}{lazy}--image-path '{img}' --work-path '{work}' --bundle '{bundle}' '{id}' 2>&1 | cat >> '{work}/container.out'",
             work = work.display(),
             tcp = if tcp_established { "--tcp-established " } else { "" },
+            lazy = if daemon.is_some() { "--lazy-pages " } else { "" },
             img = dir.display(),
             bundle = bundle.display(),
         );
@@ -167,6 +170,9 @@ impl Runc {
             let ended = helper.try_wait().ok().flatten().is_some();
             if let Ok(s) = self.state(id) {
                 if s.status == "running" {
+                    if let Some(d) = daemon {
+                        d.detach();
+                    }
                     return Ok(Timing {
                         pid: s.pid,
                         wall_ms: t0.elapsed().as_secs_f64() * 1000.0,

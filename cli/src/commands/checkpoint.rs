@@ -70,6 +70,10 @@ pub struct RestoreArgs {
     /// runc's state directory (runc --root).
     #[arg(long, value_name = "DIR")]
     pub runc_root: Option<PathBuf>,
+    /// Start the process at once and bring its memory in afterwards (post-copy from the images
+    /// through userfaultfd; raises fs.pipe-max-size to 4 MiB if needed).
+    #[arg(long)]
+    pub lazy_pages: bool,
     #[command(flatten)]
     pub criu: CriuArgs,
 }
@@ -81,6 +85,7 @@ fn options(c: &CriuArgs) -> DumpOptions {
         shell_job: c.shell_job,
         network_lock: None,
         tcp_close: false,
+        lazy_pages: false,
     }
 }
 
@@ -137,12 +142,31 @@ pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Lazy restores need large pipes.
+fn lazy_ok() -> Result<bool> {
+    if !crate::checkpoint::criu::allow_lazy_pipes() {
+        anyhow::bail!(
+            "--lazy-pages needs fs.pipe-max-size >= 4194304 and it could not be raised: run `sysctl -w fs.pipe-max-size=4194304` as root"
+        );
+    }
+    Ok(true)
+}
+
 /// Run `hop restore`.
 pub fn run_restore(a: RestoreArgs, out: Output) -> Result<ExitCode> {
     if let (Some(id), Some(bundle)) = (&a.runc, &a.bundle) {
         let runc = crate::checkpoint::runc::Runc::find(a.runc_root.clone())?;
         Criu::find()?;
-        let t = runc.restore(id, bundle, &a.criu.dir, &a.criu.dir, a.criu.tcp_established)?;
+        let criu = Criu::find()?;
+        let lazy = (a.lazy_pages && lazy_ok()?).then_some(&criu);
+        let t = runc.restore(
+            id,
+            bundle,
+            &a.criu.dir,
+            &a.criu.dir,
+            a.criu.tcp_established,
+            lazy,
+        )?;
         if a.criu.json {
             println!("{}", serde_json::to_string(&t)?);
         } else if out.quiet {
@@ -158,7 +182,9 @@ pub fn run_restore(a: RestoreArgs, out: Output) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let criu = Criu::find()?;
-    let s = criu.restore(&a.criu.dir, &options(&a.criu))?;
+    let mut o = options(&a.criu);
+    o.lazy_pages = a.lazy_pages && lazy_ok()?;
+    let s = criu.restore(&a.criu.dir, &o)?;
     if a.criu.json {
         println!("{}", serde_json::to_string(&s)?);
     } else if out.quiet {

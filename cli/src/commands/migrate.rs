@@ -73,6 +73,10 @@ pub struct MigrateArgs {
     /// Where to keep images at the source [default: /dev/shm].
     #[arg(long, value_name = "DIR")]
     pub images_dir: Option<PathBuf>,
+    /// Restore fully before the application runs again, instead of running it at once and
+    /// bringing its memory in from the target's images afterwards (CRIU lazy pages).
+    #[arg(long)]
+    pub no_lazy_restore: bool,
     /// Keep the images on both sides afterwards.
     #[arg(long)]
     pub keep_images: bool,
@@ -166,6 +170,7 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
             _ => None,
         },
         hold_addr: a.haproxy_addr.clone(),
+        lazy_restore: !a.no_lazy_restore,
         quiet: out.quiet,
     };
     let (tl, r) = migrate(&o);

@@ -105,6 +105,7 @@ impl MigrationAgent {
         id: &str,
         kind: &Kind,
         tcp: Tcp,
+        lazy: bool,
     ) -> Result<Restored, String> {
         if !is_root() {
             return Err("restoring needs root: run `hop serve` as root on the target".into());
@@ -115,20 +116,29 @@ impl MigrationAgent {
         }
         let t0 = Instant::now();
         let criu = Criu::find().map_err(|e| format!("{e:#}"))?;
+        let lazy = lazy && crate::checkpoint::criu::allow_lazy_pipes();
         let (pid, provisional) = match kind {
             Kind::Process { shell_job } => {
-                let s = criu
-                    .restore(
-                        &dir,
-                        &DumpOptions {
-                            leave_running: false,
-                            tcp_established: tcp.established,
-                            shell_job: *shell_job,
-                            network_lock: None,
-                            tcp_close: tcp.close,
-                        },
-                    )
-                    .map_err(|e| format!("{e:#}"))?;
+                let mut o = DumpOptions {
+                    leave_running: false,
+                    tcp_established: tcp.established,
+                    shell_job: *shell_job,
+                    network_lock: None,
+                    tcp_close: tcp.close,
+                    lazy_pages: lazy,
+                };
+                let s = match criu.restore(&dir, &o) {
+                    Err(e) if lazy => {
+                        // A failed restore leaves nothing behind: try once more, plainly.
+                        tracing::warn!(
+                            "migration {id}: lazy restore failed ({e:#}); restoring fully"
+                        );
+                        o.lazy_pages = false;
+                        criu.restore(&dir, &o)
+                    }
+                    r => r,
+                }
+                .map_err(|e| format!("{e:#}"))?;
                 if !is_running(s.pid) {
                     return Err(format!("the restored process {} is not running", s.pid));
                 }
@@ -147,9 +157,24 @@ impl MigrationAgent {
                 // runc's working files and the container's output outlive the images.
                 let work = confine(&ctx.root, &format!("containers/.{container}.run"))
                     .map_err(|e| e.to_string())?;
-                let t = runc
-                    .restore(container, &bundle, &dir, &work, tcp.established)
-                    .map_err(|e| format!("{e:#}"))?;
+                let t = match runc.restore(
+                    container,
+                    &bundle,
+                    &dir,
+                    &work,
+                    tcp.established,
+                    lazy.then_some(&criu),
+                ) {
+                    Err(e) if lazy => {
+                        tracing::warn!(
+                            "migration {id}: lazy restore failed ({e:#}); restoring fully"
+                        );
+                        runc.destroy(container);
+                        runc.restore(container, &bundle, &dir, &work, tcp.established, None)
+                    }
+                    r => r,
+                }
+                .map_err(|e| format!("{e:#}"))?;
                 (t.pid, Provisional::Container(container.clone()))
             }
         };
@@ -212,7 +237,12 @@ impl Agent for MigrationAgent {
                 );
                 json(&self.check(ctx))
             }
-            Call::Restore { id, kind, tcp } => json(&self.restore(ctx, &id, &kind, tcp)?),
+            Call::Restore {
+                id,
+                kind,
+                tcp,
+                lazy,
+            } => json(&self.restore(ctx, &id, &kind, tcp, lazy)?),
             Call::Commit { id } => {
                 let mut map = self.lock();
                 let open = map.entry(ctx.conn).or_default();
@@ -229,6 +259,8 @@ impl Agent for MigrationAgent {
             }
             Call::Cleanup { id } => {
                 let dir = confine(&ctx.root, &migration_dir(&id)).map_err(|e| e.to_string())?;
+                // A lazy restore's daemon may still be bringing memory in from these images.
+                wait_for_lazy_pages(&dir, std::time::Duration::from_secs(60));
                 remove_tree(&dir).map(|()| "{}".into())
             }
         }
@@ -248,6 +280,32 @@ impl Agent for MigrationAgent {
                 }
             }
         }
+    }
+}
+
+/// Wait (at most `limit`) until no `criu lazy-pages` daemon serves images under `dir`.
+fn wait_for_lazy_pages(dir: &std::path::Path, limit: std::time::Duration) {
+    let needle = dir.to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    let busy = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    // argv: criu lazy-pages -D DIR ...
+                    let args: Vec<String> = c
+                        .split(|&b| b == 0)
+                        .map(|a| String::from_utf8_lossy(a).into_owned())
+                        .collect();
+                    args.get(1).is_some_and(|a| a == "lazy-pages")
+                        && args.iter().any(|a| a.starts_with(needle.as_str()))
+                })
+            })
+    };
+    while busy() && t0.elapsed() < limit {
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
 

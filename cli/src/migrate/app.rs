@@ -126,6 +126,7 @@ impl App {
                         shell_job: *shell_job,
                         network_lock: tcp.established.then(|| "nftables".to_string()),
                         tcp_close: tcp.close,
+                        lazy_pages: false,
                     },
                 )?;
                 (s.wall_ms, s.frozen_ms)
@@ -176,6 +177,7 @@ impl App {
                             shell_job: *shell_job,
                             network_lock: None,
                             tcp_close: tcp.close,
+                            lazy_pages: false,
                         },
                     )
                     .context("rollback: restoring at the source failed")?;
@@ -183,7 +185,7 @@ impl App {
             }
             App::Container { id, runc, bundle } => {
                 let t = runc
-                    .restore(id, bundle, dir, dir, tcp.established)
+                    .restore(id, bundle, dir, dir, tcp.established, None)
                     .context("rollback: restoring the container at the source failed")?;
                 Ok(format!(
                     "container {id} restored at the source (init PID {})",

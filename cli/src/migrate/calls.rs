@@ -75,6 +75,9 @@ pub enum Call {
         kind: Kind,
         /// Established TCP connections: restored, or restored closed.
         tcp: Tcp,
+        /// Restore lazily: running at once, memory brought in afterwards from the images.
+        #[serde(default)]
+        lazy: bool,
     },
     /// The source gave the application up: the restored copy stays.
     Commit {
@@ -165,6 +168,7 @@ mod tests {
                 established: true,
                 close: false,
             },
+            lazy: true,
         };
         let s = serde_json::to_string(&c).unwrap();
         assert!(s.contains("\"op\":\"restore\""), "{s}");

@@ -34,6 +34,8 @@ pub struct Options {
     pub keep_images: bool,
     /// What happens to established TCP connections.
     pub tcp: Tcp,
+    /// The target restores lazily (post-copy from its local images).
+    pub lazy_restore: bool,
     /// HAProxy in front of the application: hold its clients during the move.
     pub hold: Option<Hold>,
     /// The application's address at the target, for HAProxy (`IP:PORT`); `None` keeps it.
@@ -264,7 +266,14 @@ fn run(
     if let App::Container { id, bundle, .. } = &o.app {
         say.line(format!("syncing bundle {}", bundle.display()));
         let r = link.push(bundle, &bundle_dir(id), settings(o, true), None, None)?;
-        check_report(&r, "bundle")?;
+        if !r.errors.is_empty() {
+            // The container runs and writes its files meanwhile; whatever changed under the
+            // copy is copied again after the freeze.
+            say.line(format!(
+                "{} files of the bundle changed while they were copied; they are copied again after the freeze",
+                r.errors.len()
+            ));
+        }
         tl.bundle_bytes_wire = r.stats.bytes_wire;
     }
     tl.prepare_ms = ms(t0.elapsed());
@@ -289,10 +298,19 @@ fn run(
         let n = figures.len() + 1;
         let dir = st.local.join(format!("round-{n}"));
         let start = Instant::now();
-        let d = o
-            .app
-            .dump(&criu, &dir, true, o.tcp)
-            .with_context(|| format!("round {n}: dump"))?;
+        // A pre-copy dump can fail on a passing state (a connection being set up); the
+        // application keeps running, so try once more before giving up.
+        let d = match o.app.dump(&criu, &dir, true, o.tcp) {
+            Ok(d) => d,
+            Err(e) => {
+                say.line(format!("round {n}: dump failed ({e:#}); trying once more"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::thread::sleep(Duration::from_millis(200));
+                o.app
+                    .dump(&criu, &dir, true, o.tcp)
+                    .with_context(|| format!("round {n}: dump"))?
+            }
+        };
         say.line(format!(
             "round {n}: dumped {:.1} MB in {:.0} ms (frozen {:.0} ms); syncing",
             d.bytes as f64 / 1e6,
@@ -417,6 +435,7 @@ fn run(
             id: st.id.clone(),
             kind: o.app.kind(),
             tcp: o.tcp,
+            lazy: o.lazy_restore,
         },
     )
     .context("restore at the target")?;
