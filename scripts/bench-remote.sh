@@ -2,11 +2,12 @@
 # hop over QUIC vs rsync daemon and rsync over ssh, between two network namespaces on this
 # machine: fresh copy of a generated tree, then the sync of an edit. Prints medians and ratios.
 #
-#   scripts/bench-remote.sh [--mib N] [--rate RATE] [--reps N] [--tools hop rsync-ssh ...]
-#                           [--delta-only]
+#   scripts/bench-remote.sh [--mib N] [--rate RATE] [--rtt MS] [--reps N]
+#                           [--tools hop rsync-ssh ...] [--delta-only]
 #
 # Defaults: 1024 MiB tree, unlimited veth link, 3 repetitions, all tools. --rate caps the link
-# each way with tc tbf (e.g. 1gbit, 100mbit). --delta-only seeds the destinations with a local
+# each way with tc tbf (e.g. 1gbit, 100mbit); --rtt adds round-trip time (NFQUEUE delay, see
+# scripts/netns.sh). --delta-only seeds the destinations with a local
 # copy and one untimed no-change sync per tool instead of a timed fresh copy (for slow links).
 # Results: benchmarks/results/remote-RATE-NmiB.{md,json}.
 # Needs root (namespaces, sshd). Installs what it needs through scripts/setup.sh.
@@ -14,11 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=1024
 RATE=
+RTT=0
 ARGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
     --mib) MIB=$2; shift 2 ;;
     --rate) RATE=$2; shift 2 ;;
+    --rtt) RTT=$2; shift 2 ;;
     *) ARGS+=("$1"); shift ;;
     esac
 done
@@ -37,7 +40,7 @@ if [ ! -e /run/hop-bench-warm ]; then
     dd if=/dev/zero of="$W/warm/fill" bs=1M count=$((MIB * 12 + 2048)) status=none || true
     umount "$W/warm" && touch /run/hop-bench-warm
 fi
-scripts/netns.sh up hb $RATE
+scripts/netns.sh up hb "${RATE:-none}" "$RTT"
 python3 scripts/gen-tree.py make "$W/src" --size-mib "$MIB" >/dev/null
 echo "tree: $MIB MiB in $(find "$W/src" -type f | wc -l) files; link: veth between namespaces hb-a and hb-b (MTU 1500), ${RATE:-unlimited}"
 python3 benchmarks/harness/remote.py --repo "$PWD" --work "$W" --out benchmarks/results \

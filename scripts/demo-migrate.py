@@ -2,7 +2,7 @@
 """Live migration demo: a redis-server in a runc container moves between two network
 namespaces ("hosts" joined by a veth with a bandwidth cap) while a client writes to it.
 
-    scripts/demo-migrate.py [--keys N] [--rate 1gbit] [--writes-per-s N] [--moves N]
+    scripts/demo-migrate.py [--keys N] [--rate 1gbit] [--rtt MS] [--writes-per-s N] [--moves N]
 
 1. Two namespaces PREFIX-a (10.77.0.1, the source) and PREFIX-b (10.77.0.2, the target).
 2. An OCI bundle with redis-server and its libraries; the container shares the host's network
@@ -242,6 +242,7 @@ def main():
         s.add_argument("--logs", nargs="*", default=[])
     p.add_argument("--keys", type=int, default=500000, help="keys of ~1,000 bytes to load")
     p.add_argument("--rate", default="1gbit", help="link cap (tc tbf), e.g. 1gbit, 100mbit")
+    p.add_argument("--rtt", type=float, default=0, help="added round-trip time in ms (NFQUEUE delay)")
     p.add_argument("--writes-per-s", type=float, default=2000, help="client write rate (0: idle)")
     p.add_argument("--moves", type=int, default=1, help="migrations, alternating a->b, b->a")
     p.add_argument("--max-downtime", default="2s")
@@ -257,7 +258,7 @@ def main():
     runc_roots = {s: os.path.join(w, f"runc-{s}") for s in "ab"}
     results = []
     try:
-        run(["bash", os.path.join(ROOT, "scripts/netns.sh"), "up", a.prefix, a.rate])
+        run(["bash", os.path.join(ROOT, "scripts/netns.sh"), "up", a.prefix, a.rate, f"{a.rtt:g}"])
         criu_conf = os.path.join(w, "criu.conf")
         with open(criu_conf, "w") as f:
             f.write("tcp-close\nskip-in-flight\n")
