@@ -6,8 +6,9 @@
 #      the other), side by side with rsync over ssh and the rsync daemon, bytes on the wire
 #      counted on the link;
 #   3. live migration: redis (DEMO_KEYS keys of ~1 KB, default 500,000: ~550 MiB) in a runc
-#      container moves between the namespaces over a 1 Gbit/s link while a client writes to it,
-#      and back; every acknowledged write is read back at the new host (scripts/demo-migrate.py).
+#      container moves between the namespaces over a 1 Gbit/s link with 20 ms of round-trip
+#      time while a client writes to it, and back; every acknowledged write is read back at the
+#      new host (scripts/demo-migrate.py).
 # Needs root (namespaces, sshd); installs what it needs through scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +31,4 @@ diff -r --no-dereference "$W/src" "$W/hop-dst" && echo "hop copy is byte-identic
 echo "== 2. remote: hop over QUIC vs rsync over ssh and the rsync daemon (veth between namespaces)"
 bash scripts/bench-remote.sh --mib "$MIB" --reps 1 --tools hop rsync-ssh rsyncd
 echo "== 3. live migration: redis in a runc container, a -> b -> a, under writes"
-python3 scripts/demo-migrate.py --keys "${DEMO_KEYS:-500000}" --moves 2
+python3 scripts/demo-migrate.py --keys "${DEMO_KEYS:-500000}" --moves 2 --rtt 20
