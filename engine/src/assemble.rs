@@ -569,6 +569,24 @@ impl<'a> Verifier<'a> {
     }
 }
 
+/// The chunk list of `dest` must add up to its file hash.
+pub(crate) fn check_listed(
+    dest: &Path,
+    size: u64,
+    hash: &ChunkId,
+    chunks: &[ChunkSpec],
+) -> Result<()> {
+    let listed = crate::chunk::file_hash(size, chunks);
+    if listed != *hash {
+        return Err(Error::Integrity {
+            what: format!("chunk list of {}", dest.display()),
+            expected: hash.to_hex(),
+            actual: listed.to_hex(),
+        });
+    }
+    Ok(())
+}
+
 /// Write the file described by `chunks`/`plan` into a new temporary file next to `dest`, taking
 /// fetched chunks from `next`, which yields them in the order of `plan.fetch`. Every fetched
 /// chunk is checked against its id, and the whole result against `hash`. Returns the staged
@@ -584,14 +602,7 @@ pub fn assemble(
     next: &mut dyn FnMut() -> Result<Fetched>,
     opts: AssembleOptions,
 ) -> Result<Staged> {
-    let listed = crate::chunk::file_hash(size, chunks);
-    if listed != *hash {
-        return Err(Error::Integrity {
-            what: format!("chunk list of {}", dest.display()),
-            expected: hash.to_hex(),
-            actual: listed.to_hex(),
-        });
-    }
+    check_listed(dest, size, hash, chunks)?;
     let staged = Staged::create(dest)?;
     let tmp_path = staged.display_path();
     let file = staged.file();

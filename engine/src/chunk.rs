@@ -266,14 +266,21 @@ pub fn is_page_image(path: &Path) -> bool {
 
 /// Cut `data` on every page (the last chunk may be shorter), hashing pages on all cores.
 pub fn chunk_pages(data: &[u8]) -> FileChunks {
-    let chunks: Vec<ChunkSpec> = data
-        .par_chunks(PAGE)
-        .map(|c| ChunkSpec {
-            len: c.len() as u32,
-            id: ChunkId::of(c),
-            zero: is_zero(c),
-        })
-        .collect();
+    let chunks: Vec<ChunkSpec> = data.par_chunks(PAGE).map(spec_of).collect();
+    file_chunks(data, chunks)
+}
+
+/// The chunk spec of `c`, hashed.
+fn spec_of(c: &[u8]) -> ChunkSpec {
+    ChunkSpec {
+        len: c.len() as u32,
+        id: ChunkId::of(c),
+        zero: is_zero(c),
+    }
+}
+
+/// `data` cut into `chunks`, with its file hash.
+fn file_chunks(data: &[u8], chunks: Vec<ChunkSpec>) -> FileChunks {
     FileChunks {
         size: data.len() as u64,
         hash: file_hash(data.len() as u64, &chunks),
@@ -305,18 +312,10 @@ pub fn chunk_pages_like(data: &[u8], base: &[u8], base_chunks: &[ChunkSpec]) -> 
                     return *b;
                 }
             }
-            ChunkSpec {
-                len: c.len() as u32,
-                id: ChunkId::of(c),
-                zero: is_zero(c),
-            }
+            spec_of(c)
         })
         .collect();
-    FileChunks {
-        size: data.len() as u64,
-        hash: file_hash(data.len() as u64, &chunks),
-        chunks,
-    }
+    file_chunks(data, chunks)
 }
 
 /// Files up to this size are read into memory; larger ones are memory-mapped.

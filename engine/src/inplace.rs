@@ -135,14 +135,7 @@ pub fn update(
     next: &mut dyn FnMut() -> Result<Fetched>,
     sparse: bool,
 ) -> Result<Outcome> {
-    let listed = crate::chunk::file_hash(size, chunks);
-    if listed != *hash {
-        return Err(Error::Integrity {
-            what: format!("chunk list of {}", dest.display()),
-            expected: hash.to_hex(),
-            actual: listed.to_hex(),
-        });
-    }
+    crate::assemble::check_listed(dest, size, hash, chunks)?;
     if !suitable(me, size, chunks, plan) {
         return Ok(Outcome::NotSuitable);
     }

@@ -23,8 +23,14 @@ fn main() {
         eprintln!("usage: hop-netdelay QUEUE DELAY_MS");
         std::process::exit(2)
     };
-    let qnum: u16 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| usage());
-    let delay_ms: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or_else(|| usage());
+    let qnum: u16 = args
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| usage());
+    let delay_ms: f64 = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| usage());
     if !(0.0..=10_000.0).contains(&delay_ms) {
         usage();
     }
@@ -79,6 +85,12 @@ fn enlarge_netlink_rcvbuf(bytes: i32) {
     }
     for fd in 3..64 {
         // SAFETY: setsockopt(2) reads 4 bytes from `bytes`; a bad fd only returns an error.
-        let _ = unsafe { setsockopt(fd, 1 /* SOL_SOCKET */, 33 /* SO_RCVBUFFORCE */, &bytes, 4) };
+        let _ = unsafe {
+            setsockopt(
+                fd, 1,  /* SOL_SOCKET */
+                33, /* SO_RCVBUFFORCE */
+                &bytes, 4,
+            )
+        };
     }
 }

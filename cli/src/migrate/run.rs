@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use hop_engine::chunk::ChunkParams;
 use hop_engine::net::control::SyncSettings;
 use hop_engine::net::{ClientSettings, Link, RemotePath};
+use hop_engine::report::Report;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -325,18 +326,8 @@ fn run(
                 d.bytes as f64 / 1e9
             );
         }
-        let t = Instant::now();
-        let r = link
-            .push(
-                &dir,
-                &dest,
-                settings(o, true),
-                Some(chunk_cache(st)),
-                prev.clone(),
-            )
+        let (r, sync_ms) = push_images(link, o, st, &dir, &dest, prev.as_deref())
             .with_context(|| format!("round {n}: sync"))?;
-        check_report(&r, "images")?;
-        let sync_ms = ms(t.elapsed());
         let sent = r.stats.bytes_literal;
         say.line(format!(
             "round {n}: sent {:.1} MB ({:.1} MB on the wire) in {:.0} ms",
@@ -350,15 +341,7 @@ fn run(
             sync_ms,
             interval_ms: last_start.map(|s| ms(start - s)).unwrap_or(0.0),
         });
-        tl.rounds.push(RoundRow {
-            round: n.to_string(),
-            dump_ms: d.dump_ms,
-            frozen_ms: d.frozen_ms,
-            bytes_dumped: d.bytes,
-            bytes_sent: sent,
-            bytes_wire: r.stats.bytes_wire,
-            sync_ms,
-        });
+        tl.rounds.push(row(n.to_string(), &d, &r, sync_ms));
         last_start = Some(start);
         if let Some(old) = prev.replace(dir) {
             let _ = std::fs::remove_dir_all(old);
@@ -383,27 +366,9 @@ fn run(
         .dump(&criu, &dir, false, o.tcp)
         .context("final dump (the application keeps running at the source)")?;
     st.frozen = true;
-    let t = Instant::now();
-    let r = link
-        .push(
-            &dir,
-            &dest,
-            settings(o, true),
-            Some(chunk_cache(st)),
-            prev.clone(),
-        )
-        .context("final sync")?;
-    check_report(&r, "final images")?;
-    let sync_ms = ms(t.elapsed());
-    tl.rounds.push(RoundRow {
-        round: "final".into(),
-        dump_ms: d.dump_ms,
-        frozen_ms: d.frozen_ms,
-        bytes_dumped: d.bytes,
-        bytes_sent: r.stats.bytes_literal,
-        bytes_wire: r.stats.bytes_wire,
-        sync_ms,
-    });
+    let (r, sync_ms) =
+        push_images(link, o, st, &dir, &dest, prev.as_deref()).context("final sync")?;
+    tl.rounds.push(row("final".into(), &d, &r, sync_ms));
     say.line(format!(
         "final: dumped {:.1} MB in {:.0} ms, sent {:.1} MB in {:.0} ms",
         d.bytes as f64 / 1e6,
@@ -479,6 +444,40 @@ fn run(
         restored.pid
     );
     Ok(())
+}
+
+/// Push one round's images (`prev`: the previous round, which the target holds) and time it.
+fn push_images(
+    link: &mut Link,
+    o: &Options,
+    st: &State,
+    dir: &Path,
+    dest: &str,
+    prev: Option<&Path>,
+) -> Result<(Report, f64)> {
+    let t = Instant::now();
+    let r = link.push(
+        dir,
+        dest,
+        settings(o, true),
+        Some(chunk_cache(st)),
+        prev.map(Path::to_path_buf),
+    )?;
+    check_report(&r, "images")?;
+    Ok((r, ms(t.elapsed())))
+}
+
+/// The timeline row of a round.
+fn row(round: String, d: &super::app::Dumped, r: &Report, sync_ms: f64) -> RoundRow {
+    RoundRow {
+        round,
+        dump_ms: d.dump_ms,
+        frozen_ms: d.frozen_ms,
+        bytes_dumped: d.bytes,
+        bytes_sent: r.stats.bytes_literal,
+        bytes_wire: r.stats.bytes_wire,
+        sync_ms,
+    }
 }
 
 /// The chunk cache of the source's images: each round's chunk lists, so that the next round's

@@ -6,7 +6,6 @@ use super::control::{Control, Request, SyncSettings};
 use super::endpoint::{Credentials, NetOptions};
 use super::server::{serve, ServeSettings};
 use super::wire::{expect_msg, write_msg};
-use crate::chunk::ChunkParams;
 use crate::id::ChunkId;
 use crate::manifest::{ChunkSpec, Entry, EntryKind, Meta};
 use crate::path::RelPath;
@@ -81,17 +80,11 @@ fn start() -> Fixture {
 
 fn settings() -> SyncSettings {
     SyncSettings {
-        params: ChunkParams::default(),
-        compress: None,
-        delete: false,
-        dry_run: false,
-        fsync: false,
         sparse: true,
         no_index_cache: true,
         streams: 2,
         delta: true,
-        rules: Vec::new(),
-        inplace: false,
+        ..SyncSettings::none()
     }
 }
 
