@@ -236,19 +236,8 @@ fn a_runc_container_is_checkpointed_and_restored_with_its_state() {
     let root = d.mkdir("runc-state");
     let id = format!("hop-test-{}", std::process::id());
     let id2 = format!("{id}-restored");
-    // Container stdio must be pipes for CRIU: stdin at EOF, stdout into a cat.
-    let run = format!(
-        "true | runc --root '{}' run -d --bundle '{}' '{id}' 2>&1 | cat > '{}'",
-        root.display(),
-        bundle.display(),
-        d.path("run.out").display()
-    );
-    let mut helper = Command::new("setsid")
-        .args(["sh", "-c", &run])
-        .spawn()
-        .unwrap();
+    let mut helper = run_container(&d, &root, &bundle, &id);
     let counter = bundle.join("rootfs/tmp/counter");
-    wait_for_value(&counter, Duration::from_secs(10));
     assert_eq!(runc_state(&root, &id).as_deref(), Some("running"));
 
     let runc_args = |extra: &[&str]| {

@@ -155,18 +155,8 @@ fn a_container_moves_to_the_target_and_back() {
     let bundle = busybox_bundle(&d);
     let (runc_a, runc_b) = (d.mkdir("runc-a"), d.mkdir("runc-b"));
     let id = format!("hop-mig-{}", std::process::id());
-    let run = format!(
-        "true | runc --root '{}' run -d --bundle '{}' '{id}' 2>&1 | cat > '{}'",
-        runc_a.display(),
-        bundle.display(),
-        d.path("run.out").display()
-    );
-    let mut helper = Command::new("setsid")
-        .args(["sh", "-c", &run])
-        .spawn()
-        .unwrap();
+    let mut helper = run_container(&d, &runc_a, &bundle, &id);
     let counter = bundle.join("rootfs/tmp/counter");
-    wait_for_value(&counter, Duration::from_secs(10));
     let serve = |name: &str, runc: &Path| {
         let extra = vec!["--runc-root".to_string(), runc.display().to_string()];
         Server::start_with(&d, name, &[&c], "127.0.0.1:0", &[], &extra)

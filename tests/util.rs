@@ -468,6 +468,25 @@ pub fn busybox_bundle(d: &Dir) -> std::path::PathBuf {
     b
 }
 
+/// Start container `id` from `bundle` under runc state `root`, its stdio pipes (CRIU needs
+/// that: stdin at end of file, output into a `cat` writing `d/run.out`), and wait until its
+/// counter (`rootfs/tmp/counter`) has a value. Returns the helper pipeline (it ends with the
+/// container).
+pub fn run_container(d: &Dir, root: &Path, bundle: &Path, id: &str) -> std::process::Child {
+    let run = format!(
+        "true | runc --root '{}' run -d --bundle '{}' '{id}' 2>&1 | cat > '{}'",
+        root.display(),
+        bundle.display(),
+        d.path("run.out").display()
+    );
+    let helper = Command::new("setsid")
+        .args(["sh", "-c", &run])
+        .spawn()
+        .unwrap();
+    wait_for_value(&bundle.join("rootfs/tmp/counter"), Duration::from_secs(10));
+    helper
+}
+
 /// A runc container's status, if runc knows it.
 pub fn runc_state(root: &Path, id: &str) -> Option<String> {
     let out = Command::new("runc")

@@ -76,20 +76,23 @@ pub fn apply(a: &mut SyncArgs, m: Option<&clap::ArgMatches>) -> Result<()> {
     for path in files() {
         let Some(d) = read(&path)? else { continue };
         macro_rules! set {
-            ($field:ident) => {
+            ($field:ident => $place:expr) => {
                 if let Some(v) = d.$field {
                     if !given(stringify!($field)) {
-                        a.$field = v.into();
+                        $place = v.into();
                     }
                 }
             };
+            ($field:ident) => {
+                set!($field => a.$field)
+            };
         }
-        set!(identity);
-        set!(known_hosts);
+        set!(identity => a.remote.identity);
+        set!(known_hosts => a.remote.known_hosts);
         set!(compress);
-        set!(streams);
-        set!(timeout);
-        set!(window);
+        set!(streams => a.remote.streams);
+        set!(timeout => a.remote.timeout);
+        set!(window => a.remote.window);
         set!(chunk_avg);
         set!(chunk_min);
         set!(chunk_max);

@@ -8,6 +8,20 @@ use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The application a checkpoint or migration is about: a process tree or a runc container.
+#[derive(Args, Debug, Clone)]
+pub struct AppArgs {
+    /// Root PID of the process tree.
+    #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
+    pub pid: Option<u32>,
+    /// Container id (runc).
+    #[arg(long, value_name = "ID")]
+    pub runc: Option<String>,
+    /// runc's state directory (runc --root).
+    #[arg(long, value_name = "DIR")]
+    pub runc_root: Option<PathBuf>,
+}
+
 /// Options shared by dump and restore.
 #[derive(Args, Debug, Clone)]
 pub struct CriuArgs {
@@ -36,15 +50,8 @@ pub struct CriuArgs {
   hop checkpoint --pid 4242 --dir /var/tmp/app.2 --tcp-established --json
   hop checkpoint --runc web --dir /var/tmp/web.1")]
 pub struct CheckpointArgs {
-    /// Root of the process tree.
-    #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
-    pub pid: Option<u32>,
-    /// Container id (runc).
-    #[arg(long, value_name = "ID")]
-    pub runc: Option<String>,
-    /// runc's state directory (runc --root).
-    #[arg(long, value_name = "DIR")]
-    pub runc_root: Option<PathBuf>,
+    #[command(flatten)]
+    pub app: AppArgs,
     /// Keep the process running after the dump.
     #[arg(long)]
     pub leave_running: bool,
@@ -91,8 +98,8 @@ fn options(c: &CriuArgs) -> DumpOptions {
 
 /// Run `hop checkpoint`.
 pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
-    if let Some(id) = &a.runc {
-        let runc = crate::checkpoint::runc::Runc::find(a.runc_root.clone())?;
+    if let Some(id) = &a.app.runc {
+        let runc = crate::checkpoint::runc::Runc::find(a.app.runc_root.clone())?;
         Criu::find()?;
         let t = runc.checkpoint(id, &a.criu.dir, a.leave_running, a.criu.tcp_established)?;
         if a.criu.json {
@@ -111,7 +118,7 @@ pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let pid = a.pid.unwrap_or_default();
+    let pid = a.app.pid.unwrap_or_default();
     let criu = Criu::find()?;
     let mut o = options(&a.criu);
     o.leave_running = a.leave_running;

@@ -5,7 +5,7 @@ use crate::migrate::app::App;
 use crate::migrate::run::{default_images_dir, migrate, Options};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use hop_engine::net::{ClientSettings, NetOptions, RemotePath};
+use hop_engine::net::RemotePath;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -34,15 +34,8 @@ The target runs, as root:
 pub struct MigrateArgs {
     /// The target: quic://HOST[:PORT].
     pub target: String,
-    /// Root PID of the process tree to move.
-    #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
-    pub pid: Option<u32>,
-    /// Id of the runc container to move.
-    #[arg(long, value_name = "ID")]
-    pub runc: Option<String>,
-    /// runc's state directory here (runc --root).
-    #[arg(long, value_name = "DIR")]
-    pub runc_root: Option<PathBuf>,
+    #[command(flatten)]
+    pub app: super::checkpoint::AppArgs,
     /// Downtime budget (freeze to running at the target), e.g. 1s, 800ms, 2.5s.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub max_downtime: Duration,
@@ -83,21 +76,8 @@ pub struct MigrateArgs {
     /// Write the timeline as JSON to FILE ("-" for standard output).
     #[arg(long, value_name = "FILE")]
     pub report_json: Option<PathBuf>,
-    /// This host's identity directory [default: ~/.config/hop/identity].
-    #[arg(long, value_name = "DIR")]
-    pub identity: Option<PathBuf>,
-    /// File of trusted servers [default: ~/.config/hop/known_hosts].
-    #[arg(long, value_name = "FILE")]
-    pub known_hosts: Option<PathBuf>,
-    /// Trust a target not yet in --known-hosts and record it.
-    #[arg(long)]
-    pub accept_new: bool,
-    /// Streams carrying chunks at once.
-    #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
-    pub streams: usize,
-    /// Give up on a target silent for this many seconds (then roll back).
-    #[arg(long, value_name = "SECS", default_value_t = 15)]
-    pub timeout: u64,
+    #[command(flatten)]
+    pub remote: super::remote::RemoteArgs,
 }
 
 /// Parse `1s`, `800ms`, `2.5s`, `1m`.
@@ -127,12 +107,7 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         Some(r) => r?,
         None => bail!("{}: the target must be quic://HOST[:PORT]", a.target),
     };
-    let app = App::find(a.pid, a.runc.as_deref(), a.runc_root.clone())?;
-    let id = crate::identity::load(
-        &a.identity
-            .clone()
-            .unwrap_or_else(crate::identity::default_identity),
-    )?;
+    let app = App::find(a.app.pid, a.app.runc.as_deref(), a.app.runc_root.clone())?;
     let compress = a
         .compress
         .as_deref()
@@ -141,19 +116,7 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
     let o = Options {
         app,
         target,
-        client: ClientSettings {
-            identity: id.credentials(),
-            known_hosts: a
-                .known_hosts
-                .clone()
-                .unwrap_or_else(|| crate::identity::config_dir().join("known_hosts")),
-            accept_new: a.accept_new,
-            net: NetOptions {
-                streams: a.streams.clamp(1, 64),
-                timeout: Duration::from_secs(a.timeout.max(1)),
-                ..NetOptions::default()
-            },
-        },
+        client: a.remote.client_settings()?,
         max_downtime: a.max_downtime,
         rounds: a.rounds,
         compress,

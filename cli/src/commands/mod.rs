@@ -5,6 +5,7 @@ pub mod docs;
 pub mod doctor;
 pub mod keygen;
 pub mod migrate;
+pub mod remote;
 pub mod serve;
 pub mod ssh;
 pub mod sync;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use hop_engine::filter::{read_rules_file, Rule, Rules};
 use hop_engine::net::control::SyncSettings;
-use hop_engine::net::{ClientSettings, NetOptions, RemotePath};
+use hop_engine::net::{ClientSettings, RemotePath};
 use hop_engine::{ChangeKind, ChunkParams, Progress, ReceiverOptions, Report, SenderOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -109,33 +109,14 @@ pub struct SyncArgs {
     /// Show a progress bar on a terminal.
     #[arg(long)]
     pub progress: bool,
-    /// Remote syncs: this client's identity directory [default: ~/.config/hop/identity].
-    #[arg(long, value_name = "DIR")]
-    pub identity: Option<PathBuf>,
-    /// Remote syncs: file of trusted servers, lines `HOST:PORT FINGERPRINT`
-    /// [default: ~/.config/hop/known_hosts].
-    #[arg(long, value_name = "FILE")]
-    pub known_hosts: Option<PathBuf>,
-    /// Remote syncs: trust a server not yet in --known-hosts and record it (like ssh's
-    /// accept-new). A changed key is refused regardless.
-    #[arg(long)]
-    pub accept_new: bool,
-    /// Remote syncs: streams carrying chunks at once (default: one per core, 2 to 8).
-    #[arg(long, value_name = "N", default_value_t = NetOptions::default().streams)]
-    pub streams: usize,
+    #[command(flatten)]
+    pub remote: super::remote::RemoteArgs,
     /// ssh remotes (`[user@]host:PATH`): the command that reaches the host, like rsync's -e.
     #[arg(short = 'e', long, value_name = "COMMAND", default_value = "ssh")]
     pub rsh: String,
     /// ssh remotes: the hop binary on the remote host, like rsync's --rsync-path.
     #[arg(long, value_name = "PATH", default_value = "hop")]
     pub remote_hop: String,
-    /// Remote syncs: give up on a peer silent for this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 15)]
-    pub timeout: u64,
-    /// Remote syncs: QUIC flow-control window per stream in bytes (the connection's is four
-    /// times this). Must exceed the link's bandwidth x round-trip time for full speed.
-    #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
-    pub window: u64,
 }
 
 pub fn parse_compress(s: &str) -> Result<i32> {
@@ -215,33 +196,6 @@ fn resolve_roots(src: &Path, dest: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((src.to_path_buf(), dest))
 }
 
-fn client_settings(a: &SyncArgs) -> Result<ClientSettings> {
-    let dir = a
-        .identity
-        .clone()
-        .unwrap_or_else(crate::identity::default_identity);
-    let id = crate::identity::load(&dir)?;
-    Ok(ClientSettings {
-        identity: id.credentials(),
-        known_hosts: a
-            .known_hosts
-            .clone()
-            .unwrap_or_else(|| crate::identity::config_dir().join("known_hosts")),
-        accept_new: a.accept_new,
-        net: net_options(a),
-    })
-}
-
-/// Transport settings from the command line.
-fn net_options(a: &SyncArgs) -> NetOptions {
-    NetOptions {
-        streams: a.streams.clamp(1, 64),
-        timeout: std::time::Duration::from_secs(a.timeout.max(1)),
-        window: a.window,
-        ..NetOptions::default()
-    }
-}
-
 /// A push or pull; returns the report.
 fn run_remote(
     a: &SyncArgs,
@@ -258,7 +212,7 @@ fn run_remote(
     let push = matches!(sides, Sides::Push(_));
     let (sides, cfg, session) = match sides {
         Sides::Push(Remote::Ssh(spec)) | Sides::Pull(Remote::Ssh(spec)) => {
-            let s = Session::start(&spec, &a.rsh, &a.remote_hop, net_options(a))?;
+            let s = Session::start(&spec, &a.rsh, &a.remote_hop, a.remote.net_options())?;
             let r = s.remote.clone();
             let cfg = s.cfg.clone();
             (
@@ -271,7 +225,7 @@ fn run_remote(
                 Some(s),
             )
         }
-        other => (other, client_settings(a)?, None),
+        other => (other, a.remote.client_settings()?, None),
     };
     let r = run_quic(a, sides, cfg, params, compress, rules, progress);
     if let Some(s) = session {
