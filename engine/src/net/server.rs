@@ -101,7 +101,17 @@ pub fn serve(s: ServeSettings, ready: impl FnOnce(SocketAddr)) -> Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
             return r;
         }
+        let mut rate = Bucket::new(HANDSHAKES_PER_SEC, HANDSHAKE_BURST);
         while let Some(incoming) = endpoint.accept().await {
+            // Handshakes cost CPU before anyone is authenticated: a flood is refused at once.
+            if !rate.take(std::time::Instant::now()) {
+                tracing::warn!(
+                    "refusing {}: more than {HANDSHAKES_PER_SEC} new connections per second",
+                    incoming.remote_address()
+                );
+                incoming.refuse();
+                continue;
+            }
             if active.load(Ordering::Relaxed) >= s.max_sessions {
                 tracing::warn!(
                     "refusing {}: {} sessions already",
@@ -123,6 +133,44 @@ pub fn serve(s: ServeSettings, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// New connections accepted per second on average, and in a burst.
+const HANDSHAKES_PER_SEC: f64 = 50.0;
+const HANDSHAKE_BURST: f64 = 100.0;
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Option<std::time::Instant>,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: None,
+        }
+    }
+
+    /// Take a token at `now`, if there is one.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        if let Some(at) = self.at {
+            let refill = now.saturating_duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 fn peer_fingerprint(conn: &quinn::Connection) -> String {
@@ -366,6 +414,22 @@ fn rules(settings: &SyncSettings) -> Result<Option<Arc<crate::filter::Rules>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handshakes_beyond_the_rate_are_refused_and_the_bucket_refills() {
+        let t0 = std::time::Instant::now();
+        let mut b = Bucket::new(50.0, 100.0);
+        let taken = (0..150).filter(|_| b.take(t0)).count();
+        assert_eq!(taken, 100, "a burst of 150 at once lets 100 in");
+        assert!(!b.take(t0));
+        // 0.2 s later, 10 more.
+        let later = t0 + std::time::Duration::from_millis(200);
+        let taken = (0..20).filter(|_| b.take(later)).count();
+        assert_eq!(taken, 10);
+        // Never more than the burst, however long the pause.
+        let much_later = later + std::time::Duration::from_secs(3600);
+        assert_eq!((0..500).filter(|_| b.take(much_later)).count(), 100);
+    }
 
     #[test]
     fn confine_refuses_escapes() {
