@@ -513,6 +513,31 @@ ts = [threading.Thread(target=run, args=(k,)) for k in (True, False)]
 print(json.dumps(res))
 "#;
 
+/// Run `hop ARGS` in namespace `ns` with the client's keys.
+fn hop_in(ns: &str, c: &Client, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}"))
+        .arg(env!("CARGO_BIN_EXE_hop"))
+        .args(args)
+        .arg("--identity")
+        .arg(&c.identity)
+        .arg("--known-hosts")
+        .arg(&c.known_hosts)
+        .arg("--accept-new");
+    cmd
+}
+
+fn has_link(ns: &str, name: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ip", "link", "show", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The paper's set-up: HAProxy at the source, the application moving to the target, and a
+/// WireGuard tunnel between the sites that HAProxy reaches the moved application through.
 #[test]
 fn haproxy_holds_clients_during_the_move_and_none_fails() {
     let net = Netns::up("h", "10gbit");
@@ -579,11 +604,38 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The tunnel between the sites, both ends set up by hop.
+    let (ifa, ifb) = (
+        format!("hv{}a", std::process::id() % 10000),
+        format!("hv{}b", std::process::id() % 10000),
+    );
+    let target = srv.url("");
+    ok(hop_in(
+        &a,
+        &c,
+        &[
+            "vpn",
+            "up",
+            &target,
+            "--addr",
+            "10.201.0.1/24",
+            "--peer-addr",
+            "10.201.0.2/24",
+            "--iface",
+            &ifa,
+            "--peer-iface",
+            &ifb,
+        ],
+    ));
+    assert!(
+        has_link(&a, &ifa) && has_link(&b, &ifb),
+        "tunnel interfaces missing"
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let mut cmd = Command::new(&in_a[0]);
     cmd.arg(&in_a[1]).arg(env!("CARGO_BIN_EXE_hop"));
     let sock_s = sock.display().to_string();
-    let addr = format!("10.77.0.2:{app_port}");
+    let addr = format!("10.201.0.2:{app_port}");
     migrate_args(
         &mut cmd,
         &d,
@@ -607,6 +659,23 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
     let res = load.wait_with_output().unwrap();
     let _ = haproxy.kill();
     let _ = haproxy.wait();
+    ok(hop_in(
+        &a,
+        &c,
+        &[
+            "vpn",
+            "down",
+            &target,
+            "--iface",
+            &ifa,
+            "--peer-iface",
+            &ifb,
+        ],
+    ));
+    assert!(
+        !has_link(&a, &ifa) && !has_link(&b, &ifb),
+        "tunnel interfaces left"
+    );
     let report: serde_json::Value =
         serde_json::from_slice(&res.stdout).unwrap_or_else(|_| panic!("client: {res:?}"));
     let tl = timeline(&d);

@@ -9,6 +9,7 @@ pub mod remote;
 pub mod serve;
 pub mod ssh;
 pub mod sync;
+pub mod vpn;
 
 /// How chatty the command should be.
 #[derive(Clone, Copy, Debug)]

@@ -218,14 +218,49 @@ impl Agent for MigrationAgent {
     fn call(&self, ctx: &CallContext, body: &str) -> Result<String, String> {
         let call: Call =
             serde_json::from_str(body).map_err(|e| format!("not a migration command: {e}"))?;
-        let (Call::Begin { id, .. }
+        if let Call::Begin { id, .. }
         | Call::Restore { id, .. }
         | Call::Commit { id }
-        | Call::Cleanup { id }) = &call;
-        if !valid_id(id) {
-            return Err(format!("bad migration id {id:?}"));
+        | Call::Cleanup { id } = &call
+        {
+            if !valid_id(id) {
+                return Err(format!("bad migration id {id:?}"));
+            }
         }
         match call {
+            Call::VpnUp {
+                iface,
+                addr,
+                port,
+                peer_public,
+                peer_endpoint,
+                peer_allowed,
+            } => {
+                if !is_root() {
+                    return Err("setting up a tunnel needs root: run `hop serve` as root".into());
+                }
+                let endpoint = peer_endpoint
+                    .parse()
+                    .map_err(|_| format!("bad endpoint {peer_endpoint:?}"))?;
+                let e = |e: anyhow::Error| format!("{e:#}");
+                let (private, public) = super::vpn::keypair().map_err(e)?;
+                super::vpn::up(&iface, &private, port, &addr).map_err(e)?;
+                if let Err(err) =
+                    super::vpn::add_peer(&iface, &peer_public, endpoint, &peer_allowed)
+                {
+                    let _ = super::vpn::down(&iface);
+                    return Err(e(err));
+                }
+                tracing::info!("tunnel {iface} up: {addr}, peer {peer_endpoint}");
+                json(&super::calls::VpnEnd { public })
+            }
+            Call::VpnDown { iface } => {
+                if !is_root() {
+                    return Err("taking a tunnel down needs root".into());
+                }
+                super::vpn::down(&iface).map_err(|e| format!("{e:#}"))?;
+                Ok("{}".into())
+            }
             Call::Begin { id, keep_images } => {
                 self.lock().entry(ctx.conn).or_default().insert(
                     id,

@@ -89,6 +89,34 @@ pub enum Call {
         /// Migration id.
         id: String,
     },
+    /// Bring up the target's end of a WireGuard tunnel to the caller; answered with a
+    /// [`VpnEnd`] (the target's public key).
+    VpnUp {
+        /// Interface name at the target.
+        iface: String,
+        /// The target's tunnel address, `IP/PREFIX`.
+        addr: String,
+        /// UDP port the target listens on.
+        port: u16,
+        /// The caller's public key.
+        peer_public: String,
+        /// Where the target reaches the caller, `IP:PORT`.
+        peer_endpoint: String,
+        /// The caller's tunnel address(es), `IP/PREFIX`.
+        peer_allowed: String,
+    },
+    /// Take the target's end of a tunnel down.
+    VpnDown {
+        /// Interface name at the target.
+        iface: String,
+    },
+}
+
+/// The target's end of a tunnel.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VpnEnd {
+    /// Its WireGuard public key.
+    pub public: String,
 }
 
 /// The target's answer to [`Call::Check`].

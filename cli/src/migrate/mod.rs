@@ -13,3 +13,4 @@ pub mod haproxy;
 pub mod plan;
 pub mod run;
 pub mod timeline;
+pub mod vpn;
