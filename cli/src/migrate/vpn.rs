@@ -181,8 +181,17 @@ pub fn down(iface: &str) -> Result<()> {
         bail!("no WireGuard interface {iface} on this host");
     }
     std::fs::remove_file(&sock).with_context(|| format!("cannot remove {}", sock.display()))?;
+    // Through netlink (`ip`), which sees this network namespace; /sys may show another.
+    let exists = || {
+        Command::new("ip")
+            .args(["link", "show", iface])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     let t0 = Instant::now();
-    while std::path::Path::new(&format!("/sys/class/net/{iface}")).exists() {
+    while exists() {
         if t0.elapsed() > Duration::from_secs(5) {
             let _ = Command::new("ip").args(["link", "del", iface]).status();
             break;

@@ -259,6 +259,19 @@ impl Connected {
         Ok((ctl, answer))
     }
 
+    /// Send a request without waiting for the answer (the connection's keys are settled).
+    async fn send_request(&mut self, request: Request, settings: SyncSettings) -> Result<Control2> {
+        let hello = Control::Hello {
+            version: VERSION,
+            request,
+            settings,
+        };
+        let (send, recv) = self.conn.open_bi().await.map_err(|e| conn_error(&e))?;
+        let mut ctl = Control2 { send, recv };
+        write_msg(&mut ctl.send, &hello).await?;
+        Ok(ctl)
+    }
+
     /// Start a sync session.
     async fn sync(
         &mut self,
@@ -447,8 +460,14 @@ impl Link {
                 path: dest.to_string(),
                 name_if_dir,
             };
-            let (mut ctl, _) = c.sync(request, settings, timeout).await?;
-            send_tree(&c.conn, &mut ctl, sender).await
+            if c.unrecorded.is_some() {
+                // The first request of a connection: keys are settled by its answer.
+                let (mut ctl, _) = c.sync(request, settings, timeout).await?;
+                return send_tree(&c.conn, &mut ctl, sender).await;
+            }
+            // Later requests: the manifest follows the request without waiting for the answer.
+            let mut ctl = c.send_request(request, settings).await?;
+            super::session::send_tree_after(&c.conn, &mut ctl, sender, true).await
         });
         let wire = self.bytes_wire() - before;
         Ok(push_report(r?, wire, t0))

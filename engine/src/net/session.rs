@@ -32,6 +32,32 @@ pub async fn send_tree(
     ctl: &mut Control2,
     sender: Arc<Sender>,
 ) -> Result<Summary> {
+    send_tree_after(conn, ctl, sender, false).await
+}
+
+/// The server's answer to a request sent without waiting for it: `Welcome`, or the refusal as
+/// an error.
+async fn read_answer(ctl: &mut Control2) -> Result<()> {
+    match expect_msg::<Control>(&mut ctl.recv, "server's answer").await? {
+        Control::Welcome { version, .. } if version == crate::protocol::VERSION => Ok(()),
+        Control::Welcome { version, .. } => Err(Error::Protocol(format!(
+            "server speaks protocol {version}, this hop speaks {}",
+            crate::protocol::VERSION
+        ))),
+        Control::Refused { reason } => Err(Error::Remote(format!("refused the request: {reason}"))),
+        other => Err(Error::Protocol(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// [`send_tree`], where the push request was written just before and its answer not read yet
+/// (`answer_pending`): the manifest follows the request at once, saving a round trip, and the
+/// answer is read before the summary. A refused request ends with the server's reason.
+pub(crate) async fn send_tree_after(
+    conn: &quinn::Connection,
+    ctl: &mut Control2,
+    sender: Arc<Sender>,
+    answer_pending: bool,
+) -> Result<Summary> {
     let server = tokio::spawn(serve_wants(conn.clone(), sender.clone()));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(1024);
     let chunker = sender.clone();
@@ -52,7 +78,17 @@ pub async fn send_tree(
                     Err(_) => break,
                 }
             }
-            super::wire::write_raw(&mut ctl.send, &buf).await?;
+            if let Err(e) = super::wire::write_raw(&mut ctl.send, &buf).await {
+                // A refused request: the server's reason says more than the broken stream.
+                if answer_pending {
+                    if let Ok(Err(refusal)) =
+                        tokio::time::timeout(Duration::from_secs(2), read_answer(ctl)).await
+                    {
+                        return Err(refusal);
+                    }
+                }
+                return Err(e);
+            }
             buf.clear();
         }
         let notes = running
@@ -70,7 +106,11 @@ pub async fn send_tree(
             },
             &mut buf,
         )?;
-        super::wire::write_raw(&mut ctl.send, &buf).await?;
+        let written = super::wire::write_raw(&mut ctl.send, &buf).await;
+        if answer_pending {
+            read_answer(ctl).await?;
+        }
+        written?;
         match expect_msg::<Control>(&mut ctl.recv, "receiver's summary").await? {
             Control::Summary(s) => {
                 write_msg(&mut ctl.send, &Control::Bye).await?;

@@ -292,3 +292,32 @@ fn a_chunk_corrupted_by_the_sender_is_detected_and_never_written() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[test]
+fn a_link_carries_requests_one_after_another_and_a_refused_pipelined_push_says_why() {
+    let f = start();
+    let remote = RemotePath::parse(&format!("quic://127.0.0.1:{}/", f.port))
+        .unwrap()
+        .unwrap();
+    let mut link = super::client::Link::connect(&remote, &f.client).unwrap();
+    // The first request settles the keys; this server has no agent and says so.
+    let e = link.call("{}").unwrap_err().to_string();
+    assert!(e.contains("runs no agent"), "{e}");
+    let src = f._dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), vec![7u8; 300_000]).unwrap();
+    // Pushes after the first request do not wait for the server's answer.
+    let r = link.push(&src, "one", settings(), None, None).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(
+        std::fs::read(f.root.join("one/a")).unwrap(),
+        vec![7u8; 300_000]
+    );
+    let e = link
+        .push(&src, "../escape", settings(), None, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("refused") && e.contains(".."), "{e}");
+    nothing_outside(&f);
+    assert!(!f._dir.path().join("escape").exists());
+}
