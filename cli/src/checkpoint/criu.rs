@@ -250,15 +250,7 @@ impl Criu {
             // running process; a final dump that closes connections anyway lets them go.
             c.arg("--skip-in-flight");
         }
-        if o.tcp_established {
-            c.arg("--tcp-established");
-        }
-        if o.shell_job {
-            c.arg("--shell-job");
-        }
-        if o.tcp_close {
-            c.arg("--tcp-close");
-        }
+        shared_args(&mut c, o);
         if let Some(lock) = &o.network_lock {
             c.args(["--network-lock", lock]);
         }
@@ -347,15 +339,7 @@ impl Criu {
             .args(["-o", "restore.log", "-v4", "-d", "--display-stats"])
             .arg("--pidfile")
             .arg(&pidfile);
-        if o.tcp_established {
-            c.arg("--tcp-established");
-        }
-        if o.shell_job {
-            c.arg("--shell-job");
-        }
-        if o.tcp_close {
-            c.arg("--tcp-close");
-        }
+        shared_args(&mut c, o);
         if lazy.is_some() {
             c.arg("--lazy-pages");
         }
@@ -409,6 +393,19 @@ pub fn wait_gone(pid: u32, limit: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
     false
+}
+
+/// The options a dump and its restore must agree on.
+fn shared_args(c: &mut Command, o: &DumpOptions) {
+    if o.tcp_established {
+        c.arg("--tcp-established");
+    }
+    if o.shell_job {
+        c.arg("--shell-job");
+    }
+    if o.tcp_close {
+        c.arg("--tcp-close");
+    }
 }
 
 /// Wait until `pid` is gone altogether (reaped, its PID free for a restore), at most `limit`.
