@@ -3,12 +3,13 @@
 # machine: fresh copy of a generated tree, then the sync of an edit. Prints medians and ratios.
 #
 #   scripts/bench-remote.sh [--mib N] [--rate RATE] [--rtt MS] [--reps N]
-#                           [--tools hop rsync-ssh ...] [--delta-only]
+#                           [--tools hop rsync-ssh ...] [--delta-only] [--hop-variant NAME=ARGS ...]
 #
 # Defaults: 1024 MiB tree, unlimited veth link, 3 repetitions, all tools. --rate caps the link
 # each way with tc tbf (e.g. 1gbit, 100mbit); --rtt adds round-trip time (NFQUEUE delay, see
 # scripts/netns.sh). --delta-only seeds the destinations with a local
 # copy and one untimed no-change sync per tool instead of a timed fresh copy (for slow links).
+# --hop-variant adds hop with extra options as tool hop:NAME (scripts/bench-tune.sh uses it).
 # Results: benchmarks/results/remote-RATE-NmiB.{md,json}.
 # Needs root (namespaces, sshd). Installs what it needs through scripts/setup.sh.
 set -euo pipefail

@@ -11,6 +11,7 @@ daemon with its reaped session processes, from /proc; the rsync daemon's forked 
 captured and show 0). Peak RSS: the client's, and hop serve's (VmHWM, reset before each run).
 Prints medians (min-max) and ratios against rsync over ssh; writes JSON and Markdown.
 """
+import shlex
 import argparse, json, os, shutil, statistics, subprocess, sys, time
 
 NS_A, NS_B = "hb-a", "hb-b"
@@ -114,11 +115,18 @@ class Bench:
                             f"{w}/dst-ssh/z"),
             "rsyncd": (in_a("rsync", "-a", src, f"rsync://{SERVER}:8730/bench/t"), f"{w}/dst-rsd/t"),
         }
-        return {name: t[name] for name in self.a.tools}
+        # Tuning variants: hop with extra options, as tools "hop:NAME".
+        for v in self.a.hop_variant:
+            name, _, args = v.partition("=")
+            tool = f"hop:{name}"
+            t[tool] = (in_a(*hop(tool), *shlex.split(args), src, f"quic://{SERVER}:7420/v-{name}"),
+                       f"{w}/dst-hop/v-{name}")
+        return {name: t[name] for name in self.a.tools + [f"hop:{v.partition('=')[0]}" for v in self.a.hop_variant]}
 
     def server_of(self, name):
-        return {"hop": self.hop_serve, "hop-zstd": self.hop_serve, "rsync-ssh": self.sshd,
-                "rsync-ssh-z": self.sshd, "rsyncd": self.rsyncd}[name].pid
+        if name.startswith("hop"):
+            return self.hop_serve.pid
+        return {"rsync-ssh": self.sshd, "rsync-ssh-z": self.sshd, "rsyncd": self.rsyncd}[name].pid
 
     @staticmethod
     def cpu_s(pid):
@@ -231,10 +239,19 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="remote")
     ap.add_argument("--delta-only", action="store_true",
                     help="seed destinations with a local copy instead of a timed fresh sync")
+    ap.add_argument("--hop-variant", action="append", default=[], metavar="NAME=ARGS",
+                    help="also run hop with these extra options, as tool hop:NAME (tuning sweeps)")
     a = ap.parse_args()
     res = Bench(a).main()
-    out, table = summarize(res, a.tools, "rsync-ssh")
+    names = a.tools + [f"hop:{v.partition('=')[0]}" for v in a.hop_variant]
+    out, table = summarize(res, names, "rsync-ssh")
     os.makedirs(a.out, exist_ok=True)
     json.dump(out, open(os.path.join(a.out, a.name + ".json"), "w"), indent=1)
+    if a.hop_variant:
+        hops = [n for n in names if n.startswith("hop") and out[n].get("delta")]
+        for phase in ["fresh", "delta"]:
+            ranked = sorted((out[n][phase]["s_median"], n) for n in hops if out[n].get(phase))
+            if ranked:
+                table += f"\nbest {phase}: {ranked[0][1]} ({ranked[0][0]:.2f} s median)"
     open(os.path.join(a.out, a.name + ".md"), "w").write(table + "\n")
     print(table)
