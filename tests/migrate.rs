@@ -114,6 +114,7 @@ fn a_process_moves_with_its_state_and_nothing_is_left_behind() {
     let srv = Server::start(&d, "target", &[&c], 0);
     let file = d.path("count");
     let pid = counter_app(&file, "python3", 32, false, &[]);
+    let _app = KillOnDrop(pid);
     let before = value(&file).unwrap();
 
     let out = ok(migrate(
@@ -155,6 +156,10 @@ fn a_container_moves_to_the_target_and_back() {
     let bundle = busybox_bundle(&d);
     let (runc_a, runc_b) = (d.mkdir("runc-a"), d.mkdir("runc-b"));
     let id = format!("hop-mig-{}", std::process::id());
+    let _cleanup = RemoveContainers(vec![
+        (runc_a.clone(), id.clone()),
+        (runc_b.clone(), id.clone()),
+    ]);
     let mut helper = run_container(&d, &runc_a, &bundle, &id);
     let counter = bundle.join("rootfs/tmp/counter");
     let serve = |name: &str, runc: &Path| {
@@ -227,6 +232,7 @@ fn a_failed_restore_at_the_target_rolls_back_and_a_second_migration_works() {
     let broken = Server::start_with(&d, "broken", &[&c], "127.0.0.1:0", &prefix, &[]);
     let file = d.path("count");
     let pid = counter_app(&file, python.to_str().unwrap(), 16, false, &[]);
+    let _app = KillOnDrop(pid);
 
     let mut cmd = migrate(&d, &c, &broken.url(""), &["--pid", &pid.to_string()]);
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -311,6 +317,7 @@ fn a_link_that_dies_during_the_final_sync_rolls_back_and_a_second_migration_work
     let in_a = enter(&a);
     let in_a: Vec<&str> = in_a.iter().map(String::as_str).collect();
     let pid = counter_app(&file, "python3", 24, true, &in_a);
+    let _app = KillOnDrop(pid);
     {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{a}"))
@@ -434,6 +441,7 @@ fn a_target_without_room_for_the_images_is_refused_before_the_freeze() {
     let _m = Mounted(srv.root.clone());
     let file = d.path("count");
     let pid = counter_app(&file, "python3", 32, false, &[]);
+    let _app = KillOnDrop(pid);
     let mut cmd = migrate(&d, &c, &srv.url(""), &["--pid", &pid.to_string()]);
     cmd.stderr(Stdio::piped());
     let out = cmd.output().unwrap();
@@ -575,8 +583,9 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    let _app = KillOnDrop(pid);
     std::thread::spawn(move || child.wait());
-    let mut haproxy = Command::new(&in_a[0])
+    let haproxy = Command::new(&in_a[0])
         .arg(&in_a[1])
         .args(["haproxy", "-db", "-f"])
         .arg(&cfg)
@@ -584,6 +593,7 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
         .stderr(std::fs::File::create(d.path("haproxy.log")).unwrap())
         .spawn()
         .expect("haproxy installed (scripts/setup.sh)");
+    let _haproxy = KillOnDrop(haproxy.id());
     let t0 = Instant::now();
     while !sock.exists() {
         assert!(
@@ -657,8 +667,7 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(&stop, b"").unwrap();
     let res = load.wait_with_output().unwrap();
-    let _ = haproxy.kill();
-    let _ = haproxy.wait();
+    drop(_haproxy);
     ok(hop_in(
         &a,
         &c,
@@ -695,4 +704,106 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
     // Requests waited at most about the hold, not a client timeout.
     assert!(report["max_s"].as_f64().unwrap() < 15.0, "{report}");
     kill(pid);
+}
+
+#[test]
+fn a_group_moves_together_and_goes_back_together_when_one_restore_fails() {
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let (runc_a, runc_b) = (d.mkdir("runc-a"), d.mkdir("runc-b"));
+    let tag = std::process::id();
+    let (db, web) = (format!("hop-db-{tag}"), format!("hop-web-{tag}"));
+    let (bdb, bweb) = (busybox_bundle_at(&d, "db"), busybox_bundle_at(&d, "web"));
+    let _cleanup = RemoveContainers(
+        [&runc_a, &runc_b]
+            .iter()
+            .flat_map(|r| {
+                [
+                    (r.to_path_buf(), db.clone()),
+                    (r.to_path_buf(), web.clone()),
+                ]
+            })
+            .collect(),
+    );
+    let mut helpers = vec![
+        run_container(&d, &runc_a, &bdb, &db),
+        run_container(&d, &runc_a, &bweb, &web),
+    ];
+    let extra = vec!["--runc-root".to_string(), runc_b.display().to_string()];
+    let srv = Server::start_with(&d, "target", &[&c], "127.0.0.1:0", &[], &extra);
+    let group = |cmd: &mut Command| {
+        migrate_args(
+            cmd,
+            &d,
+            &c,
+            &srv.url(""),
+            &[
+                "--runc",
+                &db,
+                "--runc",
+                &web,
+                "--runc-root",
+                runc_a.to_str().unwrap(),
+            ],
+        )
+    };
+    // At the target a container named like the web server already exists: its restore fails
+    // there, after the database's succeeded. The whole group must go back, with its state.
+    let blocker = busybox_bundle_at(&d, "blocker");
+    helpers.push(run_container(&d, &runc_b, &blocker, &web));
+    let (db_counter, web_counter) = (
+        bdb.join("rootfs/tmp/counter"),
+        bweb.join("rootfs/tmp/counter"),
+    );
+    let before = (value(&db_counter).unwrap(), value(&web_counter).unwrap());
+    let mut cmd = hop();
+    group(&mut cmd);
+    cmd.stderr(Stdio::piped()).stdout(Stdio::piped());
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("rolled back"), "{err}");
+    for id in [&db, &web] {
+        assert_eq!(
+            runc_state(&runc_a, id).as_deref(),
+            Some("running"),
+            "{id} not back: {err}"
+        );
+    }
+    assert_eq!(
+        runc_state(&runc_b, &db),
+        None,
+        "the target kept the database: {err}"
+    );
+    continues(&db_counter, before.0);
+    continues(&web_counter, before.1);
+
+    // Without the blocker the group moves: both run at the target, the database restored first.
+    runc_remove(&runc_b, &web);
+    let mut cmd = hop();
+    group(&mut cmd);
+    let out = ok(cmd);
+    assert!(out.contains("all migrated"), "{out}");
+    for (id, counter, from) in [(&db, &db_counter, before.0), (&web, &web_counter, before.1)] {
+        assert_eq!(
+            runc_state(&runc_b, id).as_deref(),
+            Some("running"),
+            "{id}: {out}"
+        );
+        assert_eq!(runc_state(&runc_a, id), None);
+        continues(
+            &srv.root.join(format!("containers/{id}/rootfs/tmp/counter")),
+            value(counter).unwrap_or(from),
+        );
+    }
+    let tl: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path("timeline.json")).unwrap()).unwrap();
+    assert_eq!(tl.as_array().map(Vec::len), Some(2), "{tl}");
+    for id in [&db, &web] {
+        runc_remove(&runc_b, id);
+        runc_remove(&runc_a, id);
+    }
+    for mut h in helpers {
+        let _ = h.wait();
+    }
 }

@@ -431,6 +431,27 @@ pub fn advances(file: &Path) -> bool {
     false
 }
 
+/// Kills the process with this PID (one the test started) when dropped, so that a failing test
+/// leaves nothing running.
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill(self.0);
+    }
+}
+
+/// Removes runc containers (state directory, id) when dropped, wherever they ended up.
+pub struct RemoveContainers(pub Vec<(PathBuf, String)>);
+
+impl Drop for RemoveContainers {
+    fn drop(&mut self) {
+        for (root, id) in &self.0 {
+            runc_remove(root, id);
+        }
+    }
+}
+
 /// SIGKILL a process the test started (by PID).
 pub fn kill(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -438,7 +459,12 @@ pub fn kill(pid: u32) {
 
 /// An OCI bundle with a static busybox that counts in /tmp/counter every 100 ms.
 pub fn busybox_bundle(d: &Dir) -> std::path::PathBuf {
-    let b = d.mkdir("bundle");
+    busybox_bundle_at(d, "bundle")
+}
+
+/// [`busybox_bundle`] in `d/name`.
+pub fn busybox_bundle_at(d: &Dir, name: &str) -> std::path::PathBuf {
+    let b = d.mkdir(name);
     let rootfs = b.join("rootfs");
     for sub in ["bin", "proc", "sys", "dev", "tmp", "etc"] {
         std::fs::create_dir_all(rootfs.join(sub)).unwrap();
@@ -477,7 +503,7 @@ pub fn run_container(d: &Dir, root: &Path, bundle: &Path, id: &str) -> std::proc
         "true | runc --root '{}' run -d --bundle '{}' '{id}' 2>&1 | cat > '{}'",
         root.display(),
         bundle.display(),
-        d.path("run.out").display()
+        d.path(&format!("run-{id}.out")).display()
     );
     let helper = Command::new("setsid")
         .args(["sh", "-c", &run])

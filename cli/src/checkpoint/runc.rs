@@ -140,6 +140,14 @@ impl Runc {
         tcp_established: bool,
         lazy: Option<&super::criu::Criu>,
     ) -> Result<Timing> {
+        // Its state is how a restore is seen to have worked: an existing container of that name
+        // would pass for it.
+        if let Ok(s) = self.state(id) {
+            bail!(
+                "a container named {id} already exists here ({}); remove it or restore under another name",
+                s.status
+            );
+        }
         std::fs::create_dir_all(work)
             .with_context(|| format!("cannot create {}", work.display()))?;
         let daemon = lazy.map(|c| c.lazy_pages(dir, work)).transpose()?;

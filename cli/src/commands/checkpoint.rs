@@ -14,9 +14,10 @@ pub struct AppArgs {
     /// Root PID of the process tree.
     #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
     pub pid: Option<u32>,
-    /// Container id (runc).
+    /// Container id (runc). `hop migrate` takes it more than once: a group of containers moved
+    /// together, restored in the order given.
     #[arg(long, value_name = "ID")]
-    pub runc: Option<String>,
+    pub runc: Vec<String>,
     /// runc's state directory (runc --root).
     #[arg(long, value_name = "DIR")]
     pub runc_root: Option<PathBuf>,
@@ -98,7 +99,10 @@ fn options(c: &CriuArgs) -> DumpOptions {
 
 /// Run `hop checkpoint`.
 pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
-    if let Some(id) = &a.app.runc {
+    if a.app.runc.len() > 1 {
+        anyhow::bail!("hop checkpoint takes one --runc container");
+    }
+    if let Some(id) = a.app.runc.first() {
         let runc = crate::checkpoint::runc::Runc::find(a.app.runc_root.clone())?;
         Criu::find()?;
         let t = runc.checkpoint(id, &a.criu.dir, a.leave_running, a.criu.tcp_established)?;

@@ -2,12 +2,14 @@
 
 use super::Output;
 use crate::migrate::app::App;
+use crate::migrate::group::Group;
 use crate::migrate::run::{default_images_dir, migrate, Options};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use hop_engine::net::RemotePath;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Live-migrate a running process tree (CRIU) or runc container to another host running
@@ -21,13 +23,17 @@ use std::time::Duration;
 /// source from its final images (same state, not restarted), and a later `hop migrate` works.
 ///
 /// For a container, its bundle (config.json and rootfs) is synced to the target's
-/// containers/ID first, and its files again after the freeze. Progress goes to standard error;
+/// containers/ID first, and its files again after the freeze. Several --runc containers move as
+/// a group (e.g. a database and the web server using it): pre-copied in parallel, frozen
+/// together once all pre-copies are done, restored in the order given, and all moved back to
+/// the source if any of them fails. Progress goes to standard error;
 /// the timeline table to standard output at the end.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   hop migrate --pid 4242 quic://10.0.0.2:7420
   hop migrate --runc redis --max-downtime 1.5s --report-json mig.json quic://10.0.0.2
   hop migrate --runc web --runc-root /run/runc --rounds 0 quic://10.0.0.2   (stop and copy)
+  hop migrate --runc db --runc web quic://10.0.0.2   (a group: db restored first)
 
 The target runs, as root:
   hop serve --root /srv/hop --listen 0.0.0.0:7420 --authorized-keys /etc/hop/authorized_keys")]
@@ -107,16 +113,40 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         Some(r) => r?,
         None => bail!("{}: the target must be quic://HOST[:PORT]", a.target),
     };
-    let app = App::find(a.app.pid, a.app.runc.as_deref(), a.app.runc_root.clone())?;
+    // Every application is checked before anything moves.
+    let apps: Vec<App> = if a.app.runc.len() > 1 {
+        if a.haproxy.is_some() {
+            bail!("--haproxy holds one application's clients; it does not take a group of containers yet");
+        }
+        a.app
+            .runc
+            .iter()
+            .map(|id| App::find(None, Some(id), a.app.runc_root.clone()))
+            .collect::<Result<_>>()?
+    } else {
+        vec![App::find(
+            a.app.pid,
+            a.app.runc.first().map(String::as_str),
+            a.app.runc_root.clone(),
+        )?]
+    };
     let compress = a
         .compress
         .as_deref()
         .map(super::sync::parse_compress)
         .transpose()?;
-    let o = Options {
+    let client = a.remote.client_settings()?;
+    let hold = match (&a.haproxy, &a.haproxy_server) {
+        (Some(sock), Some(server)) => {
+            Some(crate::migrate::haproxy::Hold::new(sock.clone(), server)?)
+        }
+        _ => None,
+    };
+    let group = (apps.len() > 1).then(|| Arc::new(Group::new(apps.len())));
+    let options = |app: App, i: usize| Options {
         app,
-        target,
-        client: a.remote.client_settings()?,
+        target: target.clone(),
+        client: client.clone(),
         max_downtime: a.max_downtime,
         rounds: a.rounds,
         compress,
@@ -126,19 +156,38 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
             established: a.tcp_established,
             close: a.tcp_close,
         },
-        hold: match (&a.haproxy, &a.haproxy_server) {
-            (Some(sock), Some(server)) => {
-                Some(crate::migrate::haproxy::Hold::new(sock.clone(), server)?)
-            }
-            _ => None,
-        },
+        hold: hold.clone(),
         hold_addr: a.haproxy_addr.clone(),
         lazy_restore: !a.no_lazy_restore,
         quiet: out.quiet,
+        group: group.clone().map(|g| (g, i)),
     };
-    let (tl, r) = migrate(&o);
+    // Each member moves on a thread of its own (its own connection); a single one on this one.
+    let results: Vec<_> = if apps.len() == 1 {
+        apps.into_iter()
+            .map(|app| migrate(&options(app, 0)))
+            .collect()
+    } else {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = apps
+                .into_iter()
+                .enumerate()
+                .map(|(i, app)| {
+                    let o = options(app, i);
+                    s.spawn(move || migrate(&o))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("a migration thread panicked"))
+                .collect()
+        })
+    };
     if let Some(path) = &a.report_json {
-        let json = serde_json::to_string_pretty(&tl)?;
+        let json = if results.len() == 1 {
+            serde_json::to_string_pretty(&results[0].0)?
+        } else {
+            serde_json::to_string_pretty(&results.iter().map(|r| &r.0).collect::<Vec<_>>())?
+        };
         if path.as_os_str() == "-" {
             println!("{json}");
         } else {
@@ -147,9 +196,37 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         }
     }
     if !out.quiet && a.report_json.as_deref() != Some(std::path::Path::new("-")) {
-        print!("{}", tl.table());
+        for (tl, _) in &results {
+            print!("{}", tl.table());
+        }
+        if results.len() > 1 {
+            let worst = results
+                .iter()
+                .map(|(tl, _)| tl.downtime_ms)
+                .fold(0.0, f64::max);
+            println!(
+                "group of {}: {}; longest downtime {worst:.0} ms",
+                results.len(),
+                if results.iter().all(|(_, r)| r.is_ok()) {
+                    "all migrated"
+                } else {
+                    "not migrated"
+                }
+            );
+        }
     }
-    r.map(|()| ExitCode::SUCCESS)
+    let mut errors = results
+        .into_iter()
+        .filter_map(|(tl, r)| r.err().map(|e| (tl, e)));
+    match errors.next() {
+        None => Ok(ExitCode::SUCCESS),
+        Some((tl, e)) => {
+            for (tl, e) in errors {
+                eprintln!("hop: {}: {e:#}", tl.app);
+            }
+            Err(e.context(tl.app))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -169,7 +169,6 @@ impl MigrationAgent {
                         tracing::warn!(
                             "migration {id}: lazy restore failed ({e:#}); restoring fully"
                         );
-                        runc.destroy(container);
                         runc.restore(container, &bundle, &dir, &work, tcp.established, None)
                     }
                     r => r,

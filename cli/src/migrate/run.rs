@@ -3,6 +3,7 @@
 
 use super::app::App;
 use super::calls::{bundle_dir, images_dir, Call, Checked, Restored, Tcp};
+use super::group::Meeting;
 use super::haproxy::Hold;
 use super::plan::{self, Budget, Next, RoundFigures};
 use super::timeline::{RoundRow, Timeline};
@@ -43,19 +44,29 @@ pub struct Options {
     pub hold_addr: Option<String>,
     /// No progress lines.
     pub quiet: bool,
+    /// A member of a group moved together: the group, and this member's place in the restore
+    /// order.
+    pub group: Option<(std::sync::Arc<super::group::Group>, usize)>,
 }
 
 /// Progress lines on standard error, stamped with the time since the start.
 struct Say {
     t0: Instant,
     quiet: bool,
+    /// The application's name, when several move at once.
+    label: Option<String>,
 }
 
 impl Say {
     fn line(&self, msg: impl AsRef<str>) {
         if !self.quiet {
+            let label = self
+                .label
+                .as_deref()
+                .map(|l| format!("{l}: "))
+                .unwrap_or_default();
             eprintln!(
-                "[{:7.2}s] {}",
+                "[{:7.2}s] {label}{}",
                 self.t0.elapsed().as_secs_f64(),
                 msg.as_ref()
             );
@@ -102,13 +113,19 @@ struct State {
     keep_local: bool,
     /// HAProxy holds the application's clients (since this instant).
     held: Option<Instant>,
+    /// Group meetings passed (see [`super::group`]).
+    met: usize,
 }
 
 /// Migrate. The timeline is returned in both outcomes; the error says what failed and where the
 /// application runs now.
 pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
     let t0 = Instant::now();
-    let say = Say { t0, quiet: o.quiet };
+    let say = Say {
+        t0,
+        quiet: o.quiet,
+        label: o.group.as_ref().map(|_| o.app.name()),
+    };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -126,9 +143,14 @@ pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
         frozen: false,
         keep_local: false,
         held: None,
+        met: 0,
     };
     let mut link = None;
     let r = run(o, &say, &mut tl, &mut st, &mut link);
+    if let (Err(_), Some((g, i))) = (&r, &o.group) {
+        // Nobody in the group waits for this member any more.
+        g.leave(*i, st.met);
+    }
     tl.total_ms = ms(t0.elapsed());
     let r = match r {
         Ok(()) => {
@@ -350,6 +372,14 @@ fn run(
 
     // Stop and copy.
     let dir = st.local.join("final");
+    if let Some((g, _)) = &o.group {
+        say.line("pre-copy done; waiting for the group");
+        st.met = 1;
+        if !g.meet(Meeting::Freeze, true) {
+            st.met = 2;
+            bail!("another container of the group failed before the freeze");
+        }
+    }
     if let Some(h) = &o.hold {
         st.held = Some(Instant::now());
         let drained = h.hold(Duration::from_secs(5))?;
@@ -392,9 +422,13 @@ fn run(
         o.app.wait_released(Duration::from_secs(5));
         tl.release_wait_ms = ms(t.elapsed());
     }
+    if let Some((g, i)) = &o.group {
+        // Restores go in the group's order.
+        g.wait_turn(*i);
+    }
     say.line("restoring at the target");
     let t = Instant::now();
-    let restored: Restored = call(
+    let restored: Result<Restored> = call(
         link,
         &Call::Restore {
             id: st.id.clone(),
@@ -402,8 +436,16 @@ fn run(
             tcp: o.tcp,
             lazy: o.lazy_restore,
         },
-    )
-    .context("restore at the target")?;
+    );
+    if let Some((g, i)) = &o.group {
+        g.finish_turn(*i);
+        st.met = 2;
+        let all = g.meet(Meeting::Restored, restored.is_ok());
+        if restored.is_ok() && !all {
+            bail!("another container of the group did not restore; the whole group goes back");
+        }
+    }
+    let restored = restored.context("restore at the target")?;
     tl.restore_ms = ms(t.elapsed());
     tl.downtime_ms = ms(freeze.elapsed());
     if let (Some(h), Some(since)) = (&o.hold, st.held) {

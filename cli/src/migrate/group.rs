@@ -1,0 +1,146 @@
+//! Moving interdependent containers together (e.g. web + database): each member runs its own
+//! migration (its own connection, pre-copy rounds in parallel with the others), and the members
+//! meet twice. Before the freeze: all pre-copies are done, so the final syncs run together and
+//! the group's downtime is one member's, not the sum. After the restores, which go in the
+//! group's order (a database before the web server that needs it): all members run at the
+//! target, or every member goes back to the source (the target drops what it restored).
+
+use std::sync::{Condvar, Mutex};
+
+/// Where the members meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meeting {
+    /// Pre-copy done, about to freeze.
+    Freeze = 0,
+    /// Restore attempted.
+    Restored = 1,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    arrived: [usize; 2],
+    failed: [bool; 2],
+    /// Member i has made its restore attempt (or will not make one).
+    finished: Vec<bool>,
+}
+
+/// The meeting points of a group of `n` members.
+#[derive(Debug)]
+pub struct Group {
+    n: usize,
+    state: Mutex<State>,
+    cv: Condvar,
+}
+
+impl Group {
+    /// A group of `n` members.
+    pub fn new(n: usize) -> Group {
+        Group {
+            n,
+            state: Mutex::new(State {
+                finished: vec![false; n],
+                ..State::default()
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Arrive at `m` (`ok`: this member got there without failing) and wait for the others;
+    /// true when every member arrived without failing, false as soon as one failed.
+    pub fn meet(&self, m: Meeting, ok: bool) -> bool {
+        let k = m as usize;
+        let mut s = self.lock();
+        s.arrived[k] += 1;
+        if !ok {
+            s.failed[k] = true;
+        }
+        self.cv.notify_all();
+        while s.arrived[k] < self.n && !s.failed[k] {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        !s.failed[k]
+    }
+
+    /// Wait until every member before `i` has made its restore attempt.
+    pub fn wait_turn(&self, i: usize) {
+        let mut s = self.lock();
+        while !s.finished[..i].iter().all(|f| *f) {
+            s = self.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Member `i` has made its restore attempt, or gave up before it.
+    pub fn finish_turn(&self, i: usize) {
+        let mut s = self.lock();
+        if let Some(f) = s.finished.get_mut(i) {
+            *f = true;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Member `i` failed after passing the meetings in `passed`: it tells the meetings still
+    /// ahead of it, so that nobody waits for it.
+    pub fn leave(&self, i: usize, passed: usize) {
+        if passed == 0 {
+            self.meet(Meeting::Freeze, false);
+        } else if passed == 1 {
+            self.finish_turn(i);
+            self.meet(Meeting::Restored, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn members_meet_and_one_failure_releases_the_others() {
+        let g = Arc::new(Group::new(3));
+        let hs: Vec<_> = (0..3)
+            .map(|i| {
+                let g = g.clone();
+                std::thread::spawn(move || g.meet(Meeting::Freeze, i != 1))
+            })
+            .collect();
+        let got: Vec<bool> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(got, vec![false, false, false]);
+
+        let g = Arc::new(Group::new(2));
+        let g2 = g.clone();
+        let h = std::thread::spawn(move || g2.meet(Meeting::Freeze, true));
+        assert!(g.meet(Meeting::Freeze, true));
+        assert!(h.join().unwrap());
+    }
+
+    #[test]
+    fn restores_go_in_order_and_a_member_that_gives_up_frees_its_turn() {
+        let g = Arc::new(Group::new(3));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let hs: Vec<_> = (0..3)
+            .rev()
+            .map(|i| {
+                let (g, order) = (g.clone(), order.clone());
+                std::thread::spawn(move || {
+                    if i == 1 {
+                        // Fails before its restore.
+                        g.leave(1, 1);
+                        return false;
+                    }
+                    g.wait_turn(i);
+                    order.lock().unwrap().push(i);
+                    g.finish_turn(i);
+                    g.meet(Meeting::Restored, true)
+                })
+            })
+            .collect();
+        let ok: Vec<bool> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        assert_eq!(*order.lock().unwrap(), vec![0, 2]);
+        assert!(ok.iter().all(|o| !o), "a member failed: nobody commits");
+    }
+}
