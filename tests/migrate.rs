@@ -585,15 +585,16 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
     let pid = child.id();
     let _app = KillOnDrop(pid);
     std::thread::spawn(move || child.wait());
-    let haproxy = Command::new(&in_a[0])
-        .arg(&in_a[1])
-        .args(["haproxy", "-db", "-f"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.path("haproxy.log")).unwrap())
-        .spawn()
-        .expect("haproxy installed (scripts/setup.sh)");
-    let _haproxy = KillOnDrop(haproxy.id());
+    let haproxy = KillChild(
+        Command::new(&in_a[0])
+            .arg(&in_a[1])
+            .args(["haproxy", "-db", "-f"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.path("haproxy.log")).unwrap())
+            .spawn()
+            .expect("haproxy installed (scripts/setup.sh)"),
+    );
     let t0 = Instant::now();
     while !sock.exists() {
         assert!(
@@ -667,7 +668,7 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(&stop, b"").unwrap();
     let res = load.wait_with_output().unwrap();
-    drop(_haproxy);
+    drop(haproxy);
     ok(hop_in(
         &a,
         &c,

@@ -441,6 +441,16 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Kills and reaps a child process when dropped.
+pub struct KillChild(pub std::process::Child);
+
+impl Drop for KillChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Removes runc containers (state directory, id) when dropped, wherever they ended up.
 pub struct RemoveContainers(pub Vec<(PathBuf, String)>);
 
