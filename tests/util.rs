@@ -403,7 +403,17 @@ pub fn finish_within(
 
 /// The counter in `file`, if it holds one.
 pub fn value(file: &Path) -> Option<u64> {
-    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+    // Counters rewrite their file in place: a read can meet it truncated, so look again.
+    for _ in 0..50 {
+        if let Some(v) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
 }
 
 /// Wait (at most `limit`) until `file` holds a counter.
