@@ -46,7 +46,26 @@ fn socket(iface: &str) -> PathBuf {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot run {what}"))?;
+    run_with(cmd, None, what)
+}
+
+/// Run `cmd`, writing `input` (a key: never on the command line) to its standard input; its
+/// standard output, or its standard error as the failure.
+fn run_with(cmd: &mut Command, input: Option<&str>, what: &str) -> Result<String> {
+    let mut c = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {what}"))?;
+    if let (Some(text), Some(mut stdin)) = (input, c.stdin.take()) {
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = c.wait_with_output()?;
     if !out.status.success() {
         bail!(
             "{what} failed: {}",
@@ -62,21 +81,12 @@ pub fn keypair() -> Result<(String, String)> {
         Command::new("wg").arg("genkey"),
         "wg genkey (apt-get install wireguard-tools)",
     )?;
-    let mut c = Command::new("wg")
-        .arg("pubkey")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot run wg pubkey")?;
-    c.stdin
-        .take()
-        .context("wg pubkey stdin")?
-        .write_all(private.as_bytes())?;
-    let out = c.wait_with_output()?;
-    Ok((
-        private,
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    ))
+    let public = run_with(
+        Command::new("wg").arg("pubkey"),
+        Some(&private),
+        "wg pubkey",
+    )?;
+    Ok((private, public))
 }
 
 /// Bring up interface `iface` (wireguard-go, daemonized) with `private` key, listening on UDP
@@ -107,30 +117,18 @@ pub fn up(iface: &str, private: &str, port: u16, addr: &str) -> Result<()> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let configure = || -> Result<()> {
-        let mut c = Command::new("wg")
-            .args([
+        run_with(
+            Command::new("wg").args([
                 "set",
                 iface,
                 "listen-port",
                 &port.to_string(),
                 "private-key",
                 "/dev/stdin",
-            ])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot run wg set")?;
-        c.stdin
-            .take()
-            .context("wg set stdin")?
-            .write_all(private.as_bytes())?;
-        let out = c.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "wg set {iface}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+            ]),
+            Some(private),
+            &format!("wg set {iface}"),
+        )?;
         run(
             Command::new("ip").args(["addr", "add", &format!("{ip}/{prefix}"), "dev", iface]),
             "ip addr add",
