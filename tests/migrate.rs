@@ -117,13 +117,27 @@ fn a_process_moves_with_its_state_and_nothing_is_left_behind() {
     let _app = KillOnDrop(pid);
     let before = value(&file).unwrap();
 
-    let out = ok(migrate(
+    // Run at a terminal, as operators do: each phase shows live (a spinner while CRIU dumps, a
+    // bar while images are synced), and the timeline follows.
+    let out = on_a_terminal(&migrate(
         &d,
         &c,
         &srv.url(""),
         &["--pid", &pid.to_string(), "--max-downtime", "5s"],
     ));
     assert!(out.contains("migrated"), "{out}");
+    for phase in [
+        "round 1: dump",
+        "round 1: sync",
+        "final dump",
+        "final sync",
+        "restore",
+    ] {
+        assert!(
+            out.contains(&format!(" {phase} ")),
+            "phase {phase:?} not shown:\n{out}"
+        );
+    }
     // Same kernel: CRIU restored the same PID, now a child of the target's restore.
     assert!(alive(pid), "PID {pid} is not running after the migration");
     continues(&file, before);

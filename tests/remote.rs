@@ -95,6 +95,56 @@ fn push_and_pull_round_trip_every_kind_with_and_without_zstd() {
 }
 
 #[test]
+fn a_push_draws_a_progress_bar_on_a_terminal_and_none_in_a_pipe() {
+    let d = Dir::new();
+    let src = d.write("src/big.img", &noise(21, 96 << 20));
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    let screen = on_a_terminal(&c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new("--progress"),
+        s(&src),
+        OsStr::new(&srv.url("first.img")),
+    ]));
+    assert_eq!(
+        fs::read(&src).unwrap(),
+        fs::read(srv.root.join("first.img")).unwrap()
+    );
+    // The bar, its figures (sent of wanted, rate) and the share reused, redrawn in place.
+    assert!(screen.contains('\u{2588}'), "no bar drawn:\n{screen}");
+    assert!(
+        screen.contains("MiB/96.00 MiB"),
+        "no sent/wanted figures:\n{screen}"
+    );
+    assert!(screen.contains("96.00 MiB scanned, 0% reused"), "{screen}");
+    assert!(
+        screen.contains("\r"),
+        "the bar was not redrawn in place:\n{screen}"
+    );
+    // The report follows the bar.
+    assert!(screen.contains("1 files, 96.0 MiB total"), "{screen}");
+
+    // Not a terminal: no bar, and nothing but the report on stdout.
+    let mut cmd = c.sync(&[
+        OsStr::new("--progress"),
+        s(&src),
+        OsStr::new(&srv.url("second.img")),
+    ]);
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{}", describe(&cmd, &out));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!all.contains('\u{2588}') && !all.contains('\r'), "{all}");
+    assert_eq!(
+        fs::read(&src).unwrap(),
+        fs::read(srv.root.join("second.img")).unwrap()
+    );
+}
+
+#[test]
 fn single_file_push_into_a_directory_and_delete() {
     let d = Dir::new();
     let c = Client::new(&d, "client");

@@ -553,3 +553,24 @@ pub fn runc_remove(root: &Path, id: &str) {
         .args(["delete", "-f", id])
         .output();
 }
+
+/// Run `cmd` on a pseudo-terminal (util-linux `script`), as a user at a terminal would; its
+/// exit status must be 0. Returns everything it wrote to the terminal.
+pub fn on_a_terminal(cmd: &Command) -> String {
+    fn quote(s: &std::ffi::OsStr) -> String {
+        format!("'{}'", s.to_string_lossy().replace('\'', r"'\''"))
+    }
+    let mut line = quote(cmd.get_program());
+    for a in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&quote(a));
+    }
+    let out = Command::new("script")
+        .args(["-qfec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("util-linux script runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{line} on a terminal failed:\n{text}");
+    text
+}

@@ -833,6 +833,24 @@ fn fetching<T: Send>(
     progress: &Progress,
     build: &mut Build<'_, T>,
 ) -> Result<T> {
+    let arrived = std::sync::atomic::AtomicU64::new(0);
+    let r = fetch_and_build(source, lane, i, fp, req, progress, &arrived, build);
+    Progress::add(&progress.bytes_literal_settled, arrived.into_inner());
+    r
+}
+
+/// [`fetching`], counting the payload bytes that arrive in `arrived` as well as in `progress`.
+#[allow(clippy::too_many_arguments)]
+fn fetch_and_build<T: Send>(
+    source: &dyn ChunkSource,
+    lane: usize,
+    i: u32,
+    fp: &crate::plan::FilePlan,
+    req: Option<&Request>,
+    progress: &Progress,
+    arrived: &std::sync::atomic::AtomicU64,
+    build: &mut Build<'_, T>,
+) -> Result<T> {
     let fallback;
     let req = match req {
         Some(r) => r,
@@ -851,6 +869,7 @@ fn fetching<T: Send>(
         if !fp.fetch.is_empty() {
             source.fetch(lane, req, &mut |f| {
                 Progress::add(&progress.bytes_literal, f.2.len() as u64);
+                Progress::add(arrived, f.2.len() as u64);
                 got.push_back(f);
                 Ok(())
             })?;
@@ -866,6 +885,7 @@ fn fetching<T: Send>(
         s.spawn(move || {
             let r = source.fetch(lane, req, &mut |f| {
                 Progress::add(&progress.bytes_literal, f.2.len() as u64);
+                Progress::add(arrived, f.2.len() as u64);
                 tx.send(Ok(f))
                     .map_err(|_| Error::Protocol("receiver gave up".into()))
             });

@@ -83,6 +83,15 @@ pub struct Progress {
     pub bytes_wire: AtomicU64,
     /// Files produced so far.
     pub files_done: AtomicU64,
+    /// Literal bytes of the files whose fetching ended; the rest of `bytes_literal` belongs to
+    /// files still being fetched.
+    pub bytes_literal_settled: AtomicU64,
+    /// Sender: bytes of source files chunked so far.
+    pub bytes_scanned: AtomicU64,
+    /// Sender: bytes of chunks the receiver asked for so far (what it did not hold).
+    pub bytes_wanted: AtomicU64,
+    /// Sender: bytes of those chunks sent so far (before compression or delta encoding).
+    pub bytes_sent: AtomicU64,
 }
 
 impl Progress {

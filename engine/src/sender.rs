@@ -7,6 +7,7 @@ use crate::index::IndexCache;
 use crate::manifest::{chunk_offsets, Entry, EntryKind};
 use crate::path::RelPath;
 use crate::protocol::{Codec, Frame};
+use crate::report::Progress;
 use crate::scan::{scan, Filter, ScanKind};
 use rayon::prelude::*;
 use std::os::unix::fs::FileExt;
@@ -65,6 +66,7 @@ pub struct Sender {
     /// The chunk cache, loaded on the first basis lookup: a basis tree that was itself sent
     /// earlier with the same cache (a migration's previous round) is not read again.
     basis_cache: std::sync::OnceLock<Option<IndexCache>>,
+    progress: std::sync::Arc<crate::report::Progress>,
 }
 
 /// The counterpart of a source file in [`SenderOptions::basis`], chunked.
@@ -83,7 +85,15 @@ impl Sender {
             files: Default::default(),
             basis: Default::default(),
             basis_cache: std::sync::OnceLock::new(),
+            progress: Default::default(),
         }
+    }
+
+    /// Count what is chunked, asked for and sent in `progress` (its sender fields) as it
+    /// happens, for a progress display.
+    pub fn with_progress(mut self, progress: std::sync::Arc<crate::report::Progress>) -> Sender {
+        self.progress = progress;
+        self
     }
 
     /// Scan the tree, then chunk its files in windows (files of a window in parallel, large
@@ -185,6 +195,9 @@ impl Sender {
                     })),
                     _ => None,
                 };
+                if let EntryKind::File { size, .. } = &e.kind {
+                    Progress::add(&self.progress.bytes_scanned, *size);
+                }
                 self.files
                     .write()
                     .unwrap_or_else(|p| p.into_inner())
@@ -273,6 +286,12 @@ impl Sender {
             .served(entry)
             .ok_or_else(|| Error::Protocol(format!("entry {entry} is not a file sent so far")))?;
         let chunks = &served.chunks;
+        let wanted: u64 = want
+            .iter()
+            .filter_map(|&n| chunks.get(n as usize))
+            .map(|c| c.len as u64)
+            .sum();
+        Progress::add(&self.progress.bytes_wanted, wanted);
         let path = served.path.clone();
         let file = match crate::assemble::open_nofollow(&path) {
             Ok(f) => f,
@@ -354,6 +373,7 @@ impl Sender {
                     Ok(p) => p,
                     Err(reason) => return emit(Frame::Failed { entry, reason }),
                 };
+                Progress::add(&self.progress.bytes_sent, buf.len() as u64);
                 // A reference to a held chunk wins when it is the smaller encoding.
                 if let Some(r) =
                     reference.filter(|r| patch.as_ref().is_none_or(|p| r.len() < p.len()))

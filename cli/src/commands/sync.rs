@@ -285,6 +285,7 @@ fn run_quic(
                 cache,
                 a.sender_basis.clone(),
                 &cfg,
+                progress,
             )
             .with_context(|| format!("push {} -> {}", a.src.display(), a.dest.display()))
         }

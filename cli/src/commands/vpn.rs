@@ -91,11 +91,6 @@ fn target(s: &str) -> Result<RemotePath> {
     }
 }
 
-fn call<T: serde::de::DeserializeOwned>(link: &mut Link, c: &Call) -> Result<T> {
-    let answer = link.call(&serde_json::to_string(c)?)?;
-    serde_json::from_str(&answer).with_context(|| format!("bad answer from the target: {answer}"))
-}
-
 /// The target's address, and ours as the route to it sees it.
 fn addresses(t: &RemotePath, port: u16) -> Result<(IpAddr, IpAddr)> {
     use std::net::ToSocketAddrs;
@@ -116,12 +111,10 @@ pub fn run(a: VpnArgs, out: Output) -> Result<ExitCode> {
         VpnCmd::Down(d) => {
             let t = target(&d.ends.target)?;
             let mut link = Link::connect(&t, &d.remote.client_settings()?)?;
-            let far: Result<serde_json::Value> = call(
-                &mut link,
-                &Call::VpnDown {
-                    iface: d.ends.peer_iface.clone(),
-                },
-            );
+            let far: Result<serde_json::Value> = Call::VpnDown {
+                iface: d.ends.peer_iface.clone(),
+            }
+            .send(&mut link);
             link.close();
             let near = vpn::down(&d.ends.iface);
             far.context("the target's end")?;
@@ -147,17 +140,15 @@ fn up(u: UpArgs, out: Output) -> Result<ExitCode> {
     let (private, public) = vpn::keypair()?;
     vpn::up(&u.ends.iface, &private, u.port, &u.addr)?;
     let r = (|| -> Result<()> {
-        let far: VpnEnd = call(
-            &mut link,
-            &Call::VpnUp {
-                iface: u.ends.peer_iface.clone(),
-                addr: u.peer_addr.clone(),
-                port: u.peer_port,
-                peer_public: public.clone(),
-                peer_endpoint: SocketAddr::new(me, u.port).to_string(),
-                peer_allowed: format!("{my_ip}/{}", if my_ip.is_ipv4() { 32 } else { 128 }),
-            },
-        )
+        let far: VpnEnd = Call::VpnUp {
+            iface: u.ends.peer_iface.clone(),
+            addr: u.peer_addr.clone(),
+            port: u.peer_port,
+            peer_public: public.clone(),
+            peer_endpoint: SocketAddr::new(me, u.port).to_string(),
+            peer_allowed: format!("{my_ip}/{}", if my_ip.is_ipv4() { 32 } else { 128 }),
+        }
+        .send(&mut link)
         .context("the target's end")?;
         vpn::add_peer(
             &u.ends.iface,

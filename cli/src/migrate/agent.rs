@@ -76,6 +76,8 @@ impl MigrationAgent {
     }
 
     fn check(&self, ctx: &CallContext) -> Checked {
+        // The clock is read as the question arrives, before the slow checks.
+        let unix_ms = super::calls::unix_ms();
         let (criu, criu_problem) = match Criu::find().and_then(|c| {
             c.check()?;
             Ok(c)
@@ -96,6 +98,7 @@ impl MigrationAgent {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             boot_id: super::calls::boot_id(),
+            unix_ms,
         }
     }
 
@@ -260,6 +263,7 @@ impl Agent for MigrationAgent {
                 super::vpn::down(&iface).map_err(|e| format!("{e:#}"))?;
                 Ok("{}".into())
             }
+            Call::Check => json(&self.check(ctx)),
             Call::Begin { id, keep_images } => {
                 self.lock().entry(ctx.conn).or_default().insert(
                     id,

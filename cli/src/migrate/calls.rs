@@ -1,6 +1,8 @@
 //! The commands the source sends the target's agent, and the answers, as JSON in the
 //! engine's agent messages.
 
+use anyhow::{Context, Result};
+use hop_engine::net::Link;
 use serde::{Deserialize, Serialize};
 
 /// Where a migration's files live under the target's root.
@@ -57,6 +59,8 @@ pub enum Kind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Call {
+    /// What the target can do, and its clock; changes nothing. Answered with a [`Checked`].
+    Check,
     /// A migration starts on this connection: can the target restore? Answered with a
     /// [`Checked`]. If the connection ends before [`Call::Commit`], the target removes the
     /// migration's files (unless `keep_images`) and stops any restored copy.
@@ -112,6 +116,15 @@ pub enum Call {
     },
 }
 
+impl Call {
+    /// Send this command on `link` and read the answer.
+    pub fn send<T: serde::de::DeserializeOwned>(&self, link: &mut Link) -> Result<T> {
+        let answer = link.call(&serde_json::to_string(self)?)?;
+        serde_json::from_str(&answer)
+            .with_context(|| format!("bad answer from the target: {answer}"))
+    }
+}
+
 /// The target's end of a tunnel.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VpnEnd {
@@ -119,7 +132,7 @@ pub struct VpnEnd {
     pub public: String,
 }
 
-/// The target's answer to [`Call::Check`].
+/// The target's answer to [`Call::Check`] and [`Call::Begin`].
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Checked {
     /// CRIU's version there, if it has one that runs.
@@ -138,6 +151,17 @@ pub struct Checked {
     /// (namespaces on one machine), where a restored process needs its old PID back first.
     #[serde(default)]
     pub boot_id: String,
+    /// The target's clock when it answered, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub unix_ms: u64,
+}
+
+/// This host's clock in milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// This kernel's boot id.

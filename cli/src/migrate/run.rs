@@ -8,12 +8,15 @@ use super::haproxy::Hold;
 use super::plan::{self, Budget, Next, RoundFigures};
 use super::timeline::{RoundRow, Timeline};
 use crate::checkpoint::criu::Criu;
+use crate::progress::Display;
 use anyhow::{anyhow, bail, Context, Result};
 use hop_engine::chunk::ChunkParams;
 use hop_engine::net::control::SyncSettings;
 use hop_engine::net::{ClientSettings, Link, RemotePath};
 use hop_engine::report::Report;
+use hop_engine::Progress;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// What `hop migrate` was asked.
@@ -65,23 +68,27 @@ impl Say {
                 .as_deref()
                 .map(|l| format!("{l}: "))
                 .unwrap_or_default();
-            eprintln!(
+            crate::progress::line(&format!(
                 "[{:7.2}s] {label}{}",
                 self.t0.elapsed().as_secs_f64(),
                 msg.as_ref()
-            );
+            ));
         }
+    }
+
+    /// A live view of a phase until the value is dropped (a bar for a transfer counting in
+    /// `progress`, else a spinner).
+    fn phase(&self, what: &str, progress: Option<Arc<Progress>>) -> Display {
+        let label = match &self.label {
+            Some(l) => format!("{l}: {what}"),
+            None => what.to_string(),
+        };
+        Display::phase(label, progress, !self.quiet)
     }
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn call<T: serde::de::DeserializeOwned>(link: &mut Link, c: &Call) -> Result<T> {
-    let body = serde_json::to_string(c)?;
-    let answer = link.call(&body)?;
-    serde_json::from_str(&answer).with_context(|| format!("bad answer from the target: {answer}"))
 }
 
 /// How images and bundles are synced.
@@ -216,7 +223,7 @@ pub fn migrate(o: &Options) -> (Timeline, Result<()>) {
     }
     if let Some(mut l) = link {
         if !o.keep_images {
-            if let Err(e) = call::<serde_json::Value>(&mut l, &Call::Cleanup { id: st.id.clone() })
+            if let Err(e) = (Call::Cleanup { id: st.id.clone() }).send::<serde_json::Value>(&mut l)
             {
                 tracing::warn!("could not remove the images at the target: {e:#}");
             }
@@ -243,13 +250,11 @@ fn run(
     // Prepare: connect, check the target, bring the container's bundle.
     say.line(format!("connecting to {}", o.target.host_port()));
     let link = link_slot.insert(Link::connect(&o.target, &o.client)?);
-    let checked: Checked = call(
-        link,
-        &Call::Begin {
-            id: st.id.clone(),
-            keep_images: o.keep_images,
-        },
-    )?;
+    let checked: Checked = Call::Begin {
+        id: st.id.clone(),
+        keep_images: o.keep_images,
+    }
+    .send(link)?;
     match (&checked.criu, &checked.criu_problem) {
         (Some(v), _) => {
             let theirs: Vec<u32> = v.split('.').filter_map(|x| x.parse().ok()).collect();
@@ -288,7 +293,11 @@ fn run(
     }
     if let App::Container { id, bundle, .. } = &o.app {
         say.line(format!("syncing bundle {}", bundle.display()));
+        let progress = Arc::new(Progress::default());
+        link.set_progress(progress.clone());
+        let shown = say.phase("bundle", Some(progress));
         let r = link.push(bundle, &bundle_dir(id), settings(o, true), None, None)?;
+        drop(shown);
         if !r.errors.is_empty() {
             // The container runs and writes its files meanwhile; whatever changed under the
             // copy is copied again after the freeze.
@@ -321,6 +330,7 @@ fn run(
         let n = figures.len() + 1;
         let dir = st.local.join(format!("round-{n}"));
         let start = Instant::now();
+        let shown = say.phase(&format!("round {n}: dump"), None);
         // A pre-copy dump can fail on a passing state (a connection being set up); the
         // application keeps running, so try once more before giving up.
         let d = match o.app.dump(&criu, &dir, true, o.tcp) {
@@ -334,6 +344,7 @@ fn run(
                     .with_context(|| format!("round {n}: dump"))?
             }
         };
+        drop(shown);
         say.line(format!(
             "round {n}: dumped {:.1} MB in {:.0} ms (frozen {:.0} ms); syncing",
             d.bytes as f64 / 1e6,
@@ -348,8 +359,17 @@ fn run(
                 d.bytes as f64 / 1e9
             );
         }
-        let (r, sync_ms) = push_images(link, o, st, &dir, &dest, prev.as_deref())
-            .with_context(|| format!("round {n}: sync"))?;
+        let (r, sync_ms) = push_images(
+            link,
+            o,
+            say,
+            &format!("round {n}: sync"),
+            st,
+            &dir,
+            &dest,
+            prev.as_deref(),
+        )
+        .with_context(|| format!("round {n}: sync"))?;
         let sent = r.stats.bytes_literal;
         say.line(format!(
             "round {n}: sent {:.1} MB ({:.1} MB on the wire) in {:.0} ms",
@@ -391,13 +411,15 @@ fn run(
     }
     let freeze = Instant::now();
     say.line("final dump: the application is frozen from here");
+    let shown = say.phase("final dump", None);
     let d = o
         .app
         .dump(&criu, &dir, false, o.tcp)
         .context("final dump (the application keeps running at the source)")?;
+    drop(shown);
     st.frozen = true;
-    let (r, sync_ms) =
-        push_images(link, o, st, &dir, &dest, prev.as_deref()).context("final sync")?;
+    let (r, sync_ms) = push_images(link, o, say, "final sync", st, &dir, &dest, prev.as_deref())
+        .context("final sync")?;
     tl.rounds.push(row("final".into(), &d, &r, sync_ms));
     say.line(format!(
         "final: dumped {:.1} MB in {:.0} ms, sent {:.1} MB in {:.0} ms",
@@ -409,9 +431,13 @@ fn run(
     if let App::Container { id, bundle, .. } = &o.app {
         // Files the container changed since the bundle was synced.
         let t = Instant::now();
+        let progress = Arc::new(Progress::default());
+        link.set_progress(progress.clone());
+        let shown = say.phase("container files", Some(progress));
         let r = link
             .push(bundle, &bundle_dir(id), settings(o, true), None, None)
             .context("final sync of the container's files")?;
+        drop(shown);
         check_report(&r, "bundle")?;
         tl.final_fs_sync_ms = ms(t.elapsed());
     }
@@ -428,15 +454,15 @@ fn run(
     }
     say.line("restoring at the target");
     let t = Instant::now();
-    let restored: Result<Restored> = call(
-        link,
-        &Call::Restore {
-            id: st.id.clone(),
-            kind: o.app.kind(),
-            tcp: o.tcp,
-            lazy: o.lazy_restore,
-        },
-    );
+    let shown = say.phase("restore", None);
+    let restored: Result<Restored> = Call::Restore {
+        id: st.id.clone(),
+        kind: o.app.kind(),
+        tcp: o.tcp,
+        lazy: o.lazy_restore,
+    }
+    .send(link);
+    drop(shown);
     if let Some((g, i)) = &o.group {
         g.finish_turn(*i);
         st.met = 2;
@@ -465,7 +491,7 @@ fn run(
         restored.pid, tl.downtime_ms
     ));
     // The target keeps its copy once it hears this.
-    let committed: Result<serde_json::Value> = call(link, &Call::Commit { id: st.id.clone() });
+    let committed: Result<serde_json::Value> = Call::Commit { id: st.id.clone() }.send(link);
     if let Err(e) = committed {
         // We cannot know whether the commit arrived: do not start a second copy here.
         st.frozen = false;
@@ -489,15 +515,21 @@ fn run(
 }
 
 /// Push one round's images (`prev`: the previous round, which the target holds) and time it.
+#[allow(clippy::too_many_arguments)]
 fn push_images(
     link: &mut Link,
     o: &Options,
+    say: &Say,
+    phase: &str,
     st: &State,
     dir: &Path,
     dest: &str,
     prev: Option<&Path>,
 ) -> Result<(Report, f64)> {
     let t = Instant::now();
+    let progress = Arc::new(Progress::default());
+    link.set_progress(progress.clone());
+    let _shown = say.phase(phase, Some(progress));
     let r = link.push(
         dir,
         dest,

@@ -342,6 +342,7 @@ fn sender_for(
     settings: &SyncSettings,
     cache: Option<PathBuf>,
     basis: Option<PathBuf>,
+    progress: Arc<Progress>,
 ) -> Result<(Arc<Sender>, Option<String>)> {
     let sopts = SenderOptions {
         params: settings.params,
@@ -359,7 +360,10 @@ fn sender_for(
     } else {
         src.file_name().map(|n| n.to_string_lossy().into_owned())
     };
-    Ok((Arc::new(Sender::new(src, sopts)), name_if_dir))
+    Ok((
+        Arc::new(Sender::new(src, sopts).with_progress(progress)),
+        name_if_dir,
+    ))
 }
 
 /// Turn a sender's summary into its report.
@@ -380,8 +384,9 @@ fn push_report(mut summary: Summary, wire: u64, t0: Instant) -> Report {
     report
 }
 
-/// Send the local tree `src` to `remote` (`basis`: see [`SenderOptions::basis`]). `remote.path` is where it lands; for a single file,
-/// a path ending in `/` or naming a directory on the server receives it under its own name.
+/// Send the local tree `src` to `remote` (`basis`: see [`SenderOptions::basis`]). `remote.path`
+/// is where it lands; for a single file, a path ending in `/` or naming a directory on the
+/// server receives it under its own name. `progress` counts what is chunked, asked for and sent.
 pub fn push(
     src: &Path,
     remote: &RemotePath,
@@ -389,11 +394,12 @@ pub fn push(
     cache: Option<PathBuf>,
     basis: Option<PathBuf>,
     cfg: &ClientSettings,
+    progress: Arc<Progress>,
 ) -> Result<Report> {
     let t0 = Instant::now();
     let rt = runtime()?;
     rt.block_on(async {
-        let (sender, name_if_dir) = sender_for(src, &settings, cache, basis)?;
+        let (sender, name_if_dir) = sender_for(src, &settings, cache, basis, progress)?;
         let request = Request::Push {
             path: remote.path.clone(),
             name_if_dir,
@@ -411,6 +417,7 @@ pub struct Link {
     rt: tokio::runtime::Runtime,
     c: Connected,
     timeout: Duration,
+    progress: Arc<Progress>,
 }
 
 impl Link {
@@ -422,7 +429,13 @@ impl Link {
             rt,
             c,
             timeout: cfg.net.timeout,
+            progress: Default::default(),
         })
+    }
+
+    /// Count what the next pushes chunk, are asked for and send in `progress`.
+    pub fn set_progress(&mut self, progress: Arc<Progress>) {
+        self.progress = progress;
     }
 
     /// `HOST:PORT` of the server.
@@ -454,8 +467,9 @@ impl Link {
         let before = self.bytes_wire();
         let timeout = self.timeout;
         let c = &mut self.c;
+        let progress = self.progress.clone();
         let r = self.rt.block_on(async {
-            let (sender, name_if_dir) = sender_for(src, &settings, cache, basis)?;
+            let (sender, name_if_dir) = sender_for(src, &settings, cache, basis, progress)?;
             let request = Request::Push {
                 path: dest.to_string(),
                 name_if_dir,
