@@ -201,6 +201,12 @@ mod tests {
         Progress::add(&r.bytes_done, 400);
         Progress::add(&r.bytes_literal, 100);
         Progress::add(&r.files_done, 3);
+        // 100 bytes arrived for a file still being written: they count as done.
+        let (total, done, words) = figures(&r);
+        assert_eq!((total, done), (1000, 500));
+        assert_eq!(words, "3 files, 80% reused");
+        // That file's fetching ended and it was counted whole.
+        Progress::add(&r.bytes_literal_settled, 100);
         let (total, done, words) = figures(&r);
         assert_eq!((total, done), (1000, 400));
         assert_eq!(words, "3 files, 75% reused");
