@@ -78,10 +78,11 @@ impl<'a> FileTable<'a> {
         &self.index.files[n as usize].path
     }
 
-    /// Rename `tmp` over `dest`, first pinning the old file at `dest` if it is indexed.
-    pub fn replace(&self, tmp: &Path, dest: &Path) -> Result<()> {
+    /// Rename `tmp` over `dest`, first pinning the old file there if it is indexed (as
+    /// `indexed_as`: the same file, `dest` may name it through an open directory).
+    pub fn replace(&self, tmp: &Path, dest: &Path, indexed_as: &Path) -> Result<()> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(&n) = self.by_path.get(dest) {
+        if let Some(&n) = self.by_path.get(indexed_as) {
             if let std::collections::hash_map::Entry::Vacant(v) = pinned.entry(n) {
                 if let Ok(f) = open_nofollow(dest) {
                     v.insert(Arc::new(f));
@@ -300,10 +301,10 @@ impl Staged {
     }
 
     /// Give the staged file the name `dest`, atomically replacing what is there (via `table`,
-    /// which keeps the old version readable).
-    pub fn commit(self, dest: &Path, table: &FileTable<'_>) -> Result<()> {
+    /// which keeps the old version readable; `indexed_as`: the path the index knows it by).
+    pub fn commit(self, dest: &Path, indexed_as: &Path, table: &FileTable<'_>) -> Result<()> {
         if let Some(named) = self.named {
-            table.replace(&named, dest)?;
+            table.replace(&named, dest, indexed_as)?;
             std::mem::forget(named); // renamed: nothing left to clean up
             return Ok(());
         }
@@ -332,7 +333,7 @@ impl Staged {
                 source: std::io::Error::last_os_error(),
             });
         }
-        table.replace(&tmp, dest).inspect_err(|_| {
+        table.replace(&tmp, dest, indexed_as).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
     }
@@ -743,7 +744,7 @@ mod tests {
             },
         )
         .unwrap();
-        tmp.commit(&dest, &table).unwrap();
+        tmp.commit(&dest, &dest, &table).unwrap();
         let out = std::fs::read(&dest).unwrap();
         (d, out, plan.literal)
     }

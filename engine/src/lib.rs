@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod assemble;
+pub mod beneath;
 pub mod chunk;
 pub mod delta;
 pub mod error;

@@ -244,4 +244,89 @@ mod tests {
             }
         }
     }
+
+    /// Someone with write access to the destination swaps a directory for a symlink out of it
+    /// after the receiver looked: nothing is written, changed or deleted outside, the entries
+    /// under it fail with a clear error, the rest is synced.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_after_the_scan_is_never_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst, outside) = (
+            d.path().join("src"),
+            d.path().join("dst"),
+            d.path().join("outside"),
+        );
+        for dir in [src.join("a/b"), outside.join("b")] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(src.join("a/b/f"), noise(1, 100_000)).unwrap();
+        std::fs::write(src.join("a/keep"), b"k").unwrap();
+        std::fs::write(src.join("top"), b"t").unwrap();
+        std::fs::write(outside.join("b/f"), b"precious").unwrap();
+        std::fs::write(outside.join("extra"), b"precious").unwrap();
+        let sopts = SenderOptions {
+            params: ChunkParams::default(),
+            compress: None,
+            cache: None,
+            basis: None,
+            rules: None,
+        };
+        let ropts = ReceiverOptions {
+            delete: true,
+            no_index_cache: true,
+            ..Default::default()
+        };
+        let r = sync_local(
+            &src,
+            &dst,
+            None,
+            sopts.clone(),
+            ropts.clone(),
+            &Progress::default(),
+        )
+        .unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+
+        // New content for the file below, a file to delete, a new top-level file.
+        std::fs::write(src.join("a/b/f"), noise(2, 100_000)).unwrap();
+        std::fs::write(src.join("a/keep"), b"k2").unwrap();
+        std::fs::write(src.join("new"), b"n").unwrap();
+        std::fs::write(dst.join("a/extra"), b"x").unwrap();
+        let receiver = Receiver::prepare(&dst, ropts).unwrap();
+        // The race: `a` becomes a symlink to `outside` once the receiver has scanned.
+        std::fs::rename(dst.join("a"), d.path().join("a-moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, dst.join("a")).unwrap();
+
+        let progress = Progress::default();
+        let sender = Sender::new(&src, sopts);
+        let (manifest, _) = sender.manifest_of(None).unwrap();
+        let wire = Wire {
+            bytes: AtomicU64::new(0),
+            progress: &progress,
+        };
+        let source = LocalSource {
+            sender: &sender,
+            wire: &wire,
+        };
+        let mut entries = manifest.into_iter();
+        let report = receiver
+            .apply(&mut || Ok(entries.next()), &source, &progress)
+            .unwrap();
+
+        assert_eq!(std::fs::read(outside.join("b/f")).unwrap(), b"precious");
+        assert_eq!(std::fs::read(outside.join("extra")).unwrap(), b"precious");
+        let mut names: Vec<_> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "extra"]);
+        assert!(!report.errors.is_empty());
+        for e in &report.errors {
+            assert!(e.to_string().contains("followed"), "{e}");
+        }
+        // The rest of the tree was synced.
+        assert_eq!(std::fs::read(dst.join("new")).unwrap(), b"n");
+        assert_eq!(std::fs::read(dst.join("top")).unwrap(), b"t");
+    }
 }

@@ -3,6 +3,7 @@
 //! and renamed into place once verified), symlinks, metadata, deletions.
 
 use crate::assemble::{assemble, AssembleOptions, Fetched, FileTable};
+use crate::beneath::Parent;
 use crate::chunk::{ChunkParams, FileChunks};
 use crate::error::{Error, IoContext, Result};
 use crate::index::{cache_path_for, ChunkIndex, IndexCache};
@@ -496,7 +497,6 @@ impl Receiver {
             if under_failed(&e.path, &failed_dirs) {
                 continue;
             }
-            let abs = e.path.under(&self.dest);
             let have = self.state.get(&e.path).map(|h| h.meta);
             let r = match (a, &e.kind) {
                 (Action::Symlink, EntryKind::Symlink { target }) => {
@@ -507,7 +507,9 @@ impl Receiver {
                     if dry {
                         Ok(())
                     } else {
-                        self.write_link(&abs, &e.path, target, &e.meta, owner, &table)
+                        through(&self.dest, &e.path, |abs| {
+                            self.write_link(abs, &e.path, target, &e.meta, owner, &table)
+                        })
                     }
                 }
                 (Action::Keep, _) | (Action::KeepLink, _) => {
@@ -528,7 +530,9 @@ impl Receiver {
                     if dry || !differs {
                         Ok(())
                     } else {
-                        meta::apply(&abs, &e.meta, have.as_ref(), *a == Action::KeepLink, owner)
+                        through(&self.dest, &e.path, |abs| {
+                            meta::apply(abs, &e.meta, have.as_ref(), *a == Action::KeepLink, owner)
+                        })
                     }
                 }
                 _ => Ok(()),
@@ -549,16 +553,21 @@ impl Receiver {
                 if dry {
                     continue;
                 }
-                let abs = p.under(&self.dest);
-                let r = match self.state.get(p).map(|h| &h.kind) {
-                    Some(DestKind::Dir) => std::fs::remove_dir(&abs)
-                        .or_else(|_| std::fs::remove_dir_all(&abs))
-                        .ctx("remove directory", &abs),
-                    _ => std::fs::remove_file(&abs).ctx("remove", &abs),
-                };
+                let r = through(&self.dest, p, |abs| {
+                    match self.state.get(p).map(|h| &h.kind) {
+                        Some(DestKind::Dir) => std::fs::remove_dir(abs)
+                            .or_else(|_| std::fs::remove_dir_all(abs))
+                            .ctx("remove directory", abs),
+                        _ => std::fs::remove_file(abs).ctx("remove", abs),
+                    }
+                });
                 match r {
                     Ok(()) => report.stats.entries_deleted += 1,
-                    // Already gone: it was inside a directory replaced by another kind of entry.
+                    // Already gone: it was inside a directory replaced by another kind of entry
+                    // (which is never followed, see [`Parent::of`]).
+                    Err(Error::Conflict { path, .. }) if path != p.under(&self.dest) => {
+                        report.stats.entries_deleted += 1
+                    }
                     Err(e)
                         if matches!(
                             e.io_kind(),
@@ -577,7 +586,6 @@ impl Receiver {
             if *a != Action::Dir || dry || failed_dirs.contains(&e.path) {
                 continue;
             }
-            let abs = e.path.under(&self.dest);
             let have = self
                 .state
                 .get(&e.path)
@@ -592,7 +600,9 @@ impl Receiver {
                 }
             }
             // A directory's mtime changes whenever an entry in it changes: always set it.
-            if let Err(err) = meta::apply(&abs, &e.meta, None, false, owner) {
+            if let Err(err) = through(&self.dest, &e.path, |abs| {
+                meta::apply(abs, &e.meta, None, false, owner)
+            }) {
                 report.errors.push(err);
             }
         }
@@ -639,12 +649,12 @@ impl Receiver {
         if dry {
             return;
         }
-        let abs = e.path.under(&self.dest);
-        let r = self.make_way(&abs, &e.path, true, table).and_then(|_| {
+        let r = through(&self.dest, &e.path, |abs| {
+            self.make_way(abs, &e.path, true, table)?;
             if e.path.is_root() {
-                std::fs::create_dir_all(&abs).ctx("create directory", &abs)
+                std::fs::create_dir_all(abs).ctx("create directory", abs)
             } else {
-                std::fs::create_dir(&abs).ctx("create directory", &abs)
+                std::fs::create_dir(abs).ctx("create directory", abs)
             }
         });
         if let Err(err) = r {
@@ -675,10 +685,32 @@ impl Receiver {
         owner: Apply,
         progress: &Progress,
     ) -> Result<u64> {
+        // Every system call below names the file through its directory, opened without
+        // following symlinks (see [`crate::beneath`]); `abs` is for the index and messages.
+        let at = Parent::of(&self.dest, &e.path)?;
+        self.write_file_at(lane, i, e, fp, req, table, source, owner, progress, &at)
+            .map_err(|err| at.explain(err))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_file_at(
+        &self,
+        lane: usize,
+        i: u32,
+        e: &Entry,
+        fp: &crate::plan::FilePlan,
+        req: Option<&Request>,
+        table: &FileTable<'_>,
+        source: &dyn ChunkSource,
+        owner: Apply,
+        progress: &Progress,
+        at: &Parent,
+    ) -> Result<u64> {
         let EntryKind::File { size, hash, chunks } = &e.kind else {
             return Err(Error::Protocol("write of a non-file".into()));
         };
         let abs = e.path.under(&self.dest);
+        let io = at.path();
         tracing::debug!(
             "{:?}: writing, {} chunks ({} bytes) to fetch",
             e.path,
@@ -693,7 +725,7 @@ impl Receiver {
                        req: Option<&Request>|
          -> Result<crate::assemble::Staged> {
             fetching(source, lane, i, fp, req, progress, &mut |next| {
-                assemble(&abs, *size, hash, chunks, fp, table, next, opts)
+                assemble(io, *size, hash, chunks, fp, table, next, opts)
             })
         };
         if self.opts.inplace {
@@ -701,7 +733,7 @@ impl Receiver {
                 if crate::inplace::suitable(me, *size, chunks, fp) {
                     let r = fetching(source, lane, i, fp, req, progress, &mut |next| {
                         crate::inplace::update(
-                            &abs,
+                            io,
                             me,
                             *size,
                             hash,
@@ -714,7 +746,7 @@ impl Receiver {
                     });
                     match r {
                         Ok(crate::inplace::Outcome::Done) => {
-                            let f = crate::assemble::open_nofollow(&abs)?;
+                            let f = crate::assemble::open_nofollow(io)?;
                             meta::apply_fd(&f, &abs, &e.meta, owner)?;
                             if opts.fsync {
                                 f.sync_all().ctx("fsync", &abs)?;
@@ -733,8 +765,8 @@ impl Receiver {
                     let full = plan_file(chunks, &ChunkIndex::default());
                     let tmp = attempt(&full, None)?;
                     meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-                    self.make_way(&abs, &e.path, false, table)?;
-                    tmp.commit(&abs, table)?;
+                    self.make_way(io, &e.path, false, table)?;
+                    tmp.commit(io, &abs, table)?;
                     Progress::add(&progress.bytes_done, *size);
                     Progress::add(&progress.files_done, 1);
                     return Ok(full.literal);
@@ -756,8 +788,8 @@ impl Receiver {
             Err(err) => return Err(err),
         };
         meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-        self.make_way(&abs, &e.path, false, table)?;
-        tmp.commit(&abs, table)?;
+        self.make_way(io, &e.path, false, table)?;
+        tmp.commit(io, &abs, table)?;
         Progress::add(&progress.bytes_done, *size);
         Progress::add(&progress.files_done, 1);
         Ok(sent)
@@ -816,6 +848,13 @@ impl Receiver {
             tracing::warn!("could not save the index cache: {e}");
         }
     }
+}
+
+/// Run `op` on the entry `rel` under `dest`, named through its directory opened without
+/// following symlinks (see [`crate::beneath`]); errors name the real path.
+fn through<T>(dest: &Path, rel: &RelPath, op: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let at = Parent::of(dest, rel)?;
+    op(at.path()).map_err(|err| at.explain(err))
 }
 
 /// Builds a file from its fetched chunks, taken in order from the function it is given.
