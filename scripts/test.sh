@@ -9,3 +9,9 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+# A short bounded fuzz run of the decoders a peer reaches (HOP_FUZZ_SECS per target; 0 skips;
+# the longer run is `bash scripts/fuzz.sh 60`).
+secs="${HOP_FUZZ_SECS:-20}"
+if [ "$secs" -gt 0 ]; then
+    bash scripts/fuzz.sh "$secs"
+fi

@@ -572,6 +572,10 @@ fn a_full_destination_disk_is_a_clear_error_and_the_old_file_survives() {
     fs::write(small.join("f"), &old).unwrap();
     d.write("src/f", &noise(51, 3 << 20)); // does not fit beside the old one
     d.write("src/g", b"small file that fits");
+    // Each fits alone, both do not: the check lets them start, the disk fills while they are
+    // written.
+    d.write("src/h1", &noise(52, 1_100_000));
+    d.write("src/h2", &noise(53, 1_100_000));
     let err = fails(
         hop_cmd![
             "sync",
@@ -581,7 +585,18 @@ fn a_full_destination_disk_is_a_clear_error_and_the_old_file_survives() {
         ],
         23,
     );
+    // Refused before a byte is written, with the figures.
+    assert!(
+        err.contains(&format!("{}/f: needs 3145728 bytes", small.display()))
+            && err.contains("free; nothing was written"),
+        "{err}"
+    );
     assert!(err.contains("No space left on device"), "{err}");
+    let h_written = ["h1", "h2"]
+        .iter()
+        .filter(|h| fs::read(small.join(h)).is_ok_and(|b| b.len() == 1_100_000))
+        .count();
+    assert!(h_written <= 1, "both cannot fit");
     assert_eq!(
         fs::read(small.join("f")).unwrap(),
         old,
@@ -593,7 +608,9 @@ fn a_full_destination_disk_is_a_clear_error_and_the_old_file_survives() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        names.iter().all(|n| n == "f" || n == "g"),
+        names
+            .iter()
+            .all(|n| ["f", "g", "h1", "h2"].contains(&n.as_str())),
         "leftovers: {names:?}"
     );
 }

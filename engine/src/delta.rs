@@ -110,11 +110,19 @@ pub fn split_ref(payload: &[u8]) -> Result<(crate::id::ChunkId, &[u8])> {
     Ok((crate::id::ChunkId(a), z))
 }
 
-/// Rebuild a chunk of `len` bytes from a zstd frame compressed with `base` as dictionary; never
-/// produces more than `len` bytes.
+/// Rebuild a chunk of exactly `len` bytes from a zstd frame compressed with `base` as
+/// dictionary; never produces more, and a frame that yields fewer is refused.
 pub fn apply_ref(base: &[u8], z: &[u8], len: usize) -> Result<Vec<u8>> {
-    with_prefix_decompress(z, base, len)
-        .map_err(|e| Error::Compression(format!("chunk does not decompress against its base: {e}")))
+    let out = with_prefix_decompress(z, base, len).map_err(|e| {
+        Error::Compression(format!("chunk does not decompress against its base: {e}"))
+    })?;
+    if out.len() != len {
+        return Err(Error::Compression(format!(
+            "chunk decompressed against its base to {} bytes, not {len}",
+            out.len()
+        )));
+    }
+    Ok(out)
 }
 
 thread_local! {
@@ -172,6 +180,27 @@ fn with_prefix_decompress(
 mod tests {
     use super::*;
     use crate::chunk::tests_support::noise;
+
+    /// Found by `cargo fuzz run frame`: an empty zstd frame decoded to 0 bytes where 1 was
+    /// expected, and was returned as the chunk.
+    #[test]
+    fn a_reference_that_decodes_short_is_refused() {
+        let base = vec![7u8; 4096];
+        let z = [0x28, 0xb5, 0x2f, 0xfd, 0x20, 0x00, 0x01, 0x00, 0x00];
+        assert!(apply_ref(&base, &z, 1).is_err());
+        let crash = [
+            0x06, 0x00, 0x00, 0x00, 0x03, 0xa1, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x04,
+        ];
+        if let Ok(Some((crate::protocol::Frame::Data { bytes, .. }, _))) =
+            crate::protocol::decode(&crash)
+        {
+            for len in [0, 1, 4096] {
+                if let Ok(out) = apply_ref(&base, &bytes, len) {
+                    assert_eq!(out.len(), len);
+                }
+            }
+        }
+    }
 
     #[test]
     fn patches_carry_only_changed_blocks() {

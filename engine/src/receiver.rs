@@ -419,6 +419,14 @@ impl Receiver {
                 match &a {
                     Action::Dir => this.make_dir(&e, &table, dry, &mut report, &mut failed_dirs),
                     Action::Write(fp) if !under_failed(&e.path, &failed_dirs) => {
+                        if !dry {
+                            if let Err(err) = this.room_for(&e, fp) {
+                                report.errors.push(err);
+                                manifest.push(e);
+                                actions.push(Action::Keep);
+                                continue;
+                            }
+                        }
                         planned += e.size();
                         progress.bytes_planned.store(planned, Ordering::Relaxed);
                         if i == 0 && !dry {
@@ -663,6 +671,33 @@ impl Receiver {
         }
     }
 
+    /// Refuse a large file the destination's file system has no room for, before writing any
+    /// of it (a full disk is still handled if it fills meanwhile: the old file stays). A file
+    /// updated in place needs room for its new data only; one rebuilt beside the old needs its
+    /// size.
+    fn room_for(&self, e: &Entry, fp: &crate::plan::FilePlan) -> Result<()> {
+        const CHECKED_FROM: u64 = 1 << 20;
+        let need = if self.opts.inplace {
+            fp.literal
+        } else {
+            e.size()
+        };
+        if need < CHECKED_FROM {
+            return Ok(());
+        }
+        let Some(free) = free_bytes(&self.dest) else {
+            return Ok(());
+        };
+        if need > free {
+            return Err(Error::Limit(format!(
+                "{}: needs {need} bytes, the file system holding {} has {free} free; nothing was written",
+                e.path.under(&self.dest).display(),
+                self.dest.display()
+            )));
+        }
+        Ok(())
+    }
+
     /// A single file synced to a path whose directory does not exist yet (`hop sync f dir/`).
     fn make_parent_of_root(&self, report: &mut Report) {
         if let Some(parent) = self.dest.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -848,6 +883,20 @@ impl Receiver {
             tracing::warn!("could not save the index cache: {e}");
         }
     }
+}
+
+/// Bytes available to this process on the file system holding `path` (or its nearest existing
+/// ancestor).
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let c = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value for statvfs to fill; `c` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Run `op` on the entry `rel` under `dest`, named through its directory opened without

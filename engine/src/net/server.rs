@@ -262,7 +262,7 @@ async fn session(incoming: quinn::Incoming, s: &ServeSettings) -> Result<()> {
                 continue;
             }
             let pull = matches!(request, Request::Pull { .. });
-            match prepare(s, &request, &settings) {
+            match check_request(&s.root, &request, &settings) {
                 Err(e) => {
                     let reason = e.to_string();
                     write_msg(&mut ctl.send, &Control::Refused { reason }).await?;
@@ -304,9 +304,14 @@ async fn session(incoming: quinn::Incoming, s: &ServeSettings) -> Result<()> {
     r
 }
 
-/// Check a request against the root: the path it names, and whether a pull's source is a
-/// directory.
-fn prepare(s: &ServeSettings, req: &Request, settings: &SyncSettings) -> Result<(PathBuf, bool)> {
+/// Check a client's request and settings against `root` (the server's `--root`): the path it
+/// names there, and whether a pull's source is a directory. Everything in them came from the
+/// network; a refusal is an error to send back.
+pub fn check_request(
+    root: &Path,
+    req: &Request,
+    settings: &SyncSettings,
+) -> Result<(PathBuf, bool)> {
     crate::chunk::ChunkParams::new(
         settings.params.min,
         settings.params.avg,
@@ -315,7 +320,7 @@ fn prepare(s: &ServeSettings, req: &Request, settings: &SyncSettings) -> Result<
     rules(settings)?;
     match req {
         Request::Push { path, name_if_dir } => {
-            let mut dest = confine(&s.root, path)?;
+            let mut dest = confine(root, path)?;
             if let Some(name) = name_if_dir {
                 if path.ends_with('/') || dest.is_dir() {
                     if name.contains('/') || name == ".." || name == "." || name.is_empty() {
@@ -324,14 +329,14 @@ fn prepare(s: &ServeSettings, req: &Request, settings: &SyncSettings) -> Result<
                             why: "not a file name",
                         });
                     }
-                    dest = confine(&s.root, &format!("{path}/{name}"))?;
+                    dest = confine(root, &format!("{path}/{name}"))?;
                 }
             }
             Ok((dest, false))
         }
         Request::Agent { .. } => Err(Error::Protocol("an agent command is not a sync".into())),
         Request::Pull { path } => {
-            let src = confine(&s.root, path)?;
+            let src = confine(root, path)?;
             let md = std::fs::symlink_metadata(&src).map_err(|e| Error::Io {
                 op: "read source",
                 path: PathBuf::from(path),
