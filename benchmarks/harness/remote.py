@@ -183,8 +183,11 @@ class Bench:
                         res[n]["fresh"].append(self.run(n, argv))
                     self.verify(dest)
                 # Every tool's copy now holds the current tree: edit it, sync the edit.
-                sh("python3", f"{self.repo}/scripts/gen-tree.py", "edit", f"{self.w}/src",
-                   "--seed", str(100 + rep), stdout=subprocess.DEVNULL)
+                if self.a.edit_cmd:
+                    sh("bash", "-c", self.a.edit_cmd.format(src=f"{self.w}/src", seed=100 + rep))
+                else:
+                    sh("python3", f"{self.repo}/scripts/gen-tree.py", "edit", f"{self.w}/src",
+                       "--kind", self.a.kind, "--seed", str(100 + rep), stdout=subprocess.DEVNULL)
                 for n in order:
                     argv, dest = tools[n]
                     res[n]["delta"].append(self.run(n, argv))
@@ -241,6 +244,11 @@ if __name__ == "__main__":
                     help="seed destinations with a local copy instead of a timed fresh sync")
     ap.add_argument("--hop-variant", action="append", default=[], metavar="NAME=ARGS",
                     help="also run hop with these extra options, as tool hop:NAME (tuning sweeps)")
+    ap.add_argument("--kind", default="tree", help="gen-tree.py kind of the workload (for its edit)")
+    ap.add_argument("--edit-cmd", help="shell command that edits {src} instead of gen-tree.py ({seed})")
+    ap.add_argument("--limit-bytes", type=int,
+                    help="bytes that really changed, compressed: with --rate-bps, the delta's physical limit")
+    ap.add_argument("--rate-bps", type=float, help="the link's rate in bits per second")
     a = ap.parse_args()
     res = Bench(a).main()
     names = a.tools + [f"hop:{v.partition('=')[0]}" for v in a.hop_variant]
@@ -253,5 +261,17 @@ if __name__ == "__main__":
             ranked = sorted((out[n][phase]["s_median"], n) for n in hops if out[n].get(phase))
             if ranked:
                 table += f"\nbest {phase}: {ranked[0][1]} ({ranked[0][0]:.2f} s median)"
+    if a.limit_bytes and a.rate_bps:
+        limit_s = a.limit_bytes * 8 / a.rate_bps
+        table += (f"\nphysical limit of the delta: {a.limit_bytes / 1e6:.1f} MB that really changed "
+                  f"(compressed) / {a.rate_bps / 1e6:.0f} Mbit/s = {limit_s:.2f} s")
+        rsyncs = [out[n]["delta"]["s_median"] for n in names if n.startswith("rsync") and out[n].get("delta")]
+        for n in names:
+            if n.startswith("hop") and out[n].get("delta"):
+                s_ = out[n]["delta"]["s_median"]
+                vs = f", {min(rsyncs) / s_:.1f}x faster than the best rsync" if rsyncs else ""
+                table += f"\n{n} delta: {s_ / limit_s:.2f}x the physical limit{vs}"
+        out["_limit"] = {"bytes": a.limit_bytes, "rate_bps": a.rate_bps, "s": limit_s}
+        json.dump(out, open(os.path.join(a.out, a.name + ".json"), "w"), indent=1)
     open(os.path.join(a.out, a.name + ".md"), "w").write(table + "\n")
     print(table)

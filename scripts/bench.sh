@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The benchmark suite: hop against rsync (over ssh, with and without -z, and the rsync daemon)
+# on every workload and link profile, between two network namespaces, each run alternating the
+# tools; a Markdown table, a JSON file and a PNG plot per run in benchmarks/results/, and
+# benchmarks/results/SUMMARY.md with every table.
+#
+#   bash scripts/bench.sh [--quick]
+#
+# --quick (a few minutes): small workloads, 2 repetitions, hop and rsync over ssh and the
+# daemon. The full run (an hour or more): 1 GiB workloads and redis with 500,000 keys, 3
+# repetitions, every tool, at 1 Gbit/s and at 100 Mbit/s with 40 ms RTT.
+# Needs root. Tuning sweeps: scripts/bench-tune.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+[ "${1:-}" = --quick ] && QUICK=1
+if [ $QUICK = 1 ]; then
+    MIB=128 KEYS=50000 REPS=2 TOOLS=(hop rsync-ssh rsyncd)
+else
+    MIB=1024 KEYS=500000 REPS=3 TOOLS=(hop hop-zstd rsync-ssh rsync-ssh-z rsyncd)
+fi
+RUNS=(
+    # workload  rate     rtt ms
+    "criu       100mbit  40"
+    "criu       1gbit    0"
+    "tree       1gbit    0"
+    "bigfile    100mbit  40"
+    "rootfs     1gbit    0"
+    "mixed      1gbit    0"
+)
+[ $QUICK = 0 ] && RUNS+=("tree 100mbit 40" "mixed 100mbit 40" "rootfs 100mbit 40" "bigfile 1gbit 0")
+t0=$(date +%s)
+names=()
+for r in "${RUNS[@]}"; do
+    read -r workload rate rtt <<<"$r"
+    echo "=== $workload, $rate, RTT +$rtt ms"
+    bash scripts/bench-remote.sh --workload "$workload" --mib "$MIB" --keys "$KEYS" --rate "$rate" \
+        --rtt "$rtt" --reps "$REPS" --tools "${TOOLS[@]}" | tee /tmp/hop-bench-run.log
+    names+=("$(sed -n 's/^plot: benchmarks\/results\/\(.*\)\.png$/\1/p' /tmp/hop-bench-run.log)")
+done
+{
+    echo "# Benchmark suite ($([ $QUICK = 1 ] && echo quick || echo full)), $(date -u +%Y-%m-%d), $(nproc) cores, $(uname -r)"
+    echo
+    for n in "${names[@]}"; do
+        echo "## $n"
+        echo
+        cat "benchmarks/results/$n.md"
+        echo
+        echo "![$n]($n.png)"
+        echo
+    done
+} >benchmarks/results/SUMMARY.md
+echo "suite done in $(( $(date +%s) - t0 )) s: benchmarks/results/SUMMARY.md"
