@@ -794,9 +794,24 @@ fn a_group_moves_together_and_goes_back_together_when_one_restore_fails() {
     continues(&web_counter, before.1);
 
     // Without the blocker the group moves: both run at the target, the database restored first.
+    // This time the group comes from a TOML file, as operators write it.
     runc_remove(&runc_b, &web);
+    let file = d.write(
+        "group.toml",
+        format!(
+            "runc_root = {:?}\n\n[[container]]\nid = {db:?}\n\n[[container]]\nid = {web:?}\n",
+            runc_a.display().to_string()
+        )
+        .as_bytes(),
+    );
     let mut cmd = hop();
-    group(&mut cmd);
+    migrate_args(
+        &mut cmd,
+        &d,
+        &c,
+        &srv.url(""),
+        &["--group", file.to_str().unwrap()],
+    );
     let out = ok(cmd);
     assert!(out.contains("all migrated"), "{out}");
     for (id, counter, from) in [(&db, &db_counter, before.0), (&web, &web_counter, before.1)] {
@@ -821,4 +836,121 @@ fn a_group_moves_together_and_goes_back_together_when_one_restore_fails() {
     for mut h in helpers {
         let _ = h.wait();
     }
+}
+
+/// Stops the charon of hop's IPsec tunnels `names` (and removes their files) when dropped, so
+/// that a failing test leaves no daemon behind.
+struct StopIpsec(Vec<String>);
+
+impl Drop for StopIpsec {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let d = Path::new("/var/lib/hop/ipsec").join(n);
+            if let Some(pid) = std::fs::read_to_string(d.join("charon.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                kill(pid);
+            }
+            let _ = std::fs::remove_dir_all(&d);
+        }
+    }
+}
+
+fn ping(ns: &str, ip: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-c", "2", "-W", "2", "-i", "0.3", ip,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The seed paper's VPN: strongSwan IPsec between the sites (userspace ESP here, the kernel has
+/// none), both ends set up by hop; the private addresses reach each other only through it, a
+/// sync to the target's private address goes through it, and `hop vpn down` leaves nothing.
+#[test]
+fn an_ipsec_tunnel_between_the_sites_carries_a_sync_and_comes_down_cleanly() {
+    let net = Netns::up("i", "10gbit");
+    let (a, b) = (net.ns("a"), net.ns("b"));
+    let enter = |ns: &str| vec!["nsenter".to_string(), format!("--net=/run/netns/{ns}")];
+    let d = Dir::new();
+    let c = Client::new(&d, "client");
+    let srv = Server::start_with(&d, "target", &[&c], "0.0.0.0:0", &enter(&b), &[]);
+    let (ta, tb) = (
+        format!("hi{}a", std::process::id() % 10000),
+        format!("hi{}b", std::process::id() % 10000),
+    );
+    let _stop = StopIpsec(vec![ta.clone(), tb.clone()]);
+    let target = format!("quic://10.77.0.2:{}", srv.port);
+    assert!(
+        !ping(&a, "10.202.0.2"),
+        "the private address answers without a tunnel"
+    );
+    let out = ok(hop_in(
+        &a,
+        &c,
+        &[
+            "vpn",
+            "up",
+            "--backend",
+            "ipsec",
+            &target,
+            "--addr",
+            "10.202.0.1",
+            "--peer-addr",
+            "10.202.0.2",
+            "--iface",
+            &ta,
+            "--peer-iface",
+            &tb,
+        ],
+    ));
+    assert!(out.contains("tunnel up (IPsec"), "{out}");
+    assert!(
+        has_link(&a, "ipsec0") && has_link(&b, "ipsec0"),
+        "no userspace ESP device"
+    );
+    assert!(ping(&a, "10.202.0.2"), "no traffic through the tunnel");
+    // The SA is ESP in UDP with AES-GCM.
+    let sas = ok({
+        let mut s = Command::new("swanctl");
+        s.args(["--list-sas", "--uri"])
+            .arg(format!("unix:///var/lib/hop/ipsec/{ta}/charon.vici"));
+        s
+    });
+    assert!(
+        sas.contains("ESTABLISHED") && sas.contains("AES_GCM_16"),
+        "{sas}"
+    );
+
+    // A push to the target's private address, through the tunnel.
+    let file = d.write("payload.bin", &noise(3, 3 << 20));
+    let mut sync = hop_in(&a, &c, &["sync", "-q"]);
+    sync.arg(&file)
+        .arg(format!("quic://10.202.0.2:{}/over-ipsec.bin", srv.port));
+    ok(sync);
+    assert_eq!(
+        std::fs::read(srv.root.join("over-ipsec.bin")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+
+    ok(hop_in(
+        &a,
+        &c,
+        &["vpn", "down", &target, "--iface", &ta, "--peer-iface", &tb],
+    ));
+    assert!(
+        !has_link(&a, "ipsec0") && !has_link(&b, "ipsec0"),
+        "ESP devices left"
+    );
+    for t in [&ta, &tb] {
+        assert!(
+            !Path::new("/var/lib/hop/ipsec").join(t).exists(),
+            "files of {t} left"
+        );
+    }
+    assert!(!ping(&a, "10.202.0.2"), "the tunnel still carries traffic");
 }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 #[derive(Args, Debug, Clone)]
 pub struct AppArgs {
     /// Root PID of the process tree.
-    #[arg(long, required_unless_present = "runc", conflicts_with = "runc")]
+    #[arg(long, conflicts_with = "runc")]
     pub pid: Option<u32>,
     /// Container id (runc). `hop migrate` takes it more than once: a group of containers moved
     /// together, restored in the order given.
@@ -122,7 +122,9 @@ pub fn run_checkpoint(a: CheckpointArgs, out: Output) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let pid = a.app.pid.unwrap_or_default();
+    let Some(pid) = a.app.pid else {
+        anyhow::bail!("say what to checkpoint: --pid PID or --runc ID");
+    };
     let criu = Criu::find()?;
     let mut o = options(&a.criu);
     o.leave_running = a.leave_running;

@@ -2,7 +2,8 @@
 
 use super::Output;
 use crate::migrate::app::App;
-use crate::migrate::group::Group;
+use crate::migrate::group::{Group, GroupFile};
+use crate::migrate::haproxy::Hold;
 use crate::migrate::run::{default_images_dir, migrate, Options};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -34,6 +35,7 @@ use std::time::Duration;
   hop migrate --runc redis --max-downtime 1.5s --report-json mig.json quic://10.0.0.2
   hop migrate --runc web --runc-root /run/runc --rounds 0 quic://10.0.0.2   (stop and copy)
   hop migrate --runc db --runc web quic://10.0.0.2   (a group: db restored first)
+  hop migrate --group wordpress.toml quic://10.0.0.2  (a group with HAProxy; docs/migrate.md)
 
 The target runs, as root:
   hop serve --root /srv/hop --listen 0.0.0.0:7420 --authorized-keys /etc/hop/authorized_keys")]
@@ -42,6 +44,10 @@ pub struct MigrateArgs {
     pub target: String,
     #[command(flatten)]
     pub app: super::checkpoint::AppArgs,
+    /// A group of containers described in a TOML file: their restore order, runc's root and,
+    /// per container, the HAProxy server whose clients it serves (see docs/migrate.md).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["pid", "runc", "haproxy"])]
+    pub group: Option<PathBuf>,
     /// Downtime budget (freeze to running at the target), e.g. 1s, 800ms, 2.5s.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub max_downtime: Duration,
@@ -113,22 +119,57 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         Some(r) => r?,
         None => bail!("{}: the target must be quic://HOST[:PORT]", a.target),
     };
-    // Every application is checked before anything moves.
-    let apps: Vec<App> = if a.app.runc.len() > 1 {
+    // Every application is checked before anything moves. Each comes with the HAProxy server
+    // holding its clients, if any, and its address at the target.
+    type Member = (App, Option<Hold>, Option<String>);
+    let members: Vec<Member> = if let Some(file) = &a.group {
+        let g = GroupFile::load(file)?;
+        g.container
+            .iter()
+            .map(|m| -> Result<Member> {
+                let app = App::find(None, Some(&m.id), g.runc_root.clone())?;
+                let hold = match (&g.haproxy, &m.haproxy_server) {
+                    (Some(sock), Some(server)) => Some(Hold::new(sock.clone(), server)?),
+                    _ => None,
+                };
+                Ok((app, hold, m.haproxy_addr.clone()))
+            })
+            .collect::<Result<_>>()?
+    } else if a.app.runc.len() > 1 {
         if a.haproxy.is_some() {
-            bail!("--haproxy holds one application's clients; it does not take a group of containers yet");
+            bail!(
+                "--haproxy names one application's server; for a group, name each container's in a \
+                 --group file"
+            );
         }
         a.app
             .runc
             .iter()
-            .map(|id| App::find(None, Some(id), a.app.runc_root.clone()))
+            .map(|id| {
+                Ok((
+                    App::find(None, Some(id), a.app.runc_root.clone())?,
+                    None,
+                    None,
+                ))
+            })
             .collect::<Result<_>>()?
     } else {
-        vec![App::find(
-            a.app.pid,
-            a.app.runc.first().map(String::as_str),
-            a.app.runc_root.clone(),
-        )?]
+        if a.app.pid.is_none() && a.app.runc.is_empty() {
+            bail!("say what to move: --pid PID, --runc ID (repeatable) or --group FILE");
+        }
+        let hold = match (&a.haproxy, &a.haproxy_server) {
+            (Some(sock), Some(server)) => Some(Hold::new(sock.clone(), server)?),
+            _ => None,
+        };
+        vec![(
+            App::find(
+                a.app.pid,
+                a.app.runc.first().map(String::as_str),
+                a.app.runc_root.clone(),
+            )?,
+            hold,
+            a.haproxy_addr.clone(),
+        )]
     };
     let compress = a
         .compress
@@ -136,14 +177,8 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         .map(super::sync::parse_compress)
         .transpose()?;
     let client = a.remote.client_settings()?;
-    let hold = match (&a.haproxy, &a.haproxy_server) {
-        (Some(sock), Some(server)) => {
-            Some(crate::migrate::haproxy::Hold::new(sock.clone(), server)?)
-        }
-        _ => None,
-    };
-    let group = (apps.len() > 1).then(|| Arc::new(Group::new(apps.len())));
-    let options = |app: App, i: usize| Options {
+    let group = (members.len() > 1).then(|| Arc::new(Group::new(members.len())));
+    let options = |(app, hold, hold_addr): Member, i: usize| Options {
         app,
         target: target.clone(),
         client: client.clone(),
@@ -156,24 +191,25 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
             established: a.tcp_established,
             close: a.tcp_close,
         },
-        hold: hold.clone(),
-        hold_addr: a.haproxy_addr.clone(),
+        hold,
+        hold_addr,
         lazy_restore: !a.no_lazy_restore,
         quiet: out.quiet,
         group: group.clone().map(|g| (g, i)),
     };
     // Each member moves on a thread of its own (its own connection); a single one on this one.
-    let results: Vec<_> = if apps.len() == 1 {
-        apps.into_iter()
-            .map(|app| migrate(&options(app, 0)))
+    let results: Vec<_> = if members.len() == 1 {
+        members
+            .into_iter()
+            .map(|m| migrate(&options(m, 0)))
             .collect()
     } else {
         std::thread::scope(|s| {
-            let hs: Vec<_> = apps
+            let hs: Vec<_> = members
                 .into_iter()
                 .enumerate()
-                .map(|(i, app)| {
-                    let o = options(app, i);
+                .map(|(i, m)| {
+                    let o = options(m, i);
                     s.spawn(move || migrate(&o))
                 })
                 .collect();

@@ -1,24 +1,30 @@
-//! `hop vpn up|down`: a WireGuard tunnel between this host and a `hop serve` host, both ends
-//! set up by hop (the far end by its agent, over the authenticated QUIC connection).
+//! `hop vpn up|down`: a WireGuard or IPsec tunnel between this host and a `hop serve` host,
+//! both ends set up by hop (the far end by its agent, over the authenticated QUIC connection).
 
 use super::remote::RemoteArgs;
 use super::Output;
-use crate::migrate::calls::{Call, VpnEnd};
-use crate::migrate::vpn;
+use crate::migrate::calls::{Call, VpnBackend, VpnEnd};
+use crate::migrate::{ipsec, vpn};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use hop_engine::net::{Link, RemotePath};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::process::ExitCode;
 
-/// Set up or take down a site-to-site WireGuard tunnel to a host running `hop serve` (as root).
+/// Set up or take down a site-to-site tunnel (WireGuard or IPsec) to a host running `hop serve`
+/// (as root).
 ///
-/// Both ends run the userspace wireguard-go (this kernel has no WireGuard module) configured
-/// with fresh keys; the far end is set up by the server's agent. Migration traffic can then go
-/// over the tunnel and HAProxy can reach the application at its tunnel address at the target.
+/// WireGuard (the default): both ends run the userspace wireguard-go (this kernel has no
+/// WireGuard module) with fresh keys. IPsec (`--backend ipsec`, for sites that require it):
+/// both ends run strongSwan's charon (IKEv2, a fresh pre-shared key sent over the authenticated
+/// connection, ESP with AES-GCM in UDP; userspace ESP through kernel-libipsec where the kernel
+/// has none); the private addresses go on `lo`. The far end is set up by the server's agent.
+/// Migration traffic can then go over the tunnel and HAProxy can reach the application at its
+/// tunnel address at the target.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:
   hop vpn up quic://203.0.113.7 --addr 10.200.0.1/24 --peer-addr 10.200.0.2/24
+  hop vpn up --backend ipsec quic://203.0.113.7 --addr 10.201.0.1 --peer-addr 10.201.0.2
   hop migrate --runc web --haproxy /run/haproxy.sock --haproxy-server be/web \\
               --haproxy-addr 10.200.0.2:8080 quic://203.0.113.7
   hop vpn down quic://203.0.113.7")]
@@ -41,11 +47,11 @@ pub enum VpnCmd {
 pub struct Ends {
     /// The target: quic://HOST[:PORT].
     pub target: String,
-    /// Interface name here (unique on this host).
+    /// Interface (WireGuard) or tunnel (IPsec) name here (unique on this host).
     #[arg(long, default_value = "hopvpn-s")]
     pub iface: String,
-    /// Interface name at the target (unique there; on one host with namespaces, unique across
-    /// them: wireguard-go's sockets are shared).
+    /// Interface or tunnel name at the target (unique there; on one host with namespaces,
+    /// unique across them: wireguard-go's sockets and hop's IPsec files are shared).
     #[arg(long, default_value = "hopvpn-t")]
     pub peer_iface: String,
 }
@@ -55,6 +61,9 @@ pub struct Ends {
 pub struct UpArgs {
     #[command(flatten)]
     pub ends: Ends,
+    /// What carries the tunnel.
+    #[arg(long, value_enum, default_value_t = VpnBackend::Wireguard)]
+    pub backend: VpnBackend,
     /// This end's tunnel address, IP/PREFIX.
     #[arg(long, value_name = "IP/PREFIX")]
     pub addr: String,
@@ -116,7 +125,11 @@ pub fn run(a: VpnArgs, out: Output) -> Result<ExitCode> {
             }
             .send(&mut link);
             link.close();
-            let near = vpn::down(&d.ends.iface);
+            let near = if ipsec::exists(&d.ends.iface) {
+                ipsec::down(&d.ends.iface)
+            } else {
+                vpn::down(&d.ends.iface)
+            };
             far.context("the target's end")?;
             near.context("this end")?;
             if !out.quiet {
@@ -137,6 +150,69 @@ fn up(u: UpArgs, out: Output) -> Result<ExitCode> {
     let (my_ip, _) = vpn::parse_cidr(&u.addr)?;
     let (peer_tunnel_ip, _) = vpn::parse_cidr(&u.peer_addr)?;
     let mut link = Link::connect(&t, &u.remote.client_settings()?)?;
+    let host = |ip: IpAddr| format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 });
+    let r = match u.backend {
+        VpnBackend::Wireguard => wireguard_up(&u, &mut link, me, peer_ip, my_ip, peer_tunnel_ip),
+        VpnBackend::Ipsec => (|| -> Result<()> {
+            let psk = ipsec::new_psk()?;
+            // The target answers IKE; this end initiates once the target is ready.
+            let _: VpnEnd = Call::VpnUp {
+                iface: u.ends.peer_iface.clone(),
+                addr: u.peer_addr.clone(),
+                port: 4500,
+                peer_public: String::new(),
+                peer_endpoint: SocketAddr::new(me, 4500).to_string(),
+                peer_allowed: host(my_ip),
+                backend: VpnBackend::Ipsec,
+                psk: Some(psk.clone()),
+            }
+            .send(&mut link)
+            .context("the target's end")?;
+            let end = ipsec::End {
+                name: u.ends.iface.clone(),
+                remote: peer_ip,
+                inner: my_ip,
+                peer_inner: peer_tunnel_ip,
+                psk,
+                initiate: true,
+            };
+            ipsec::up(&end).context("this end")
+        })(),
+    };
+    if r.is_err() && u.backend == VpnBackend::Ipsec {
+        // Nothing may stay half up at the target.
+        let _: Result<serde_json::Value> = Call::VpnDown {
+            iface: u.ends.peer_iface.clone(),
+        }
+        .send(&mut link);
+    }
+    link.close();
+    r?;
+    if !out.quiet {
+        match u.backend {
+            VpnBackend::Wireguard => println!(
+                "tunnel up (WireGuard): {} ({}) <-> {} ({}) over {me}:{} <-> {peer_ip}:{}",
+                my_ip, u.ends.iface, peer_tunnel_ip, u.ends.peer_iface, u.port, u.peer_port
+            ),
+            VpnBackend::Ipsec => println!(
+                "tunnel up (IPsec, IKEv2, ESP AES-GCM in UDP): {my_ip} ({}) <-> {peer_tunnel_ip} ({}) over {me} <-> {peer_ip}",
+                u.ends.iface, u.ends.peer_iface
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Both WireGuard ends: this one first (its public key goes to the target), then the target's,
+/// then this end learns the target's key; this end is taken down again if anything fails.
+fn wireguard_up(
+    u: &UpArgs,
+    link: &mut Link,
+    me: IpAddr,
+    peer_ip: IpAddr,
+    my_ip: IpAddr,
+    peer_tunnel_ip: IpAddr,
+) -> Result<()> {
     let (private, public) = vpn::keypair()?;
     vpn::up(&u.ends.iface, &private, u.port, &u.addr)?;
     let r = (|| -> Result<()> {
@@ -147,8 +223,10 @@ fn up(u: UpArgs, out: Output) -> Result<ExitCode> {
             peer_public: public.clone(),
             peer_endpoint: SocketAddr::new(me, u.port).to_string(),
             peer_allowed: format!("{my_ip}/{}", if my_ip.is_ipv4() { 32 } else { 128 }),
+            backend: VpnBackend::Wireguard,
+            psk: None,
         }
-        .send(&mut link)
+        .send(link)
         .context("the target's end")?;
         vpn::add_peer(
             &u.ends.iface,
@@ -160,16 +238,8 @@ fn up(u: UpArgs, out: Output) -> Result<ExitCode> {
             ),
         )
     })();
-    link.close();
-    if let Err(e) = r {
+    if r.is_err() {
         let _ = vpn::down(&u.ends.iface);
-        return Err(e);
     }
-    if !out.quiet {
-        println!(
-            "tunnel up: {} ({}) <-> {} ({}) over {me}:{} <-> {peer_ip}:{}",
-            my_ip, u.ends.iface, peer_tunnel_ip, u.ends.peer_iface, u.port, u.peer_port
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    r
 }

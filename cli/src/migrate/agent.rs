@@ -237,14 +237,32 @@ impl Agent for MigrationAgent {
                 peer_public,
                 peer_endpoint,
                 peer_allowed,
+                backend,
+                psk,
             } => {
                 if !is_root() {
                     return Err("setting up a tunnel needs root: run `hop serve` as root".into());
                 }
-                let endpoint = peer_endpoint
+                let endpoint: std::net::SocketAddr = peer_endpoint
                     .parse()
                     .map_err(|_| format!("bad endpoint {peer_endpoint:?}"))?;
                 let e = |e: anyhow::Error| format!("{e:#}");
+                if backend == super::calls::VpnBackend::Ipsec {
+                    let ip = |s: &str| super::vpn::parse_cidr(s).map(|(ip, _)| ip).map_err(e);
+                    let end = super::ipsec::End {
+                        name: iface.clone(),
+                        remote: endpoint.ip(),
+                        inner: ip(&addr)?,
+                        peer_inner: ip(&peer_allowed)?,
+                        psk: psk.ok_or("an IPsec tunnel needs its pre-shared key")?,
+                        initiate: false,
+                    };
+                    super::ipsec::up(&end).map_err(e)?;
+                    tracing::info!("IPsec tunnel {iface} up: {addr}, peer {}", endpoint.ip());
+                    return json(&super::calls::VpnEnd {
+                        public: String::new(),
+                    });
+                }
                 let (private, public) = super::vpn::keypair().map_err(e)?;
                 super::vpn::up(&iface, &private, port, &addr).map_err(e)?;
                 if let Err(err) =
@@ -260,7 +278,12 @@ impl Agent for MigrationAgent {
                 if !is_root() {
                     return Err("taking a tunnel down needs root".into());
                 }
-                super::vpn::down(&iface).map_err(|e| format!("{e:#}"))?;
+                if super::ipsec::exists(&iface) {
+                    super::ipsec::down(&iface)
+                } else {
+                    super::vpn::down(&iface)
+                }
+                .map_err(|e| format!("{e:#}"))?;
                 Ok("{}".into())
             }
             Call::Check => json(&self.check(ctx)),

@@ -108,6 +108,12 @@ pub enum Call {
         peer_endpoint: String,
         /// The caller's tunnel address(es), `IP/PREFIX`.
         peer_allowed: String,
+        /// WireGuard (the default) or IPsec.
+        #[serde(default)]
+        backend: VpnBackend,
+        /// IPsec: the pre-shared key (64 hex digits), chosen by the caller for this tunnel.
+        #[serde(default)]
+        psk: Option<String>,
     },
     /// Take the target's end of a tunnel down.
     VpnDown {
@@ -123,6 +129,18 @@ impl Call {
         serde_json::from_str(&answer)
             .with_context(|| format!("bad answer from the target: {answer}"))
     }
+}
+
+/// What carries a site-to-site tunnel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum VpnBackend {
+    /// WireGuard (userspace wireguard-go where the kernel has no module).
+    #[default]
+    Wireguard,
+    /// strongSwan IPsec: IKEv2 with a pre-shared key, ESP (AES-GCM) in UDP (userspace
+    /// kernel-libipsec where the kernel has no ESP).
+    Ipsec,
 }
 
 /// The target's end of a tunnel.

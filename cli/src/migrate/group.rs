@@ -5,7 +5,83 @@
 //! group's order (a database before the web server that needs it): all members run at the
 //! target, or every member goes back to the source (the target drops what it restored).
 
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
+
+/// A group described in a TOML file (`hop migrate --group FILE`):
+///
+/// ```toml
+/// runc_root = "/run/runc"            # optional
+/// haproxy = "/run/haproxy/admin.sock" # optional: HAProxy's runtime socket
+///
+/// [[container]]                      # restored first
+/// id = "db"
+///
+/// [[container]]
+/// id = "web"
+/// haproxy_server = "be/web"          # this member's clients are held during the move
+/// haproxy_addr = "10.200.0.2:8080"   # and sent here afterwards (over the VPN)
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupFile {
+    /// runc's state directory for every member.
+    pub runc_root: Option<PathBuf>,
+    /// HAProxy's runtime socket, for members with a `haproxy_server`.
+    pub haproxy: Option<PathBuf>,
+    /// The members, in restore order.
+    pub container: Vec<Member>,
+}
+
+/// One container of a group file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// runc container id.
+    pub id: String,
+    /// The HAProxy server (`BACKEND/SERVER`) whose clients are this container's.
+    pub haproxy_server: Option<String>,
+    /// This container's address at the target (`IP:PORT`), for HAProxy.
+    pub haproxy_addr: Option<String>,
+}
+
+impl GroupFile {
+    /// Read and check a group file.
+    pub fn load(path: &Path) -> Result<GroupFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read group file {}", path.display()))?;
+        GroupFile::parse(&text).with_context(|| format!("group file {}", path.display()))
+    }
+
+    /// Parse and check the text of a group file.
+    pub fn parse(text: &str) -> Result<GroupFile> {
+        let g: GroupFile = toml::from_str(text)?;
+        if g.container.is_empty() {
+            bail!("no [[container]]");
+        }
+        let mut seen = std::collections::HashSet::new();
+        for m in &g.container {
+            if !super::calls::valid_id(&m.id) {
+                bail!("bad container id {:?}", m.id);
+            }
+            if !seen.insert(&m.id) {
+                bail!("container {} is listed twice", m.id);
+            }
+            if m.haproxy_server.is_some() && g.haproxy.is_none() {
+                bail!(
+                    "container {} has a haproxy_server but the file has no haproxy socket",
+                    m.id
+                );
+            }
+            if m.haproxy_addr.is_some() && m.haproxy_server.is_none() {
+                bail!("container {}: haproxy_addr needs haproxy_server", m.id);
+            }
+        }
+        Ok(g)
+    }
+}
 
 /// Where the members meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +173,34 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_files_are_checked() {
+        let g = GroupFile::parse(
+            "haproxy = \"/run/h.sock\"\n[[container]]\nid = \"db\"\n[[container]]\nid = \"web\"\n\
+             haproxy_server = \"be/web\"\nhaproxy_addr = \"10.200.0.2:8080\"\n",
+        )
+        .unwrap();
+        assert_eq!(g.container.len(), 2);
+        assert_eq!(g.container[1].haproxy_server.as_deref(), Some("be/web"));
+        for (bad, why) in [
+            ("", "missing field"),
+            ("container = []", "no [[container]]"),
+            (
+                "[[container]]\nid = \"a\"\n[[container]]\nid = \"a\"",
+                "twice",
+            ),
+            ("[[container]]\nid = \"../x\"", "bad container id"),
+            (
+                "[[container]]\nid = \"a\"\nhaproxy_server = \"be/a\"",
+                "no haproxy socket",
+            ),
+            ("[[container]]\nid = \"a\"\nport = 1", "unknown field"),
+        ] {
+            let err = format!("{:#}", GroupFile::parse(bad).unwrap_err());
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
     use std::sync::Arc;
 
     #[test]

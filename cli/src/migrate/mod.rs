@@ -11,6 +11,7 @@ pub mod app;
 pub mod calls;
 pub mod group;
 pub mod haproxy;
+pub mod ipsec;
 pub mod plan;
 pub mod run;
 pub mod timeline;
