@@ -6,8 +6,8 @@
 #
 #   bash scripts/bench.sh [--quick]
 #
-# --quick (a few minutes): small workloads, 2 repetitions, hop and rsync over ssh and the
-# daemon. The full run (an hour or more): 1 GiB workloads and redis with 500,000 keys, 3
+# --quick (a few minutes): small workloads, 2 repetitions, hop (defaults and tuned) and rsync
+# over ssh (plain, -z, -z --inplace). The full run (an hour or more): 1 GiB workloads and redis with 500,000 keys, 3
 # repetitions, every tool, at 1 Gbit/s and at 100 Mbit/s with 40 ms RTT.
 # Needs root. Tuning sweeps: scripts/bench-tune.sh.
 set -euo pipefail
@@ -15,9 +15,9 @@ cd "$(dirname "$0")/.."
 QUICK=0
 [ "${1:-}" = --quick ] && QUICK=1
 if [ $QUICK = 1 ]; then
-    MIB=128 KEYS=50000 REPS=2 TOOLS=(hop rsync-ssh rsyncd)
+    MIB=128 KEYS=50000 REPS=2 TOOLS=(hop hop-tuned rsync-ssh rsync-ssh-z rsync-ssh-z-inplace)
 else
-    MIB=1024 KEYS=500000 REPS=3 TOOLS=(hop hop-zstd rsync-ssh rsync-ssh-z rsyncd)
+    MIB=1024 KEYS=500000 REPS=3 TOOLS=(hop hop-zstd hop-tuned rsync-ssh rsync-ssh-z rsync-ssh-z-inplace rsyncd)
 fi
 RUNS=(
     # workload  rate     rtt ms

@@ -102,18 +102,27 @@ class Bench:
         k, w, src = f"{self.w}/keys", self.w, f"{self.w}/src/"
         # Each hop variant keeps its sender cache in a directory of its own, so that one variant's
         # run never warms the next one's.
-        hop = lambda tool: ["env", f"XDG_CACHE_HOME={w}/cache-{tool}", self.hop, "sync", "-a", "-q",
+        # Every tool deletes what the source no longer has (a package upgrade removes files).
+        hop = lambda tool: ["env", f"XDG_CACHE_HOME={w}/cache-{tool}", self.hop, "sync", "-a", "-q", "--delete",
                             "--identity", f"{k}/hop-cli", "--known-hosts", f"{k}/known_hosts"]
         # Each tool syncs into a destination of its own.
         t = {
             "hop": (in_a(*hop("hop"), src, f"quic://{SERVER}:7420/hop"), f"{w}/dst-hop/hop"),
             "hop-zstd": (in_a(*hop("hop-zstd"), "--compress", "zstd:1", src, f"quic://{SERVER}:7420/hop-zstd"),
                          f"{w}/dst-hop/hop-zstd"),
-            "rsync-ssh": (in_a("rsync", "-a", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/plain"),
+            # The best settings found by tuning (benchmarks/README.md): zstd level 1, and large
+            # files updated in place (only changed data written; not old-or-new on a crash).
+            "hop-tuned": (in_a(*hop("hop-tuned"), "--compress", "zstd:1", "--inplace", src,
+                               f"quic://{SERVER}:7420/hop-tuned"), f"{w}/dst-hop/hop-tuned"),
+            "rsync-ssh": (in_a("rsync", "-a", "--delete", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/plain"),
                           f"{w}/dst-ssh/plain"),
-            "rsync-ssh-z": (in_a("rsync", "-az", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/z"),
+            "rsync-ssh-z": (in_a("rsync", "-az", "--delete", "-e", self.ssh, src, f"root@{SERVER}:{w}/dst-ssh/z"),
                             f"{w}/dst-ssh/z"),
-            "rsyncd": (in_a("rsync", "-a", src, f"rsync://{SERVER}:8730/bench/t"), f"{w}/dst-rsd/t"),
+            # rsync's own answer to large files with small changes (same trade-off as hop's
+            # --inplace: no new copy, not old-or-new on a crash).
+            "rsync-ssh-z-inplace": (in_a("rsync", "-az", "--inplace", "--delete", "-e", self.ssh, src,
+                                       f"root@{SERVER}:{w}/dst-ssh/inplace"), f"{w}/dst-ssh/inplace"),
+            "rsyncd": (in_a("rsync", "-a", "--delete", src, f"rsync://{SERVER}:8730/bench/t"), f"{w}/dst-rsd/t"),
         }
         # Tuning variants: hop with extra options, as tools "hop:NAME".
         for v in self.a.hop_variant:
@@ -126,7 +135,8 @@ class Bench:
     def server_of(self, name):
         if name.startswith("hop"):
             return self.hop_serve.pid
-        return {"rsync-ssh": self.sshd, "rsync-ssh-z": self.sshd, "rsyncd": self.rsyncd}[name].pid
+        return {"rsync-ssh": self.sshd, "rsync-ssh-z": self.sshd, "rsync-ssh-z-inplace": self.sshd,
+                "rsyncd": self.rsyncd}[name].pid
 
     @staticmethod
     def cpu_s(pid):
@@ -195,6 +205,7 @@ class Bench:
                 print(f"repetition {rep + 1}/{self.a.reps} done", file=sys.stderr)
         finally:
             self.stop()
+        self.commands = {n: shlex.join(tools[n][0]) for n in names}
         return res
 
 
@@ -237,7 +248,9 @@ if __name__ == "__main__":
     ap.add_argument("--repo", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--tools", nargs="+", default=["hop", "hop-zstd", "rsync-ssh", "rsync-ssh-z", "rsyncd"])
+    ap.add_argument("--tools", nargs="+",
+                    default=["hop", "hop-zstd", "hop-tuned", "rsync-ssh", "rsync-ssh-z", "rsync-ssh-z-inplace",
+                             "rsyncd"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default="remote")
     ap.add_argument("--delta-only", action="store_true",
@@ -250,7 +263,8 @@ if __name__ == "__main__":
                     help="bytes that really changed, compressed: with --rate-bps, the delta's physical limit")
     ap.add_argument("--rate-bps", type=float, help="the link's rate in bits per second")
     a = ap.parse_args()
-    res = Bench(a).main()
+    bench = Bench(a)
+    res = bench.main()
     names = a.tools + [f"hop:{v.partition('=')[0]}" for v in a.hop_variant]
     out, table = summarize(res, names, "rsync-ssh")
     os.makedirs(a.out, exist_ok=True)
@@ -273,5 +287,10 @@ if __name__ == "__main__":
                 table += f"\n{n} delta: {s_ / limit_s:.2f}x the physical limit{vs}"
         out["_limit"] = {"bytes": a.limit_bytes, "rate_bps": a.rate_bps, "s": limit_s}
         json.dump(out, open(os.path.join(a.out, a.name + ".json"), "w"), indent=1)
-    open(os.path.join(a.out, a.name + ".md"), "w").write(table + "\n")
+    # The exact command lines, as run (the sender's namespace first).
+    commands = "\n".join(f"- {n}: `{c}`" for n, c in bench.commands.items())
+    out["_commands"] = bench.commands
+    json.dump(out, open(os.path.join(a.out, a.name + ".json"), "w"), indent=1)
+    open(os.path.join(a.out, a.name + ".md"), "w").write(table + "\n\nCommands:\n\n" + commands + "\n")
     print(table)
+    print("commands:\n" + commands)
