@@ -2,8 +2,10 @@
 //! hosts, then push a local tree to it or pull a tree from it.
 
 use super::control::{Control, Request, Summary, SyncSettings};
-use super::endpoint::{client_endpoint, pinned_provider, Credentials, NetOptions, SERVER_NAME};
-use super::session::{receive_tree, send_tree, Control2};
+use super::endpoint::{
+    client_endpoint, close_promptly, pinned_provider, Credentials, NetOptions, SERVER_NAME,
+};
+use super::session::{receive_tree, Control2};
 use super::trust::{fingerprint_of_cert, KnownHosts, PinnedServer, SeenKey};
 use super::wire::{conn_error, expect_msg, write_msg};
 use crate::error::{Error, Result};
@@ -14,6 +16,9 @@ use crate::sender::{Sender, SenderOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The longest a closing client waits for its CONNECTION_CLOSE to leave.
+const CLOSE_WAIT: Duration = Duration::from_millis(200);
 
 /// Port `hop serve` listens on unless told otherwise.
 pub const DEFAULT_PORT: u16 = 7420;
@@ -98,7 +103,8 @@ pub struct ClientSettings {
 }
 
 pub(crate) struct Session {
-    pub(crate) endpoint: quinn::Endpoint,
+    /// Held for the connection's lifetime.
+    pub(crate) _endpoint: quinn::Endpoint,
     pub(crate) conn: quinn::Connection,
     pub(crate) ctl: Control2,
     source_is_dir: bool,
@@ -205,6 +211,57 @@ pub(crate) async fn connect(remote: &RemotePath, cfg: &ClientSettings) -> Result
 }
 
 impl Connected {
+    /// `e`, or the server's refusal of this client's key when that is why the connection
+    /// closed.
+    fn refused_key(&self, e: Error) -> Error {
+        if let Some(quinn::ConnectionError::ConnectionClosed(c)) = self.conn.close_reason() {
+            if (0x100..0x200).contains(&u64::from(c.error_code)) {
+                return Error::Trust(format!(
+                    "{} refused this client's key {}: add that line to the server's \
+                     authorized-keys file (see `hop serve --help`)",
+                    self.hp, self.own
+                ));
+            }
+        }
+        e
+    }
+
+    /// The server answered a request, so both keys were checked: record a newly trusted server.
+    fn settle_trust(&mut self) -> Result<()> {
+        if let Some((mut known, seen)) = self.unrecorded.take() {
+            if let Some(fp) = seen.get() {
+                known.add(&self.hp, &fp)?;
+                tracing::warn!(
+                    "added server {} with key {fp} to {}",
+                    self.hp,
+                    known.path().display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Push with the request's answer read only before the summary (the manifest follows the
+    /// request at once, saving a round trip); a refusal still reports the server's reason.
+    async fn pipelined_push(
+        &mut self,
+        request: Request,
+        settings: SyncSettings,
+        sender: Arc<Sender>,
+    ) -> Result<Summary> {
+        let mut ctl = match self.send_request(request, settings).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.refused_key(e)),
+        };
+        let r = super::session::send_tree_after(&self.conn, &mut ctl, sender, true).await;
+        match r {
+            // Answered (welcomed, or refused with a reason): both keys were checked.
+            Ok(_) | Err(Error::Remote(_)) => self.settle_trust()?,
+            Err(_) => {}
+        }
+        r.map_err(|e| self.refused_key(e))
+    }
+
     /// Send one request on a control stream of its own and read the server's first answer.
     async fn request(
         &mut self,
@@ -213,17 +270,6 @@ impl Connected {
         timeout: Duration,
     ) -> Result<(Control2, Control)> {
         let hp = self.hp.clone();
-        let refused_key = |conn: &quinn::Connection, own: &str, e: Error| -> Error {
-            if let Some(quinn::ConnectionError::ConnectionClosed(c)) = conn.close_reason() {
-                if (0x100..0x200).contains(&u64::from(c.error_code)) {
-                    return Error::Trust(format!(
-                        "{hp} refused this client's key {own}: add that line to the server's \
-                         authorized-keys file (see `hop serve --help`)"
-                    ));
-                }
-            }
-            e
-        };
         let hello = Control::Hello {
             version: VERSION,
             request,
@@ -231,7 +277,7 @@ impl Connected {
         };
         let (send, recv) = match self.conn.open_bi().await {
             Ok(s) => s,
-            Err(e) => return Err(refused_key(&self.conn, &self.own, conn_error(&e))),
+            Err(e) => return Err(self.refused_key(conn_error(&e))),
         };
         let mut ctl = Control2 { send, recv };
         let answer = async {
@@ -240,19 +286,10 @@ impl Connected {
         };
         let answer = match tokio::time::timeout(timeout, answer).await {
             Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(refused_key(&self.conn, &self.own, e)),
+            Ok(Err(e)) => return Err(self.refused_key(e)),
             Err(_) => return Err(Error::Transport(format!("{hp} did not answer the request"))),
         };
-        // Both keys were checked once the server answers: record a newly trusted server.
-        if let Some((mut known, seen)) = self.unrecorded.take() {
-            if let Some(fp) = seen.get() {
-                known.add(&hp, &fp)?;
-                tracing::warn!(
-                    "added server {hp} with key {fp} to {}",
-                    known.path().display()
-                );
-            }
-        }
+        self.settle_trust()?;
         if let Control::Refused { reason } = answer {
             return Err(Error::Remote(format!("{hp} refused the request: {reason}")));
         }
@@ -306,7 +343,7 @@ pub(crate) async fn open(
     let mut c = connect(remote, cfg).await?;
     let (ctl, source_is_dir) = c.sync(request, settings, cfg.net.timeout).await?;
     Ok(Session {
-        endpoint: c.endpoint,
+        _endpoint: c.endpoint,
         conn: c.conn,
         ctl,
         source_is_dir,
@@ -323,17 +360,15 @@ pub fn identity_fingerprint(id: &Credentials) -> Result<String> {
 
 /// End a session: close the connection (with the error, if any, as the reason the peer sees),
 /// and return the bytes that crossed the network.
-async fn close(s: &Session, err: Option<&Error>) -> u64 {
+async fn close(conn: &quinn::Connection, err: Option<&Error>) -> u64 {
     match err {
-        None => s.conn.close(0u32.into(), b"done"),
+        None => close_promptly(conn, 0, b"done", CLOSE_WAIT).await,
         Some(e) => {
             let msg = e.to_string();
-            let msg = &msg.as_bytes()[..msg.len().min(900)];
-            s.conn.close(1u32.into(), msg)
+            close_promptly(conn, 1, &msg.as_bytes()[..msg.len().min(900)], CLOSE_WAIT).await
         }
     }
-    let st = s.conn.stats();
-    let _ = tokio::time::timeout(Duration::from_secs(2), s.endpoint.wait_idle()).await;
+    let st = conn.stats();
     st.udp_tx.bytes + st.udp_rx.bytes
 }
 
@@ -404,9 +439,9 @@ pub fn push(
             path: remote.path.clone(),
             name_if_dir,
         };
-        let mut s = open(remote, cfg, request, settings).await?;
-        let r = send_tree(&s.conn, &mut s.ctl, sender).await;
-        let wire = close(&s, r.as_ref().err()).await;
+        let mut c = connect(remote, cfg).await?;
+        let r = c.pipelined_push(request, settings, sender).await;
+        let wire = close(&c.conn, r.as_ref().err()).await;
         Ok(push_report(r?, wire, t0))
     })
 }
@@ -465,7 +500,6 @@ impl Link {
     ) -> Result<Report> {
         let t0 = Instant::now();
         let before = self.bytes_wire();
-        let timeout = self.timeout;
         let c = &mut self.c;
         let progress = self.progress.clone();
         let r = self.rt.block_on(async {
@@ -474,14 +508,7 @@ impl Link {
                 path: dest.to_string(),
                 name_if_dir,
             };
-            if c.unrecorded.is_some() {
-                // The first request of a connection: keys are settled by its answer.
-                let (mut ctl, _) = c.sync(request, settings, timeout).await?;
-                return send_tree(&c.conn, &mut ctl, sender).await;
-            }
-            // Later requests: the manifest follows the request without waiting for the answer.
-            let mut ctl = c.send_request(request, settings).await?;
-            super::session::send_tree_after(&c.conn, &mut ctl, sender, true).await
+            c.pipelined_push(request, settings, sender).await
         });
         let wire = self.bytes_wire() - before;
         Ok(push_report(r?, wire, t0))
@@ -514,11 +541,9 @@ impl Link {
 
     /// Close the connection (the server undoes what waited for a later command).
     pub fn close(self) {
-        self.c.conn.close(0u32.into(), b"done");
-        let endpoint = self.c.endpoint.clone();
-        self.rt.block_on(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        });
+        let conn = self.c.conn.clone();
+        self.rt
+            .block_on(async move { close_promptly(&conn, 0, b"done", CLOSE_WAIT).await });
     }
 }
 
@@ -552,7 +577,7 @@ pub fn pull(
         };
         let prepare = move || Receiver::prepare(&into, ropts);
         let r = receive_tree(&s.conn, &mut s.ctl, prepare, cfg.net.streams, progress).await;
-        let wire = close(&s, r.as_ref().err()).await;
+        let wire = close(&s.conn, r.as_ref().err()).await;
         let (mut report, notes) = r?;
         report.skipped = notes.skipped;
         report

@@ -209,3 +209,16 @@ impl quinn::ConnectionIdGenerator for NoCid {
 pub fn pinned_provider() -> Arc<rustls::crypto::CryptoProvider> {
     provider()
 }
+
+/// Close `conn` and return once its CONNECTION_CLOSE has been handed to the socket (at most
+/// `limit`), instead of waiting out the draining period (three probe timeouts, a quarter of a
+/// second at 40 ms RTT) as [`quinn::Endpoint::wait_idle`] does: the peer learns of the close at
+/// once, and this side has nothing left to say. A lost close costs the peer its idle timeout.
+pub async fn close_promptly(conn: &quinn::Connection, code: u32, reason: &[u8], limit: Duration) {
+    let sent = conn.stats().udp_tx.datagrams;
+    conn.close(code.into(), reason);
+    let t0 = std::time::Instant::now();
+    while conn.stats().udp_tx.datagrams == sent && t0.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
