@@ -248,7 +248,13 @@ def main():
     p.add_argument("--max-downtime", default="2s")
     p.add_argument("--prefix", default="hopdemo")
     p.add_argument("--json", help="write the timelines and checks here")
+    p.add_argument("--logs", metavar="DIR", help="keep the target agents' logs (hop serve) in DIR")
+    p.add_argument("--variant", action="append", dest="variants", metavar="ARGS",
+                   help="extra hop migrate options for a move; several are taken in turn, move by "
+                        "move (e.g. --variant= --variant=--no-push): an A/B comparison in one run, "
+                        "summarized per variant")
     a = p.parse_args()
+    a.variants = a.variants or [""]
     if a.cmd:
         return {"load": cmd_load, "write": cmd_write, "check": cmd_check, "ping": cmd_ping}[a.cmd](a)
 
@@ -303,12 +309,14 @@ def main():
                                          "--seq-start", str(move * 10_000_000)])
             time.sleep(3)
             report = os.path.join(w, f"timeline-{move}.json")
-            print(f"== migrate redis: {here} -> {there} under {a.writes_per_s:.0f} writes/s")
+            variant = a.variants[move % len(a.variants)]
+            print(f"== migrate redis: {here} -> {there} under {a.writes_per_s:.0f} writes/s"
+                  + (f" (hop migrate {variant})" if variant else ""))
             mig = subprocess.run(
                 enter(a.prefix, here) + [HOP, "migrate", "--runc", "redis", "--runc-root", runc_roots[here],
                                          "--identity", client, "--known-hosts", os.path.join(w, "known_hosts"),
                                          "--accept-new", "--max-downtime", a.max_downtime,
-                                         "--report-json", report, f"quic://{ADDR[there]}:7420"])
+                                         "--report-json", report, *variant.split(), f"quic://{ADDR[there]}:7420"])
             if writer is None:
                 open(log, "w").close()
             else:
@@ -329,23 +337,35 @@ def main():
                 sys.exit("data check failed at the target")
             tl = json.load(open(report))
             check = json.loads(chk.stdout)
-            results.append({"move": f"{'ab'[move % 2]}->{'ba'[move % 2]}", "timeline": tl, "check": check})
+            results.append({"move": f"{'ab'[move % 2]}->{'ba'[move % 2]}", "variant": variant,
+                            "timeline": tl, "check": check})
             print(f"all {check['keys_written']} keys written ({check['acked_writes']} acknowledged writes) and "
                   f"{check['untouched_sampled']} sampled untouched keys read back right at {ADDR[here]}")
-        def summary(key, get):
-            v = [get(r["timeline"]) for r in results]
+        def summary(key, get, rs):
+            v = [get(r["timeline"]) for r in rs]
             return f"{key} median {statistics.median(v):.0f} ms (min {min(v):.0f}, max {max(v):.0f})"
         final = lambda tl: tl["rounds"][-1]
-        print(f"over {len(results)} moves: " + "; ".join([
-            summary("downtime", lambda tl: tl["downtime_ms"]),
-            summary("final dump", lambda tl: final(tl)["dump_ms"]),
-            summary("final sync", lambda tl: final(tl)["sync_ms"]),
-            summary("restore", lambda tl: tl["restore_ms"]),
-            summary("total", lambda tl: tl["total_ms"]),
-        ]))
+        for variant in a.variants:
+            rs = [r for r in results if r["variant"] == variant]
+            if not rs:
+                continue
+            label = f" with '{variant}'" if len(a.variants) > 1 else ""
+            print(f"over {len(rs)} moves{label}: " + "; ".join([
+                summary("downtime", lambda tl: tl["downtime_ms"], rs),
+                summary("final dump", lambda tl: final(tl)["dump_ms"], rs),
+                summary("final sync", lambda tl: final(tl)["sync_ms"], rs),
+                summary("restore", lambda tl: tl["restore_ms"], rs),
+                summary("total", lambda tl: tl["total_ms"], rs),
+            ]))
         if a.json:
             json.dump(results, open(a.json, "w"), indent=1)
     finally:
+        if a.logs:
+            os.makedirs(a.logs, exist_ok=True)
+            for s in "ab":
+                log = os.path.join(w, f"serve-{s}.log")
+                if os.path.exists(log):
+                    shutil.copy(log, os.path.join(a.logs, f"serve-{s}.log"))
         for s in "ab":
             subprocess.run(["runc", "--root", runc_roots[s], "delete", "-f", "redis"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

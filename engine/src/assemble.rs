@@ -20,6 +20,9 @@ pub struct FileTable<'a> {
     index: &'a ChunkIndex,
     by_path: HashMap<&'a Path, u32>,
     pinned: Mutex<HashMap<u32, Arc<File>>>,
+    /// Files opened for reading and still at their path, kept open: a file read for thousands
+    /// of chunks (delta bases, references) is opened once.
+    opened: Mutex<HashMap<u32, Arc<File>>>,
 }
 
 impl<'a> FileTable<'a> {
@@ -35,6 +38,7 @@ impl<'a> FileTable<'a> {
             index,
             by_path,
             pinned: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
         }
     }
 
@@ -44,8 +48,17 @@ impl<'a> FileTable<'a> {
         if let Some(f) = pinned.get(&n) {
             return Ok(f.clone());
         }
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = opened.get(&n) {
+            return Ok(f.clone());
+        }
         let path = &self.index.files[n as usize].path;
-        Ok(Arc::new(open_nofollow(path)?))
+        let f = Arc::new(open_nofollow(path)?);
+        if opened.len() >= MAX_OPENED {
+            opened.clear(); // bounded: a tree of many files must not run out of descriptors
+        }
+        opened.insert(n, f.clone());
+        Ok(f)
     }
 
     /// Keep index file `n` readable in its current version, whatever happens to its path.
@@ -92,6 +105,9 @@ impl<'a> FileTable<'a> {
         std::fs::rename(tmp, dest).ctx("rename into place", dest)
     }
 }
+
+/// Files a [`FileTable`] keeps open at most (besides pinned ones).
+const MAX_OPENED: usize = 64;
 
 /// Open a file for reading without following a symlink in its last component.
 pub(crate) fn open_nofollow(path: &Path) -> Result<File> {

@@ -299,7 +299,8 @@ fn user_cache_path(prefix: &str, tree: &Path) -> Option<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let abs = std::path::absolute(tree).ok()?;
+    // Components, so that `src/` and `src` (rsync's trailing-slash forms) share one cache.
+    let abs: PathBuf = std::path::absolute(tree).ok()?.components().collect();
     let id = blake3::hash(abs.as_os_str().as_bytes()).to_hex();
     Some(
         base.join("hop")

@@ -15,9 +15,23 @@ pub const MAX_PATH_LEN: usize = 4096;
 
 /// A validated relative path inside a synced tree. The empty path names the tree's root.
 /// Deserializing validates, so no unsafe path can be decoded from a peer's bytes.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(try_from = "Vec<u8>", into = "Vec<u8>")]
 pub struct RelPath(Vec<u8>);
+
+/// The path as text in quotes (bytes that are not UTF-8 shown escaped), `"."` for the root:
+/// what logs and messages show.
+impl std::fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("\".\"");
+        }
+        match std::str::from_utf8(&self.0) {
+            Ok(text) => write!(f, "{text:?}"),
+            Err(_) => write!(f, "\"{}\"", self.0.escape_ascii()),
+        }
+    }
+}
 
 impl TryFrom<Vec<u8>> for RelPath {
     type Error = Error;

@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in the handshake.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Largest encoded frame accepted: one maximum-size chunk (16 MiB) plus headers.
 pub const MAX_FRAME: usize = (16 << 20) + 4096;
@@ -111,6 +111,21 @@ pub enum Frame {
     },
     /// No more requests (receiver) or no more data (sender).
     Done,
+    /// Sender to receiver, on the control stream just before `Entry(entry)`: the chunks `runs`
+    /// of that entry come without being asked for, on the request's push stream (the sender
+    /// knows what the receiver holds; see [`crate::sender::SenderOptions::push`]).
+    Pushed {
+        /// Manifest entry number (the entry that follows).
+        entry: u32,
+        /// Chunk numbers.
+        runs: Vec<Run>,
+    },
+    /// The first frame of a push stream: the id of the control stream of the request whose
+    /// pushed chunks follow (as `Data` and `Failed` frames).
+    PushStream {
+        /// The control stream's id.
+        control: u64,
+    },
 }
 
 /// Serialize `Vec<u8>` as one byte string (postcard already does; kept explicit for clarity).

@@ -82,6 +82,16 @@ pub trait ChunkSource: Sync {
     /// still skip an announced request or make one it did not announce (a retry).
     fn announce(&self, _lane: usize, _requests: Vec<Request>) {}
 
+    /// Manifest entry `entry` (a file) will fetch nothing: whatever the source holds for it
+    /// unasked can go.
+    fn unneeded(&self, _entry: u32) {}
+
+    /// Whether every chunk of `want` of entry `entry` comes without being asked for (pushed by
+    /// a sender that knows what this side holds): then no delta hints are worth computing.
+    fn pushed(&self, _entry: u32, _want: &[u32]) -> bool {
+        false
+    }
+
     /// Deliver the chunks of `req`, in order, through `sink`. If `sink` fails, the remaining
     /// chunks are discarded and its error returned.
     fn fetch(
@@ -209,6 +219,7 @@ const INLINE_FETCH: u64 = 8 << 20;
 impl Receiver {
     /// Scan and index the destination and basis directories.
     pub fn prepare(dest: &Path, opts: ReceiverOptions) -> Result<Receiver> {
+        let t0 = std::time::Instant::now();
         let held = lock(dest, &Self::cache_path(dest, &opts), opts.dry_run)?;
         let s = scan(dest, None);
         let mut errors = s.errors;
@@ -242,6 +253,12 @@ impl Receiver {
         } else {
             IndexCache::load(&Self::cache_path(dest, &opts), opts.params)
         };
+        tracing::debug!(
+            "destination scanned ({} entries) and its index cache loaded ({} files) in {:?}",
+            state.len(),
+            cache.len(),
+            t0.elapsed()
+        );
         let mut index = ChunkIndex::default();
         let (ids, errs) = index.add_files(&file_paths, opts.params, &cache);
         errors.extend(errs);
@@ -267,6 +284,12 @@ impl Receiver {
             let (_, errs) = index.add_files(&paths, opts.params, &cache);
             errors.extend(errs);
         }
+        tracing::debug!(
+            "destination indexed: {} files, {} chunks, in {:?}",
+            index.files.len(),
+            index.len(),
+            t0.elapsed()
+        );
         Ok(Receiver {
             dest: dest.to_path_buf(),
             opts,
@@ -409,6 +432,7 @@ impl Receiver {
             let mut load = vec![0u64; lanes];
             let mut planned = 0u64;
             while let Some(e) = next()? {
+                tracing::trace!("manifest entry {}: {:?}", manifest.len(), e.path);
                 validator.check(&e)?;
                 let i = manifest.len();
                 let a = crate::plan::action(&e, this.state.get(&e.path), &this.index);
@@ -416,11 +440,17 @@ impl Receiver {
                     report.stats.files += 1;
                     report.stats.bytes_total += size;
                 }
+                let fetches = matches!(&a, Action::Write(fp) if !fp.fetch.is_empty() && !dry)
+                    && !under_failed(&e.path, &failed_dirs);
+                if !fetches && matches!(e.kind, EntryKind::File { .. }) {
+                    source.unneeded(i as u32);
+                }
                 match &a {
                     Action::Dir => this.make_dir(&e, &table, dry, &mut report, &mut failed_dirs),
                     Action::Write(fp) if !under_failed(&e.path, &failed_dirs) => {
                         if !dry {
                             if let Err(err) = this.room_for(&e, fp) {
+                                source.unneeded(i as u32);
                                 report.errors.push(err);
                                 manifest.push(e);
                                 actions.push(Action::Keep);
@@ -436,8 +466,15 @@ impl Receiver {
                             literal += fp.literal;
                             report.changes.push(this.file_change(&e.path, fp.literal));
                         } else if let EntryKind::File { chunks, .. } = &e.kind {
+                            let delta = this.opts.delta && !source.pushed(i as u32, &fp.fetch);
                             let req = (!fp.fetch.is_empty())
-                                .then(|| request(i as u32, chunks, fp, &table, this.opts.delta));
+                                .then(|| request(i as u32, chunks, fp, &table, delta));
+                            tracing::debug!(
+                                "{:?}: planned, {} of {} chunks to fetch",
+                                e.path,
+                                fp.fetch.len(),
+                                chunks.len()
+                            );
                             // The least loaded lane; cost: bytes to fetch, a share of the size
                             // (local copies) and a fixed cost per file.
                             let lane = (0..lanes).min_by_key(|&k| load[k]).unwrap_or(0);
@@ -906,6 +943,12 @@ fn through<T>(dest: &Path, rel: &RelPath, op: impl FnOnce(&Path) -> Result<T>) -
     op(at.path()).map_err(|err| at.explain(err))
 }
 
+/// Fetched chunks handed to a file's writer at once, at most (a batch also ends at
+/// [`BATCH_BYTES`]).
+const BATCH_CHUNKS: usize = 64;
+/// Bytes of fetched payload handed to a file's writer at once, at most.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// Builds a file from its fetched chunks, taken in order from the function it is given.
 type Build<'b, T> = dyn FnMut(&mut dyn FnMut() -> Result<Fetched>) -> Result<T> + Send + 'b;
 
@@ -968,22 +1011,44 @@ fn fetch_and_build<T: Send>(
         };
         return build(&mut next);
     }
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Fetched>>(64);
+    // Chunks go to the writer in batches: one hand-over (and thread wake-up) per batch, not
+    // per chunk, which mattered for thousands of 4 KiB pages.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<Fetched>>>(8);
     std::thread::scope(|s| {
         s.spawn(move || {
+            let mut batch = Vec::with_capacity(BATCH_CHUNKS);
+            let mut bytes = 0usize;
             let r = source.fetch(lane, req, &mut |f| {
                 Progress::add(&progress.bytes_literal, f.2.len() as u64);
                 Progress::add(arrived, f.2.len() as u64);
-                tx.send(Ok(f))
-                    .map_err(|_| Error::Protocol("receiver gave up".into()))
+                bytes += f.2.len();
+                batch.push(f);
+                if batch.len() >= BATCH_CHUNKS || bytes >= BATCH_BYTES {
+                    bytes = 0;
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_CHUNKS));
+                    tx.send(Ok(full))
+                        .map_err(|_| Error::Protocol("receiver gave up".into()))?;
+                }
+                Ok(())
             });
+            if !batch.is_empty() {
+                let _ = tx.send(Ok(batch));
+            }
             if let Err(err) = r {
                 let _ = tx.send(Err(err));
             }
         });
+        let mut ready = std::collections::VecDeque::new();
         let mut next = || -> Result<Fetched> {
-            rx.recv()
-                .map_err(|_| Error::Protocol("sender ended early".into()))?
+            if ready.is_empty() {
+                ready.extend(
+                    rx.recv()
+                        .map_err(|_| Error::Protocol("sender ended early".into()))??,
+                );
+            }
+            ready
+                .pop_front()
+                .ok_or_else(|| Error::Protocol("sender sent too few chunks".into()))
         };
         let r = build(&mut next);
         drop(rx);

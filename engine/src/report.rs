@@ -29,6 +29,10 @@ pub struct Stats {
     pub errors: u64,
     /// Wall time of the whole sync.
     pub elapsed_ms: u64,
+    /// Chunks the receiver took from those the sender pushed without being asked (a sender
+    /// that knows what the receiver holds, e.g. a migration's later rounds): their files needed
+    /// no want-list round trip.
+    pub chunks_pushed: u64,
 }
 
 /// What happened (or, in a dry run, would happen) to one path.

@@ -30,7 +30,15 @@ pub struct SenderOptions {
     pub basis: Option<PathBuf>,
     /// Include/exclude rules: excluded entries are not sent (nor descended into).
     pub rules: Option<std::sync::Arc<crate::filter::Rules>>,
+    /// The receiver holds [`SenderOptions::basis`] at the destination (a migration's previous
+    /// round): over the network, chunks it lacks are sent at once, without waiting for its
+    /// want-lists (one round trip less; see [`Sender::pushable`]). Ignored without a basis.
+    pub push: bool,
 }
+
+/// At most this many bytes (of chunks, before encoding) are pushed in one sync, so that the
+/// receiver's buffer of pushed chunks stays bounded; later entries go by want-lists.
+pub const PUSH_BUDGET: u64 = 128 << 20;
 
 /// What the sender keeps to serve one file's chunks.
 struct Served {
@@ -65,8 +73,13 @@ pub struct Sender {
     basis: std::sync::Mutex<std::collections::HashMap<RelPath, Option<std::sync::Arc<Basis>>>>,
     /// The chunk cache, loaded on the first basis lookup: a basis tree that was itself sent
     /// earlier with the same cache (a migration's previous round) is not read again.
-    basis_cache: std::sync::OnceLock<Option<IndexCache>>,
+    /// (The sender's own cache, and the one the basis tree has from being sent itself.)
+    basis_cache: std::sync::OnceLock<Vec<IndexCache>>,
     progress: std::sync::Arc<crate::report::Progress>,
+    /// Chunk ids of the whole basis tree (what the receiver holds), built on first use.
+    holds: std::sync::OnceLock<std::collections::HashSet<crate::id::ChunkId>>,
+    /// Bytes of chunks promised to be pushed so far.
+    pushed: std::sync::atomic::AtomicU64,
 }
 
 /// The counterpart of a source file in [`SenderOptions::basis`], chunked.
@@ -86,7 +99,60 @@ impl Sender {
             basis: Default::default(),
             basis_cache: std::sync::OnceLock::new(),
             progress: Default::default(),
+            holds: std::sync::OnceLock::new(),
+            pushed: Default::default(),
         }
+    }
+
+    /// Whether this sender pushes chunks unasked (it has a basis the receiver holds).
+    pub fn pushes(&self) -> bool {
+        self.opts.push && self.opts.basis.is_some()
+    }
+
+    /// The chunks of `entry` (a file just handed out by [`Sender::run`]) that the receiver does
+    /// not hold, if this sender pushes: every chunk whose id is nowhere in the basis tree, zero
+    /// chunks and repeats within the file excepted, as long as the push budget lasts. Empty
+    /// otherwise.
+    pub fn pushable(&self, entry: &Entry) -> Vec<u32> {
+        let EntryKind::File { chunks, .. } = &entry.kind else {
+            return Vec::new();
+        };
+        if !self.pushes() {
+            return Vec::new();
+        }
+        let holds = self.holds.get_or_init(|| self.basis_ids());
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        for (n, c) in chunks.iter().enumerate() {
+            if !c.zero && !holds.contains(&c.id) && seen.insert(c.id) {
+                out.push(n as u32);
+                bytes += c.len as u64;
+            }
+        }
+        use std::sync::atomic::Ordering;
+        let before = self.pushed.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > PUSH_BUDGET {
+            self.pushed.fetch_sub(bytes, Ordering::Relaxed);
+            return Vec::new();
+        }
+        out
+    }
+
+    /// Every chunk id of the basis tree, from the chunk cache where it knows a file.
+    fn basis_ids(&self) -> std::collections::HashSet<crate::id::ChunkId> {
+        let mut ids = std::collections::HashSet::new();
+        let Some(root) = self.opts.basis.as_ref() else {
+            return ids;
+        };
+        for e in scan(root, None).entries {
+            if let ScanKind::File { .. } = e.kind {
+                if let Some(b) = self.basis_of(&e.path) {
+                    ids.extend(b.chunks.iter().filter(|c| !c.zero).map(|c| c.id));
+                }
+            }
+        }
+        ids
     }
 
     /// Count what is chunked, asked for and sent in `progress` (its sender fields) as it
@@ -241,14 +307,21 @@ impl Sender {
         map.entry(rel.clone())
             .or_insert_with(|| {
                 let path = rel.under(root);
-                let cache = self.basis_cache.get_or_init(|| {
-                    self.opts
-                        .cache
+                let caches = self.basis_cache.get_or_init(|| {
+                    let own = self.opts.cache.clone();
+                    // Caching is on: the basis tree's own source cache may know it too (it was
+                    // synced from there before).
+                    let theirs = own
                         .as_ref()
-                        .map(|c| IndexCache::load(c, self.opts.params))
+                        .and_then(|_| crate::index::source_cache_path(root))
+                        .filter(|t| Some(t) != own.as_ref());
+                    own.into_iter()
+                        .chain(theirs)
+                        .map(|c| IndexCache::load(&c, self.opts.params))
+                        .collect()
                 });
                 let md = std::fs::symlink_metadata(&path).ok()?;
-                let fc = match cache.as_ref().and_then(|c| c.lookup(&path, &md)) {
+                let fc = match caches.iter().find_map(|c| c.lookup(&path, &md)) {
                     Some(fc) => fc.clone(),
                     None => chunk_file(&path, self.opts.params).ok()?,
                 };

@@ -82,6 +82,11 @@ pub struct MigrateArgs {
     /// bringing its memory in from the target's images afterwards (CRIU lazy pages).
     #[arg(long)]
     pub no_lazy_restore: bool,
+    /// Let the target ask for every changed chunk (want-lists) in the rounds after the first,
+    /// instead of sending what it lacks at once (the source knows: it kept the previous round).
+    /// Costs a round trip per round; for measuring what the push saves.
+    #[arg(long)]
+    pub no_push: bool,
     /// Keep the images on both sides afterwards.
     #[arg(long)]
     pub keep_images: bool,
@@ -194,6 +199,7 @@ pub fn run(a: MigrateArgs, out: Output) -> Result<ExitCode> {
         hold,
         hold_addr,
         lazy_restore: !a.no_lazy_restore,
+        push: !a.no_push,
         quiet: out.quiet,
         group: group.clone().map(|g| (g, i)),
     };

@@ -79,9 +79,15 @@ pub struct SyncArgs {
     pub no_delta: bool,
     /// A local tree the destination is known to hold (e.g. the previous round's checkpoint
     /// images): changed chunks are sent compressed against their counterpart there (same path,
-    /// same offset), so a page with a few changed bytes costs tens of bytes.
+    /// same offset), so a page with a few changed bytes costs tens of bytes; and, to a remote
+    /// destination, sent at once without waiting for its want-lists (one round trip less).
     #[arg(long, value_name = "DIR")]
     pub sender_basis: Option<PathBuf>,
+    /// With --sender-basis, let the destination ask for every chunk (want-lists) instead of
+    /// pushing what it lacks at once: for a destination whose copy may differ from the basis,
+    /// or to measure what the push saves.
+    #[arg(long, requires = "sender_basis")]
+    pub no_push: bool,
     /// Compress chunk payloads: "zstd" or "zstd:LEVEL" (1-19). Chunks that do not shrink go raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
@@ -256,6 +262,7 @@ fn run_quic(
         delta: !a.no_delta,
         rules: rules.clone(),
         inplace: a.inplace,
+        push: !a.no_push,
     };
     match sides {
         Sides::Push(Remote::Quic(mut remote)) => {
@@ -386,6 +393,8 @@ pub fn run(mut a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result
         cache,
         basis: a.sender_basis.clone(),
         rules: compiled(&rules)?,
+        // Both halves run here: nothing to push ahead.
+        push: false,
     };
     let ropts = ReceiverOptions {
         params,

@@ -41,6 +41,8 @@ pub struct Options {
     pub tcp: Tcp,
     /// The target restores lazily (post-copy from its local images).
     pub lazy_restore: bool,
+    /// Rounds after the first push what the target lacks without waiting for its want-lists.
+    pub push: bool,
     /// HAProxy in front of the application: hold its clients during the move.
     pub hold: Option<Hold>,
     /// The application's address at the target, for HAProxy (`IP:PORT`); `None` keeps it.
@@ -107,6 +109,8 @@ fn settings(o: &Options, delete: bool) -> SyncSettings {
         // The target's images are scratch: updating them in place spares copying and hashing
         // the unchanged hundreds of MB each round.
         inplace: true,
+        // From round 2 on the target holds the previous round: what it lacks goes at once.
+        push: o.push,
     }
 }
 

@@ -10,6 +10,23 @@ use crate::sender::Sender;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// A frame as buffers for the stream: a data payload goes as it is, behind its header, so
+/// it is never copied.
+pub(crate) fn frame_parts(frame: Frame) -> Result<[bytes::Bytes; 2]> {
+    Ok(match frame {
+        Frame::Data {
+            entry,
+            chunk,
+            codec,
+            bytes,
+        } => [
+            protocol::data_header(entry, chunk, codec, bytes.len())?.into(),
+            bytes.into(),
+        ],
+        other => [protocol::encode_vec(&other)?.into(), bytes::Bytes::new()],
+    })
+}
+
 /// Answer the receiver's want-list streams on `conn` until the connection ends.
 pub async fn serve_wants(conn: quinn::Connection, sender: Arc<Sender>) {
     while let Ok((send, recv)) = conn.accept_bi().await {
@@ -34,21 +51,8 @@ async fn serve_stream(
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some((entry, want, hints, no_refs)) = want_rx.blocking_recv() {
             worker_sender.serve(entry, &want, &hints, no_refs, &mut |frame| {
-                // Data payloads go to the stream as they are, behind their header.
-                let parts = match frame {
-                    Frame::Data {
-                        entry,
-                        chunk,
-                        codec,
-                        bytes,
-                    } => [
-                        protocol::data_header(entry, chunk, codec, bytes.len())?.into(),
-                        bytes.into(),
-                    ],
-                    other => [protocol::encode_vec(&other)?.into(), bytes::Bytes::new()],
-                };
                 out_tx
-                    .blocking_send(parts)
+                    .blocking_send(frame_parts(frame)?)
                     .map_err(|_| Error::Transport("chunk stream closed".into()))
             })?;
         }

@@ -389,6 +389,8 @@ fn sender_for(
         } else {
             Some(Arc::new(crate::filter::Rules::new(&settings.rules)?))
         },
+        // A basis is what the receiver holds: push what it lacks (not in a dry run).
+        push: settings.push && !settings.dry_run,
     };
     let name_if_dir = if src.is_dir() {
         None
@@ -576,7 +578,15 @@ pub fn pull(
             _ => dest.to_path_buf(),
         };
         let prepare = move || Receiver::prepare(&into, ropts);
-        let r = receive_tree(&s.conn, &mut s.ctl, prepare, cfg.net.streams, progress).await;
+        let r = receive_tree(
+            &s.conn,
+            &mut s.ctl,
+            prepare,
+            cfg.net.streams,
+            cfg.net.timeout,
+            progress,
+        )
+        .await;
         let wire = close(&s.conn, r.as_ref().err()).await;
         let (mut report, notes) = r?;
         report.skipped = notes.skipped;

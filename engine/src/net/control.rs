@@ -57,6 +57,9 @@ pub struct SyncSettings {
     pub rules: Vec<crate::filter::Rule>,
     /// Receiver: update files in place (see [`crate::inplace`]).
     pub inplace: bool,
+    /// Sender: with a basis the receiver holds, push the chunks it lacks without waiting for
+    /// want-lists (see [`crate::sender::SenderOptions::push`]).
+    pub push: bool,
 }
 
 /// Control messages. The order on a control stream is: client `Hello`; server `Welcome` or
@@ -135,6 +138,7 @@ impl SyncSettings {
             delta: false,
             rules: Vec::new(),
             inplace: false,
+            push: false,
         }
     }
 }

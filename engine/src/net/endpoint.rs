@@ -82,7 +82,9 @@ fn transport(o: &NetOptions) -> Result<Arc<quinn::TransportConfig>> {
         .receive_window(varint(window * 4))
         .send_window(window * 4)
         .max_concurrent_bidi_streams(varint(1024))
-        .max_concurrent_uni_streams(varint(0));
+        // One push stream per request (see `net::pushed`); a few in flight at the turn of
+        // requests.
+        .max_concurrent_uni_streams(varint(4));
     Ok(Arc::new(t))
 }
 

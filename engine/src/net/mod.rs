@@ -21,6 +21,7 @@ pub mod chunks;
 pub mod client;
 pub mod control;
 pub mod endpoint;
+pub mod pushed;
 pub mod server;
 pub mod session;
 pub mod source;

@@ -373,8 +373,15 @@ async fn run(
             let prepare = move || Receiver::prepare(&path, ropts);
             // The client chose the streams; `net.streams` is the most a client may use.
             let lanes = (settings.streams as usize).clamp(1, s.net.streams.max(1));
-            let (report, _) =
-                receive_tree(conn, ctl, prepare, lanes, Arc::new(Progress::default())).await?;
+            let (report, _) = receive_tree(
+                conn,
+                ctl,
+                prepare,
+                lanes,
+                s.net.timeout,
+                Arc::new(Progress::default()),
+            )
+            .await?;
             tracing::info!(
                 "received: {} files, {} literal bytes, {} errors",
                 report.stats.files,
@@ -395,6 +402,7 @@ async fn run(
                 cache,
                 basis: None,
                 rules: rules(&settings)?,
+                push: false,
             };
             let summary = send_tree(conn, ctl, Arc::new(Sender::new(&path, sopts))).await?;
             tracing::info!(

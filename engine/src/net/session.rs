@@ -3,6 +3,7 @@
 
 use super::chunks::serve_wants;
 use super::control::{Control, Summary};
+use super::pushed::Pushed;
 use super::source::StreamSource;
 use super::wire::{expect_msg, write_msg};
 use crate::error::{Error, Result};
@@ -59,26 +60,67 @@ pub(crate) async fn send_tree_after(
     answer_pending: bool,
 ) -> Result<Summary> {
     let server = tokio::spawn(serve_wants(conn.clone(), sender.clone()));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Entry>(1024);
+    let mut push = if sender.pushes() {
+        Some(Push::start(conn, u64::from(ctl.send.id()), sender.clone()).await?)
+    } else {
+        None
+    };
+    // Each entry with the chunks the receiver lacks, when they are pushed.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Entry, Vec<u32>)>(1024);
     let chunker = sender.clone();
     let running = tokio::task::spawn_blocking(move || {
         chunker.run(None, &mut |e| {
-            tx.blocking_send(e)
+            let pushed = chunker.pushable(&e);
+            tx.blocking_send((e, pushed))
                 .map_err(|_| Error::Transport("the session ended".into()))
         })
     });
     let r = async {
         let mut buf = Vec::with_capacity(MANIFEST_BATCH + 4096);
-        while let Some(e) = rx.recv().await {
-            protocol::encode(&Frame::Entry(e), &mut buf)?;
+        let mut count = 0u32;
+        let mut to_push = Vec::new();
+        // An entry, announced by the chunks of it that are pushed (if any).
+        let add = |(e, pushed): (Entry, Vec<u32>),
+                   buf: &mut Vec<u8>,
+                   count: &mut u32,
+                   to_push: &mut Vec<(u32, Vec<u32>)>|
+         -> Result<()> {
+            if !pushed.is_empty() {
+                let runs = protocol::to_runs(&pushed);
+                protocol::encode(
+                    &Frame::Pushed {
+                        entry: *count,
+                        runs,
+                    },
+                    buf,
+                )?;
+                to_push.push((*count, pushed));
+            }
+            protocol::encode(&Frame::Entry(e), buf)?;
+            *count += 1;
+            Ok(())
+        };
+        while let Some(item) = rx.recv().await {
+            add(item, &mut buf, &mut count, &mut to_push)?;
             // Whatever else is ready goes in the same write.
             while buf.len() < MANIFEST_BATCH {
                 match rx.try_recv() {
-                    Ok(e) => protocol::encode(&Frame::Entry(e), &mut buf)?,
+                    Ok(item) => add(item, &mut buf, &mut count, &mut to_push)?,
                     Err(_) => break,
                 }
             }
-            if let Err(e) = super::wire::write_raw(&mut ctl.send, &buf).await {
+            let written = super::wire::write_raw(&mut ctl.send, &buf).await;
+            tracing::debug!(
+                "manifest: {count} entries sent ({} bytes in this write)",
+                buf.len()
+            );
+            if let Some(p) = &push {
+                // The entries are announced: their chunks may follow.
+                for (entry, chunks) in to_push.drain(..) {
+                    p.send(entry, chunks).await;
+                }
+            }
+            if let Err(e) = written {
                 // A refused request: the server's reason says more than the broken stream.
                 if answer_pending {
                     if let Ok(Err(refusal)) =
@@ -107,6 +149,9 @@ pub(crate) async fn send_tree_after(
             &mut buf,
         )?;
         let written = super::wire::write_raw(&mut ctl.send, &buf).await;
+        if let Some(p) = &mut push {
+            p.close();
+        }
         if answer_pending {
             read_answer(ctl).await?;
         }
@@ -124,6 +169,9 @@ pub(crate) async fn send_tree_after(
     }
     .await;
     server.abort();
+    if let Some(p) = push {
+        p.abort();
+    }
     r.map(|(s, notes)| {
         let mut s = s;
         s.sender_notes = Some(SenderNotes {
@@ -136,6 +184,75 @@ pub(crate) async fn send_tree_after(
         });
         s
     })
+}
+
+/// The sender's push stream: chunks the receiver lacks, sent without waiting to be asked (see
+/// [`Sender::pushable`]). A blocking worker reads and encodes them (as it does for want-lists)
+/// while a task writes them to the stream.
+struct Push {
+    entries: Option<tokio::sync::mpsc::Sender<(u32, Vec<u32>)>>,
+    worker: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl Push {
+    /// Open the push stream of the request whose control stream is `control`.
+    async fn start(conn: &quinn::Connection, control: u64, sender: Arc<Sender>) -> Result<Push> {
+        let mut send = conn
+            .open_uni()
+            .await
+            .map_err(|e| super::wire::conn_error(&e))?;
+        write_msg(&mut send, &Frame::PushStream { control }).await?;
+        let (entries, mut rx) = tokio::sync::mpsc::channel::<(u32, Vec<u32>)>(1024);
+        let (out, mut frames) = tokio::sync::mpsc::channel::<[bytes::Bytes; 2]>(64);
+        let worker = tokio::task::spawn_blocking(move || {
+            while let Some((entry, want)) = rx.blocking_recv() {
+                let r = sender.serve(entry, &want, &[], false, &mut |frame| {
+                    out.blocking_send(super::chunks::frame_parts(frame)?)
+                        .map_err(|_| Error::Transport("push stream closed".into()))
+                });
+                if let Err(e) = r {
+                    tracing::debug!("push of entry {entry} stopped: {e}");
+                    return;
+                }
+            }
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(mut parts) = frames.recv().await {
+                if let Err(e) = super::wire::write_chunks(&mut send, &mut parts).await {
+                    // The receiver has what it needs (it stopped the stream) or the link is
+                    // gone; the control stream tells which.
+                    tracing::debug!("push stream: {e}");
+                    return;
+                }
+            }
+            let _ = send.finish();
+        });
+        Ok(Push {
+            entries: Some(entries),
+            worker,
+            writer,
+        })
+    }
+
+    /// Push these chunks of that entry (announced already).
+    async fn send(&self, entry: u32, chunks: Vec<u32>) {
+        if let Some(tx) = &self.entries {
+            let _ = tx.send((entry, chunks)).await;
+        }
+    }
+
+    /// Nothing more to push: the stream ends once what was queued is written.
+    fn close(&mut self) {
+        self.entries.take();
+    }
+
+    /// The request is over: stop pushing.
+    fn abort(mut self) {
+        self.entries.take();
+        self.writer.abort();
+        drop(self.worker);
+    }
 }
 
 /// What the sender said besides the manifest.
@@ -155,19 +272,42 @@ pub async fn receive_tree(
     ctl: &mut Control2,
     prepare: impl FnOnce() -> Result<Receiver> + Send + 'static,
     lanes: usize,
+    timeout: Duration,
     progress: Arc<Progress>,
+) -> Result<(Report, SenderNotes)> {
+    // Chunks the sender pushes without being asked, read from the request's push stream.
+    let pushed = Arc::new(Pushed::new(timeout));
+    let reading = tokio::spawn({
+        let (p, conn, control) = (pushed.clone(), conn.clone(), u64::from(ctl.recv.id()));
+        async move { p.read_from(conn, control).await }
+    });
+    let r = receive_with(conn, ctl, prepare, lanes, progress, pushed).await;
+    reading.abort();
+    r
+}
+
+async fn receive_with(
+    conn: &quinn::Connection,
+    ctl: &mut Control2,
+    prepare: impl FnOnce() -> Result<Receiver> + Send + 'static,
+    lanes: usize,
+    progress: Arc<Progress>,
+    pushed: Arc<Pushed>,
 ) -> Result<(Report, SenderNotes)> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Option<Entry>>>(1024);
     let conn2 = conn.clone();
     let rt = tokio::runtime::Handle::current();
+    let pushes = pushed.clone();
     let applying = tokio::task::spawn_blocking(move || -> Result<Report> {
         let receiver = prepare()?;
-        let source = StreamSource::new(conn2, rt, lanes);
+        let source = StreamSource::new(conn2, rt, lanes, Some(pushes));
         let mut next = || match rx.blocking_recv() {
             Some(r) => r,
             None => Err(Error::Transport("the manifest stream ended".into())),
         };
-        receiver.apply(&mut next, &source, &progress)
+        let mut report = receiver.apply(&mut next, &source, &progress)?;
+        report.stats.chunks_pushed = source.taken_from_push();
+        Ok(report)
     });
     let mut count = 0usize;
     let mut complete = false;
@@ -183,6 +323,13 @@ pub async fn receive_tree(
             Ok(Frame::ManifestEnd) => {
                 complete = true;
                 Ok(None)
+            }
+            // Announces the entry that follows; registered before that entry is planned.
+            Ok(Frame::Pushed { entry, runs }) if entry as usize == count => {
+                match pushed.announce(entry, runs) {
+                    Ok(()) => continue,
+                    Err(e) => Err(e),
+                }
             }
             Ok(other) => Err(Error::Protocol(format!(
                 "expected a manifest entry, got {other:?}"

@@ -6,6 +6,7 @@
 //! queue) is the only buffering. A fetch that was not announced (a retry) gets a stream of its
 //! own.
 
+use super::pushed::Pushed;
 use super::wire::{read_msg, write_msg};
 use crate::assemble::Fetched;
 use crate::error::{Error, Result};
@@ -33,17 +34,42 @@ pub struct StreamSource {
     conn: quinn::Connection,
     rt: Handle,
     lanes: Vec<Mutex<Option<std::sync::Arc<Lane>>>>,
+    /// Chunks the sender pushes unasked: a file all of whose wanted chunks are pushed is taken
+    /// from there, without a want-list.
+    pushed: Option<std::sync::Arc<Pushed>>,
+    /// Chunks taken from the push.
+    taken: std::sync::atomic::AtomicU64,
 }
 
 impl StreamSource {
-    /// A source with `lanes` streams on `conn`. `rt` runs the stream tasks; fetches are made
-    /// from threads outside it.
-    pub fn new(conn: quinn::Connection, rt: Handle, lanes: usize) -> Self {
+    /// A source with `lanes` streams on `conn`, and the request's pushed chunks if there are
+    /// any. `rt` runs the stream tasks; fetches are made from threads outside it.
+    pub fn new(
+        conn: quinn::Connection,
+        rt: Handle,
+        lanes: usize,
+        pushed: Option<std::sync::Arc<Pushed>>,
+    ) -> Self {
         StreamSource {
             conn,
             rt,
             lanes: (0..lanes.max(1)).map(|_| Mutex::new(None)).collect(),
+            pushed,
+            taken: Default::default(),
         }
+    }
+
+    /// Chunks taken from those the sender pushed, so far.
+    pub fn taken_from_push(&self) -> u64 {
+        self.taken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The push that covers `req` (every chunk it wants was pushed), if any. A retry
+    /// (`no_refs`) never takes pushed chunks: they may be the references that failed.
+    fn push_for(&self, req: &Request) -> Option<&Pushed> {
+        self.pushed
+            .as_deref()
+            .filter(|p| !req.no_refs && p.covers(req.entry, &req.want))
     }
 
     /// Open a stream that writes every request `reqs` yields, and forward the frames that come
@@ -197,6 +223,18 @@ impl ChunkSource for StreamSource {
         self.lanes.len()
     }
 
+    fn pushed(&self, entry: u32, want: &[u32]) -> bool {
+        self.pushed
+            .as_deref()
+            .is_some_and(|p| p.covers(entry, want))
+    }
+
+    fn unneeded(&self, entry: u32) {
+        if let Some(p) = &self.pushed {
+            p.drop_entry(entry);
+        }
+    }
+
     fn announce(&self, lane: usize, reqs: Vec<Request>) {
         let Some(slot) = self.lanes.get(lane) else {
             return;
@@ -212,6 +250,12 @@ impl ChunkSource for StreamSource {
         });
         let mut pending = l.pending.lock().unwrap_or_else(|e| e.into_inner());
         for r in reqs {
+            if self.push_for(&r).is_some() {
+                continue; // its chunks are on their way already
+            }
+            if let Some(p) = &self.pushed {
+                p.drop_entry(r.entry); // fetched as usual: what was pushed is not used
+            }
             pending.push_back((r.entry, r.want.clone()));
             // A closed channel means the stream failed; fetches will find out and go alone.
             let _ = l.more.send(r);
@@ -224,6 +268,16 @@ impl ChunkSource for StreamSource {
         req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()> {
+        if let Some(p) = self.push_for(req) {
+            let r = req.want.iter().try_for_each(|&n| {
+                let (codec, bytes) = p.take(req.entry, n)?;
+                self.taken
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                sink((n, codec, bytes))
+            });
+            p.drop_entry(req.entry);
+            return r;
+        }
         let l = self
             .lanes
             .get(lane)
