@@ -12,6 +12,7 @@
 pub mod assemble;
 pub mod beneath;
 pub mod chunk;
+pub mod chunklist;
 pub mod delta;
 pub mod error;
 pub mod filter;

@@ -36,6 +36,25 @@ struct LocalSource<'a> {
 }
 
 impl ChunkSource for LocalSource<'_> {
+    fn chunk_list(&self, entry: u32) -> Result<Vec<crate::manifest::ChunkSpec>> {
+        self.wire.pass(&Frame::ListWant { entry })?;
+        let list = self
+            .sender
+            .chunk_list(entry)
+            .ok_or_else(|| Error::Protocol(format!("entry {entry} is not a file")))?;
+        let mut out = Vec::with_capacity(list.len());
+        for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
+            if let Frame::FileList {
+                part: crate::chunklist::ListPart::Chunks(c),
+                ..
+            } = self.wire.pass(&f)?
+            {
+                out.extend(c);
+            }
+        }
+        Ok(out)
+    }
+
     fn fetch(
         &self,
         _lane: usize,
@@ -106,9 +125,12 @@ pub fn sync_local(
         let (sender, wire) = (&sender, &wire);
         let sending = s.spawn(move || {
             let r = sender.run(filter, &mut |e| {
-                let f = wire.pass(&Frame::Entry(e))?;
-                tx.send(Ok(f))
-                    .map_err(|_| Error::Protocol("receiver stopped".into()))
+                for f in sender.frames_of(e) {
+                    let f = wire.pass(&f)?;
+                    tx.send(Ok(f))
+                        .map_err(|_| Error::Protocol("receiver stopped".into()))?;
+                }
+                Ok(())
             });
             let end = match &r {
                 Ok(_) => wire.pass(&Frame::ManifestEnd),
@@ -120,12 +142,18 @@ pub fn sync_local(
         let report = Receiver::prepare(dest, ropts).and_then(|receiver| {
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, "indexed destination");
             let source = LocalSource { sender, wire };
-            let mut next = || match rx.recv() {
-                Ok(Ok(Frame::Entry(e))) => Ok(Some(e)),
-                Ok(Ok(Frame::ManifestEnd)) => Ok(None),
-                Ok(Ok(other)) => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(Error::Protocol("sender stopped".into())),
+            let mut assembler = crate::chunklist::Assembler::default();
+            let mut next = || loop {
+                match rx.recv() {
+                    Ok(Ok(Frame::ManifestEnd)) => return Ok(None),
+                    Ok(Ok(f)) => {
+                        if let Some(item) = assembler.feed(f)? {
+                            return Ok(Some(item));
+                        }
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => return Err(Error::Protocol("sender stopped".into())),
+                }
             };
             receiver.apply(&mut next, &source, progress)
         });
@@ -311,7 +339,11 @@ mod tests {
         };
         let mut entries = manifest.into_iter();
         let report = receiver
-            .apply(&mut || Ok(entries.next()), &source, &progress)
+            .apply(
+                &mut || Ok(entries.next().map(crate::chunklist::Incoming::Entry)),
+                &source,
+                &progress,
+            )
             .unwrap();
 
         assert_eq!(std::fs::read(outside.join("b/f")).unwrap(), b"precious");

@@ -126,6 +126,35 @@ pub enum Frame {
         /// The control stream's id.
         control: u64,
     },
+    /// A file entry whose chunk list follows in `FileList` frames (see [`crate::chunklist`]):
+    /// a list too long for one frame, or one given as edits of the receiver's copy.
+    FileHead {
+        /// Where, relative to the tree's root.
+        path: crate::path::RelPath,
+        /// Its metadata.
+        meta: crate::manifest::Meta,
+        /// Size in bytes.
+        size: u64,
+        /// The file hash (of its chunk list).
+        hash: crate::id::ChunkId,
+        /// `None`: the parts are the chunks. `Some`: they are edits of the chunk list of the
+        /// receiver's copy at this path, whose file hash this is.
+        base: Option<crate::id::ChunkId>,
+    },
+    /// A part of the chunk list of the file of the last `FileHead`; `last` ends it.
+    FileList {
+        /// Chunks or edits.
+        part: crate::chunklist::ListPart,
+        /// The last part.
+        last: bool,
+    },
+    /// Receiver to sender, first frame of a stream of its own: send the whole chunk list of
+    /// `entry` (the receiver's copy was not the base its edits were made against). Answered
+    /// with `FileList` parts of chunks.
+    ListWant {
+        /// Manifest entry number.
+        entry: u32,
+    },
 }
 
 /// Serialize `Vec<u8>` as one byte string (postcard already does; kept explicit for clarity).

@@ -5,6 +5,7 @@
 use crate::assemble::{assemble, AssembleOptions, Fetched, FileTable};
 use crate::beneath::Parent;
 use crate::chunk::{ChunkParams, FileChunks};
+pub use crate::chunklist::Incoming;
 use crate::error::{Error, IoContext, Result};
 use crate::index::{cache_path_for, ChunkIndex, IndexCache};
 use crate::manifest::{Entry, EntryKind, Meta};
@@ -86,10 +87,19 @@ pub trait ChunkSource: Sync {
     /// unasked can go.
     fn unneeded(&self, _entry: u32) {}
 
-    /// Whether every chunk of `want` of entry `entry` comes without being asked for (pushed by
-    /// a sender that knows what this side holds): then no delta hints are worth computing.
-    fn pushed(&self, _entry: u32, _want: &[u32]) -> bool {
-        false
+    /// For an entry whose chunks the sender pushes without being asked (it believes it knows
+    /// what this side holds): whether every chunk of `want` is among them (then no delta hints
+    /// are worth computing). `None` when nothing of the entry is pushed.
+    fn push_covers(&self, _entry: u32, _want: &[u32]) -> Option<bool> {
+        None
+    }
+
+    /// The whole chunk list of manifest entry `entry` (a file whose list came as edits of a
+    /// copy this side does not hold).
+    fn chunk_list(&self, entry: u32) -> Result<Vec<crate::manifest::ChunkSpec>> {
+        Err(Error::Protocol(format!(
+            "entry {entry}: the chunk list came as edits of a copy this side does not hold"
+        )))
     }
 
     /// Deliver the chunks of `req`, in order, through `sink`. If `sink` fails, the remaining
@@ -382,7 +392,7 @@ impl Receiver {
     /// malformed manifest or a failing `next` stops the run with that error.
     pub fn apply(
         mut self,
-        next: &mut dyn FnMut() -> Result<Option<Entry>>,
+        next: &mut dyn FnMut() -> Result<Option<Incoming>>,
         source: &dyn ChunkSource,
         progress: &Progress,
     ) -> Result<Report> {
@@ -431,7 +441,13 @@ impl Receiver {
             }
             let mut load = vec![0u64; lanes];
             let mut planned = 0u64;
-            while let Some(e) = next()? {
+            // Entries whose chunk list came as edits of a copy that is not the one held here.
+            let mut not_base: HashSet<usize> = HashSet::new();
+            while let Some(item) = next()? {
+                let (e, was_base) = this.resolve(item, manifest.len() as u32, source)?;
+                if !was_base {
+                    not_base.insert(manifest.len());
+                }
                 tracing::trace!("manifest entry {}: {:?}", manifest.len(), e.path);
                 validator.check(&e)?;
                 let i = manifest.len();
@@ -466,9 +482,16 @@ impl Receiver {
                             literal += fp.literal;
                             report.changes.push(this.file_change(&e.path, fp.literal));
                         } else if let EntryKind::File { chunks, .. } = &e.kind {
-                            let delta = this.opts.delta && !source.pushed(i as u32, &fp.fetch);
-                            let req = (!fp.fetch.is_empty())
+                            let covered = source.push_covers(i as u32, &fp.fetch);
+                            let delta = this.opts.delta && covered != Some(true);
+                            let mut req = (!fp.fetch.is_empty())
                                 .then(|| request(i as u32, chunks, fp, &table, delta));
+                            // The sender's idea of this copy is wrong (it is not the base of
+                            // the edits, or holds less than the push assumed): chunks sent as
+                            // references to what the sender thinks is here would not decode.
+                            if let Some(r) = &mut req {
+                                r.no_refs = covered == Some(false) || not_base.contains(&i);
+                            }
                             tracing::debug!(
                                 "{:?}: planned, {} of {} chunks to fetch",
                                 e.path,
@@ -661,6 +684,37 @@ impl Receiver {
             self.save_cache(manifest, plan, &written);
         }
         Ok(report)
+    }
+
+    /// The entry an item of the manifest describes: a file whose chunk list came as edits of
+    /// the copy held here gets its list rebuilt from that copy's (if the copy is the one the
+    /// edits were made against), or fetched whole from the source (if not).
+    /// The flag is false when the sender's idea of the copy here was wrong.
+    fn resolve(&self, item: Incoming, i: u32, source: &dyn ChunkSource) -> Result<(Entry, bool)> {
+        let (mut entry, base, edits) = match item {
+            Incoming::Entry(e) => return Ok((e, true)),
+            Incoming::Edited { entry, base, edits } => (entry, base, edits),
+        };
+        let held = self
+            .dest_files
+            .get(&entry.path)
+            .map(|&n| &self.index.files[n as usize].chunks)
+            .filter(|fc| fc.hash == base);
+        let was_base = held.is_some();
+        let list = match held {
+            Some(fc) => crate::chunklist::apply(&fc.chunks, &edits)?,
+            None => {
+                tracing::debug!(
+                    "{:?}: not the copy the sender's edits were made against; fetching its whole chunk list",
+                    entry.path
+                );
+                source.chunk_list(i)?
+            }
+        };
+        if let EntryKind::File { chunks, .. } = &mut entry.kind {
+            *chunks = list;
+        }
+        Ok((entry, was_base))
     }
 
     /// Make the directory of manifest entry `e` (phase 1), unless it exists; a failure is

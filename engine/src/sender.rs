@@ -85,6 +85,8 @@ pub struct Sender {
 /// The counterpart of a source file in [`SenderOptions::basis`], chunked.
 struct Basis {
     path: PathBuf,
+    /// Its file hash (what the receiver's copy has, if it is this one).
+    hash: crate::id::ChunkId,
     chunks: Vec<crate::manifest::ChunkSpec>,
     offsets: Vec<u64>,
 }
@@ -294,6 +296,23 @@ impl Sender {
         Ok((m, notes))
     }
 
+    /// The frames that carry `entry` (just handed out by [`Sender::run`]) in the manifest: a
+    /// file with a counterpart in the basis (which the receiver holds at the same path) goes
+    /// as edits of that copy's chunk list, a file with a very long list in parts (see
+    /// [`crate::chunklist`]).
+    pub fn frames_of(&self, entry: Entry) -> Vec<Frame> {
+        let basis = match &entry.kind {
+            EntryKind::File { .. } => self.basis_of(&entry.path),
+            _ => None,
+        };
+        crate::chunklist::frames_for(entry, basis.as_ref().map(|b| (b.hash, &b.chunks[..])))
+    }
+
+    /// The whole chunk list of entry `entry`, if it is a file already handed out.
+    pub fn chunk_list(&self, entry: u32) -> Option<Vec<crate::manifest::ChunkSpec>> {
+        self.served(entry).map(|s| s.chunks.clone())
+    }
+
     /// The chunk lengths of entry `entry`, if it is a file already handed out.
     pub fn chunk_lens(&self, entry: u32) -> Option<Vec<u32>> {
         self.served(entry)
@@ -327,6 +346,7 @@ impl Sender {
                 };
                 Some(std::sync::Arc::new(Basis {
                     path,
+                    hash: fc.hash,
                     offsets: chunk_offsets(&fc.chunks),
                     chunks: fc.chunks,
                 }))

@@ -47,6 +47,7 @@ async fn serve_stream(
     type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>, bool);
     let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
     let (out_tx, mut out_rx) = mpsc::channel::<[bytes::Bytes; 2]>(64);
+    let lists = out_tx.clone();
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some((entry, want, hints, no_refs)) = want_rx.blocking_recv() {
@@ -60,6 +61,23 @@ async fn serve_stream(
     });
     let reader = async move {
         while let Some(frame) = read_msg::<Frame>(&mut recv).await? {
+            if let Frame::ListWant { entry } = frame {
+                // The receiver could not rebuild this file's list from its copy: send it whole.
+                let list = match sender.chunk_list(entry) {
+                    Some(l) => l,
+                    None => {
+                        return Err(Error::Protocol(format!(
+                            "list wanted for entry {entry}, not a file sent so far"
+                        )))
+                    }
+                };
+                for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
+                    if lists.send(frame_parts(f)?).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
             let Frame::Want {
                 entry,
                 runs,

@@ -6,8 +6,9 @@ use super::control::{Control, Summary};
 use super::pushed::Pushed;
 use super::source::StreamSource;
 use super::wire::{expect_msg, write_msg};
+use crate::chunklist::Incoming;
 use crate::error::{Error, Result};
-use crate::manifest::{Entry, MAX_ENTRIES};
+use crate::manifest::MAX_ENTRIES;
 use crate::protocol::{self, Frame};
 use crate::receiver::Receiver;
 use crate::report::{Progress, Report};
@@ -66,12 +67,14 @@ pub(crate) async fn send_tree_after(
         None
     };
     // Each entry with the chunks the receiver lacks, when they are pushed.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Entry, Vec<u32>)>(1024);
+    // Each entry as the frames that carry it, with the chunks the receiver lacks when they are
+    // pushed.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Frame>, Vec<u32>)>(1024);
     let chunker = sender.clone();
     let running = tokio::task::spawn_blocking(move || {
         chunker.run(None, &mut |e| {
             let pushed = chunker.pushable(&e);
-            tx.blocking_send((e, pushed))
+            tx.blocking_send((chunker.frames_of(e), pushed))
                 .map_err(|_| Error::Transport("the session ended".into()))
         })
     });
@@ -80,7 +83,7 @@ pub(crate) async fn send_tree_after(
         let mut count = 0u32;
         let mut to_push = Vec::new();
         // An entry, announced by the chunks of it that are pushed (if any).
-        let add = |(e, pushed): (Entry, Vec<u32>),
+        let add = |(frames, pushed): (Vec<Frame>, Vec<u32>),
                    buf: &mut Vec<u8>,
                    count: &mut u32,
                    to_push: &mut Vec<(u32, Vec<u32>)>|
@@ -96,7 +99,9 @@ pub(crate) async fn send_tree_after(
                 )?;
                 to_push.push((*count, pushed));
             }
-            protocol::encode(&Frame::Entry(e), buf)?;
+            for f in &frames {
+                protocol::encode(f, buf)?;
+            }
             *count += 1;
             Ok(())
         };
@@ -294,7 +299,7 @@ async fn receive_with(
     progress: Arc<Progress>,
     pushed: Arc<Pushed>,
 ) -> Result<(Report, SenderNotes)> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Option<Entry>>>(1024);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Option<Incoming>>>(1024);
     let conn2 = conn.clone();
     let rt = tokio::runtime::Handle::current();
     let pushes = pushed.clone();
@@ -311,29 +316,34 @@ async fn receive_with(
     });
     let mut count = 0usize;
     let mut complete = false;
+    let mut assembler = crate::chunklist::Assembler::default();
     loop {
         let item = match expect_msg::<Frame>(&mut ctl.recv, "end of the manifest").await {
-            Ok(Frame::Entry(e)) if count < MAX_ENTRIES => {
-                count += 1;
-                Ok(Some(e))
-            }
-            Ok(Frame::Entry(_)) => Err(Error::Limit(format!(
-                "manifest longer than {MAX_ENTRIES} entries"
-            ))),
-            Ok(Frame::ManifestEnd) => {
+            Ok(Frame::ManifestEnd) if !assembler.in_file() => {
                 complete = true;
                 Ok(None)
             }
             // Announces the entry that follows; registered before that entry is planned.
-            Ok(Frame::Pushed { entry, runs }) if entry as usize == count => {
+            Ok(Frame::Pushed { entry, runs })
+                if entry as usize == count && !assembler.in_file() =>
+            {
                 match pushed.announce(entry, runs) {
                     Ok(()) => continue,
                     Err(e) => Err(e),
                 }
             }
-            Ok(other) => Err(Error::Protocol(format!(
-                "expected a manifest entry, got {other:?}"
+            Ok(_) if count >= MAX_ENTRIES => Err(Error::Limit(format!(
+                "manifest longer than {MAX_ENTRIES} entries"
             ))),
+            // An entry, or a part of a file's chunk list.
+            Ok(frame) => match assembler.feed(frame) {
+                Ok(None) => continue,
+                Ok(Some(item)) => {
+                    count += 1;
+                    Ok(Some(item))
+                }
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e),
         };
         let stop = !matches!(item, Ok(Some(_)));

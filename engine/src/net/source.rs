@@ -223,10 +223,53 @@ impl ChunkSource for StreamSource {
         self.lanes.len()
     }
 
-    fn pushed(&self, entry: u32, want: &[u32]) -> bool {
-        self.pushed
-            .as_deref()
-            .is_some_and(|p| p.covers(entry, want))
+    fn chunk_list(&self, entry: u32) -> Result<Vec<crate::manifest::ChunkSpec>> {
+        let conn = self.conn.clone();
+        self.rt.block_on(async move {
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| super::wire::conn_error(&e))?;
+            write_msg(&mut send, &Frame::ListWant { entry }).await?;
+            let _ = send.finish();
+            let mut out = Vec::new();
+            loop {
+                match read_msg::<Frame>(&mut recv).await? {
+                    Some(Frame::FileList {
+                        part: crate::chunklist::ListPart::Chunks(c),
+                        last,
+                    }) => {
+                        out.extend(c);
+                        if out.len() > crate::chunklist::MAX_FILE_CHUNKS {
+                            return Err(Error::Limit(format!(
+                                "a file of more than {} chunks",
+                                crate::chunklist::MAX_FILE_CHUNKS
+                            )));
+                        }
+                        if last {
+                            return Ok(out);
+                        }
+                    }
+                    Some(Frame::Failed { reason, .. }) => return Err(Error::Remote(reason)),
+                    Some(other) => {
+                        return Err(Error::Protocol(format!(
+                            "expected the chunk list of entry {entry}, got {}",
+                            describe(&other)
+                        )))
+                    }
+                    None => {
+                        return Err(Error::Protocol(format!(
+                            "the chunk list of entry {entry} ended early"
+                        )))
+                    }
+                }
+            }
+        })
+    }
+
+    fn push_covers(&self, entry: u32, want: &[u32]) -> Option<bool> {
+        let p = self.pushed.as_deref()?;
+        p.has(entry).then(|| p.covers(entry, want))
     }
 
     fn unneeded(&self, entry: u32) {

@@ -406,5 +406,49 @@ fn a_sender_that_knows_the_receivers_tree_pushes_what_it_lacks() {
         r.stats.chunks_pushed, 0,
         "a file whose plan wants more than was pushed is fetched as usual"
     );
+    // ...and only its two pages that differ cross, not the whole file again.
+    assert_eq!(r.stats.bytes_literal, 2 * 4096, "{:?}", r.stats);
     link.close();
+}
+
+/// A file with more chunks than one frame can list goes in parts, both ways.
+#[test]
+fn a_chunk_list_longer_than_a_frame_goes_in_parts_both_ways() {
+    let f = start();
+    let remote = |path: &str| RemotePath {
+        host: "127.0.0.1".into(),
+        port: f.port,
+        path: path.into(),
+    };
+    let src = f._dir.path().join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    // The smallest chunks there are (256 B to 1 KiB): 96 MiB make more than one part's worth.
+    let data = pages(3, 24_576);
+    std::fs::write(src.join("f"), &data).unwrap();
+    let s = SyncSettings {
+        params: crate::chunk::ChunkParams::new(256, 256, 1024).unwrap(),
+        ..settings()
+    };
+    let progress = std::sync::Arc::new(crate::report::Progress::default());
+    let r = super::client::push(
+        &src,
+        &remote("big"),
+        s.clone(),
+        None,
+        None,
+        &f.client,
+        progress.clone(),
+    )
+    .unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(std::fs::read(f.root.join("big/f")).unwrap(), data);
+    let back = f._dir.path().join("back");
+    let ropts = crate::receiver::ReceiverOptions {
+        params: s.params,
+        no_index_cache: true,
+        ..Default::default()
+    };
+    let r = super::client::pull(&remote("big/"), &back, s, ropts, &f.client, progress).unwrap();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(std::fs::read(back.join("f")).unwrap(), data);
 }
