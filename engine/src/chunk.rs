@@ -318,6 +318,123 @@ pub fn chunk_pages_like(data: &[u8], base: &[u8], base_chunks: &[ChunkSpec]) -> 
     file_chunks(data, chunks)
 }
 
+/// Chunks a memory image (`pages-N.img`) page by page while another process is still writing
+/// it, so that its chunk list is ready when the writer ends: a migration overlaps this with
+/// CRIU's dump instead of adding it to the downtime. CRIU appends pages to the image at the
+/// file position (`splice` with no offset), never going back, so a page once read stays as
+/// read; [`PageFollower::finish`] checks that the file did not change after the writer ended.
+/// Pages equal to the page at the same offset of the previous version (`base`) take its id, as
+/// in [`chunk_pages_like`]; the others are hashed. One thread: the writer keeps the other cores.
+pub struct PageFollower {
+    path: std::path::PathBuf,
+    base: Option<(memmap2::Mmap, Vec<ChunkSpec>)>,
+    file: Option<File>,
+    pos: u64,
+    chunks: Vec<ChunkSpec>,
+    buf: Vec<u8>,
+}
+
+/// Bytes a follower reads at once.
+const FOLLOW_READ: usize = 4 << 20;
+
+impl PageFollower {
+    /// Follow `path` (which may not exist yet), against `base` (the previous version and its
+    /// page chunks) when given.
+    pub fn new(path: &Path, base: Option<(&Path, &[ChunkSpec])>) -> PageFollower {
+        let base = base.and_then(|(b, chunks)| {
+            let f = File::open(b).ok()?;
+            // SAFETY: read-only private map of the previous round's image, which nothing writes
+            // any more; a page is only ever compared through it, never trusted unread.
+            let map = unsafe { memmap2::MmapOptions::new().map(&f) }.ok()?;
+            let paged = chunks.iter().all(|c| c.len as usize <= PAGE)
+                && chunks.iter().map(|c| c.len as usize).sum::<usize>() == map.len();
+            paged.then(|| (map, chunks.to_vec()))
+        });
+        PageFollower {
+            path: path.to_path_buf(),
+            base,
+            file: None,
+            pos: 0,
+            chunks: Vec::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Chunk the whole pages written so far; returns how many bytes that took in.
+    pub fn advance(&mut self) -> Result<u64> {
+        if self.file.is_none() {
+            match File::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                Err(e) => return Err(e).ctx("open", &self.path),
+            }
+        }
+        let size = match &self.file {
+            Some(f) => f.metadata().ctx("stat", &self.path)?.len(),
+            None => return Ok(0),
+        };
+        let whole = size - size % PAGE as u64;
+        self.take(whole)
+    }
+
+    /// Chunk `[pos, end)`, `end` on a page boundary or at the end of the file.
+    fn take(&mut self, end: u64) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let Some(f) = &self.file else { return Ok(0) };
+        let start = self.pos;
+        while self.pos < end {
+            let n = ((end - self.pos) as usize).min(FOLLOW_READ);
+            self.buf.resize(n, 0);
+            f.read_exact_at(&mut self.buf, self.pos)
+                .ctx("read", &self.path)?;
+            for (k, page) in self.buf.chunks(PAGE).enumerate() {
+                let off = self.pos as usize + k * PAGE;
+                let i = off / PAGE;
+                let same = self.base.as_ref().and_then(|(map, bc)| {
+                    let b = bc.get(i)?;
+                    (b.len as usize == page.len() && map.get(off..off + page.len()) == Some(page))
+                        .then_some(*b)
+                });
+                self.chunks.push(same.unwrap_or_else(|| spec_of(page)));
+            }
+            self.pos += n as u64;
+        }
+        Ok(self.pos - start)
+    }
+
+    /// The writer has ended: chunk the rest and return the chunk list and the metadata it
+    /// describes (for a cache). Fails if the file changed while it was being finished, or was
+    /// never there.
+    pub fn finish(mut self) -> Result<(FileChunks, std::fs::Metadata)> {
+        self.advance()?;
+        let Some(f) = &self.file else {
+            return Err(Error::SourceChanged { path: self.path });
+        };
+        let md = f.metadata().ctx("stat", &self.path)?;
+        let size = md.len();
+        if size < self.pos {
+            return Err(Error::SourceChanged { path: self.path });
+        }
+        self.take(size)?;
+        let after = std::fs::symlink_metadata(&self.path).ctx("stat", &self.path)?;
+        use std::os::unix::fs::MetadataExt;
+        if (after.len(), after.mtime_nsec(), after.mtime(), after.ino())
+            != (md.len(), md.mtime_nsec(), md.mtime(), md.ino())
+        {
+            return Err(Error::SourceChanged { path: self.path });
+        }
+        let chunks = std::mem::take(&mut self.chunks);
+        Ok((
+            FileChunks {
+                size,
+                hash: file_hash(size, &chunks),
+                chunks,
+            },
+            md,
+        ))
+    }
+}
+
 /// Files up to this size are read into memory; larger ones are memory-mapped.
 const MMAP_MIN: u64 = 256 * 1024;
 
@@ -459,6 +576,51 @@ mod tests {
             chunk_pages_like(&new, &base, &cdc.chunks),
             chunk_pages(&new)
         );
+    }
+
+    /// A follower that reads an image while a writer appends to it in uneven bursts ends with
+    /// the same chunk list as chunking the finished file, with and without a base.
+    #[test]
+    fn a_follower_keeps_up_with_a_writer_and_ends_with_the_right_list() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let base = noise(21, 300 * PAGE);
+        let bp = d.path().join("base.img");
+        std::fs::write(&bp, &base).unwrap();
+        let bc = chunk_pages(&base);
+        let mut new = base.clone();
+        for k in [0usize, 17, 150, 151, 299] {
+            new[k * PAGE + 3] ^= 0x55;
+        }
+        new.extend_from_slice(&noise(22, 2 * PAGE + 123));
+        for with_base in [true, false] {
+            let path = d.path().join(format!("pages-{with_base}.img"));
+            let mut f =
+                PageFollower::new(&path, with_base.then_some((bp.as_path(), &bc.chunks[..])));
+            assert_eq!(f.advance().unwrap(), 0, "nothing there yet");
+            let data = new.clone();
+            let p2 = path.clone();
+            let writer = std::thread::spawn(move || {
+                let mut out = std::fs::File::create(&p2).unwrap();
+                // Bursts that end mid-page.
+                for part in data.chunks(3 * PAGE + 1000) {
+                    out.write_all(part).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            });
+            let mut taken = 0;
+            while !writer.is_finished() {
+                taken += f.advance().unwrap();
+            }
+            writer.join().unwrap();
+            assert!(taken > 0, "nothing was read while the writer wrote");
+            let (fc, md) = f.finish().unwrap();
+            assert_eq!(fc, chunk_pages(&new));
+            assert_eq!(md.len(), new.len() as u64);
+        }
+        // An image that never appeared is an error, not an empty list.
+        let never = PageFollower::new(&d.path().join("pages-9.img"), None);
+        assert!(never.finish().is_err());
     }
 
     #[test]

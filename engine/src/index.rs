@@ -169,7 +169,7 @@ const CACHE_MAGIC: [u8; 8] = *b"HOPIDX03";
 
 /// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
 /// file's size, mtime, ctime and inode are unchanged.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct IndexCache {
     params: Option<ChunkParams>,
     entries: HashMap<PathBuf, (StatKey, FileChunks)>,
@@ -253,9 +253,12 @@ impl IndexCache {
         let file = CacheFile {
             magic: CACHE_MAGIC,
             params,
+            // Entries of files that are gone are dropped (a migration's earlier rounds), so the
+            // cache does not grow by a chunk list per round.
             entries: self
                 .entries
                 .iter()
+                .filter(|(p, _)| std::fs::symlink_metadata(p).is_ok())
                 .map(|(p, (stat, chunks))| CacheEntry {
                     path: p.as_os_str().as_bytes().to_vec(),
                     stat: *stat,

@@ -250,7 +250,7 @@ mod tests {
             std::fs::create_dir(&src).unwrap();
             let mut files: Vec<Vec<u8>> = seeds.iter().map(|&(s, len)| noise(s, len)).collect();
             let params = if small { ChunkParams::new(256, 1024, 4096).unwrap() } else { ChunkParams::default() };
-            let sopts = SenderOptions { params, compress: if small { Some(1) } else { None }, cache: None, basis: None, rules: None, push: false };
+            let sopts = SenderOptions { params, compress: if small { Some(1) } else { None }, cache: None, basis: None, rules: None, push: false, known: None };
             let ropts = ReceiverOptions { params, delete: true, ..Default::default() };
             for round in 0..2 {
                 if round == 1 {
@@ -299,6 +299,7 @@ mod tests {
             basis: None,
             rules: None,
             push: false,
+            known: None,
         };
         let ropts = ReceiverOptions {
             delete: true,

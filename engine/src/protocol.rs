@@ -65,8 +65,8 @@ pub enum Codec {
     Patch,
     /// A zstd frame that decompresses to such a patch.
     PatchZstd,
-    /// The 16-byte id of a chunk the receiver holds, then a zstd frame compressed with that
-    /// chunk as its dictionary (see [`crate::delta::encode_ref`]).
+    /// The 16-byte id of a chunk the receiver holds, then a zstd frame of the new chunk XOR
+    /// that chunk (see [`crate::delta::encode_ref`]).
     Ref,
 }
 

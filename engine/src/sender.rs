@@ -34,6 +34,9 @@ pub struct SenderOptions {
     /// round): over the network, chunks it lacks are sent at once, without waiting for its
     /// want-lists (one round trip less; see [`Sender::pushable`]). Ignored without a basis.
     pub push: bool,
+    /// Chunk lists the caller already has (a migration chunks memory images while CRIU is still
+    /// writing them): looked up before the cache, under the same rules, and recorded in it.
+    pub known: Option<std::sync::Arc<IndexCache>>,
 }
 
 /// At most this many bytes (of chunks, before encoding) are pushed in one sync, so that the
@@ -73,8 +76,10 @@ pub struct Sender {
     basis: std::sync::Mutex<std::collections::HashMap<RelPath, Option<std::sync::Arc<Basis>>>>,
     /// The chunk cache, loaded on the first basis lookup: a basis tree that was itself sent
     /// earlier with the same cache (a migration's previous round) is not read again.
-    /// (The sender's own cache, and the one the basis tree has from being sent itself.)
-    basis_cache: std::sync::OnceLock<Vec<IndexCache>>,
+    /// The cache the basis tree has from being sent itself (if it is not the sender's own).
+    basis_cache: std::sync::OnceLock<Option<IndexCache>>,
+    /// The sender's own cache, loaded once.
+    own: std::sync::OnceLock<std::sync::Arc<IndexCache>>,
     progress: std::sync::Arc<crate::report::Progress>,
     /// Chunk ids of the whole basis tree (what the receiver holds), built on first use.
     holds: std::sync::OnceLock<std::collections::HashSet<crate::id::ChunkId>>,
@@ -100,6 +105,7 @@ impl Sender {
             files: Default::default(),
             basis: Default::default(),
             basis_cache: std::sync::OnceLock::new(),
+            own: std::sync::OnceLock::new(),
             progress: Default::default(),
             holds: std::sync::OnceLock::new(),
             pushed: Default::default(),
@@ -183,10 +189,8 @@ impl Sender {
             skipped: s.skipped,
             errors: s.errors,
         };
-        let cache = match &opts.cache {
-            Some(p) => IndexCache::load(p, opts.params),
-            None => IndexCache::default(),
-        };
+        let cache = self.own_cache();
+        let caches: Vec<&IndexCache> = opts.known.as_deref().into_iter().chain([&*cache]).collect();
         let fresh: Fresh = Default::default();
         let mut entries = s.entries.into_iter().peekable();
         let mut window = Vec::new();
@@ -224,7 +228,7 @@ impl Sender {
                             match chunk_cached(
                                 &e.path.under(root),
                                 opts.params,
-                                &cache,
+                                &caches,
                                 &fresh,
                                 like.as_deref(),
                             ) {
@@ -275,7 +279,7 @@ impl Sender {
             }
         }
         if let Some(p) = &opts.cache {
-            let mut cache = cache;
+            let mut cache = (*cache).clone();
             for (path, md, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
                 cache.record_read(&path, &md, fc);
             }
@@ -319,6 +323,18 @@ impl Sender {
             .map(|s| s.chunks.iter().map(|c| c.len).collect())
     }
 
+    /// The sender's chunk cache, loaded on first use (empty without one).
+    fn own_cache(&self) -> std::sync::Arc<IndexCache> {
+        self.own
+            .get_or_init(|| {
+                std::sync::Arc::new(match &self.opts.cache {
+                    Some(p) => IndexCache::load(p, self.opts.params),
+                    None => IndexCache::default(),
+                })
+            })
+            .clone()
+    }
+
     /// The basis counterpart of `rel`, chunked on first use.
     fn basis_of(&self, rel: &RelPath) -> Option<std::sync::Arc<Basis>> {
         let root = self.opts.basis.as_ref()?;
@@ -326,21 +342,24 @@ impl Sender {
         map.entry(rel.clone())
             .or_insert_with(|| {
                 let path = rel.under(root);
-                let caches = self.basis_cache.get_or_init(|| {
-                    let own = self.opts.cache.clone();
+                let theirs = self.basis_cache.get_or_init(|| {
+                    let own = self.opts.cache.as_ref()?;
                     // Caching is on: the basis tree's own source cache may know it too (it was
                     // synced from there before).
-                    let theirs = own
-                        .as_ref()
-                        .and_then(|_| crate::index::source_cache_path(root))
-                        .filter(|t| Some(t) != own.as_ref());
-                    own.into_iter()
-                        .chain(theirs)
-                        .map(|c| IndexCache::load(&c, self.opts.params))
-                        .collect()
+                    crate::index::source_cache_path(root)
+                        .filter(|t| t != own)
+                        .map(|t| IndexCache::load(&t, self.opts.params))
                 });
+                let own = self.own_cache();
+                let caches = self
+                    .opts
+                    .known
+                    .as_deref()
+                    .into_iter()
+                    .chain([&*own])
+                    .chain(theirs.as_ref());
                 let md = std::fs::symlink_metadata(&path).ok()?;
-                let fc = match caches.iter().find_map(|c| c.lookup(&path, &md)) {
+                let fc = match caches.into_iter().find_map(|c| c.lookup(&path, &md)) {
                     Some(fc) => fc.clone(),
                     None => chunk_file(&path, self.opts.params).ok()?,
                 };
@@ -549,12 +568,24 @@ type Fresh = std::sync::Mutex<Vec<(PathBuf, std::fs::Metadata, FileChunks)>>;
 fn chunk_cached(
     path: &Path,
     params: ChunkParams,
-    cache: &IndexCache,
+    caches: &[&IndexCache],
     fresh: &Fresh,
     like: Option<&Basis>,
 ) -> Result<FileChunks> {
     let md = std::fs::symlink_metadata(path).ctx("stat", path)?;
-    if let Some(fc) = cache.lookup(path, &md) {
+    if let Some((k, fc)) = caches
+        .iter()
+        .enumerate()
+        .find_map(|(k, c)| c.lookup(path, &md).map(|fc| (k, fc)))
+    {
+        if k + 1 < caches.len() {
+            // Known from the caller, not from the cache yet: recorded for the next run.
+            fresh.lock().unwrap_or_else(|e| e.into_inner()).push((
+                path.to_path_buf(),
+                md,
+                fc.clone(),
+            ));
+        }
         return Ok(fc.clone());
     }
     let fc = match like {

@@ -395,6 +395,7 @@ pub fn run(mut a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result
         rules: compiled(&rules)?,
         // Both halves run here: nothing to push ahead.
         push: false,
+        known: None,
     };
     let ropts = ReceiverOptions {
         params,

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod app;
 pub mod calls;
+pub mod follow;
 pub mod group;
 pub mod haproxy;
 pub mod ipsec;

@@ -3,6 +3,7 @@
 
 use super::app::App;
 use super::calls::{bundle_dir, images_dir, Call, Checked, Restored, Tcp};
+use super::follow::Follow;
 use super::group::Meeting;
 use super::haproxy::Hold;
 use super::plan::{self, Budget, Next, RoundFigures};
@@ -93,10 +94,15 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// Chunk sizes of a migration's syncs: memory images are cut on every page.
+fn params() -> ChunkParams {
+    ChunkParams::default().with_pages(true)
+}
+
 /// How images and bundles are synced.
 fn settings(o: &Options, delete: bool) -> SyncSettings {
     SyncSettings {
-        params: ChunkParams::default().with_pages(true),
+        params: params(),
         compress: o.compress,
         delete,
         dry_run: false,
@@ -336,16 +342,20 @@ fn run(
         let start = Instant::now();
         let shown = say.phase(&format!("round {n}: dump"), None);
         // A pre-copy dump can fail on a passing state (a connection being set up); the
-        // application keeps running, so try once more before giving up.
-        let d = match o.app.dump(&criu, &dir, true, o.tcp) {
-            Ok(d) => d,
+        // application keeps running, so try once more before giving up. The images are
+        // chunked while CRIU writes them.
+        let follow = Follow::start(&dir, prev.as_deref(), &chunk_cache(st), params());
+        let (d, known) = match o.app.dump(&criu, &dir, true, o.tcp) {
+            Ok(d) => (d, follow.finish(true)),
             Err(e) => {
+                follow.finish(false);
                 say.line(format!("round {n}: dump failed ({e:#}); trying once more"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::thread::sleep(Duration::from_millis(200));
-                o.app
-                    .dump(&criu, &dir, true, o.tcp)
-                    .with_context(|| format!("round {n}: dump"))?
+                let follow = Follow::start(&dir, prev.as_deref(), &chunk_cache(st), params());
+                let d = o.app.dump(&criu, &dir, true, o.tcp);
+                let known = follow.finish(d.is_ok());
+                (d.with_context(|| format!("round {n}: dump"))?, known)
             }
         };
         drop(shown);
@@ -372,6 +382,7 @@ fn run(
             &dir,
             &dest,
             prev.as_deref(),
+            known,
         )
         .with_context(|| format!("round {n}: sync"))?;
         let sent = r.stats.bytes_literal;
@@ -416,14 +427,24 @@ fn run(
     let freeze = Instant::now();
     say.line("final dump: the application is frozen from here");
     let shown = say.phase("final dump", None);
-    let d = o
-        .app
-        .dump(&criu, &dir, false, o.tcp)
-        .context("final dump (the application keeps running at the source)")?;
+    let follow = Follow::start(&dir, prev.as_deref(), &chunk_cache(st), params());
+    let d = o.app.dump(&criu, &dir, false, o.tcp);
+    let known = follow.finish(d.is_ok());
+    let d = d.context("final dump (the application keeps running at the source)")?;
     drop(shown);
     st.frozen = true;
-    let (r, sync_ms) = push_images(link, o, say, "final sync", st, &dir, &dest, prev.as_deref())
-        .context("final sync")?;
+    let (r, sync_ms) = push_images(
+        link,
+        o,
+        say,
+        "final sync",
+        st,
+        &dir,
+        &dest,
+        prev.as_deref(),
+        known,
+    )
+    .context("final sync")?;
     tl.rounds.push(row("final".into(), &d, &r, sync_ms));
     say.line(format!(
         "final: dumped {:.1} MB in {:.0} ms, sent {:.1} MB in {:.0} ms",
@@ -529,17 +550,19 @@ fn push_images(
     dir: &Path,
     dest: &str,
     prev: Option<&Path>,
+    known: Option<Arc<hop_engine::index::IndexCache>>,
 ) -> Result<(Report, f64)> {
     let t = Instant::now();
     let progress = Arc::new(Progress::default());
     link.set_progress(progress.clone());
     let _shown = say.phase(phase, Some(progress));
-    let r = link.push(
+    let r = link.push_known(
         dir,
         dest,
         settings(o, true),
         Some(chunk_cache(st)),
         prev.map(Path::to_path_buf),
+        known,
     )?;
     check_report(&r, "images")?;
     Ok((r, ms(t.elapsed())))

@@ -377,6 +377,7 @@ fn sender_for(
     settings: &SyncSettings,
     cache: Option<PathBuf>,
     basis: Option<PathBuf>,
+    known: Option<Arc<crate::index::IndexCache>>,
     progress: Arc<Progress>,
 ) -> Result<(Arc<Sender>, Option<String>)> {
     let sopts = SenderOptions {
@@ -391,6 +392,7 @@ fn sender_for(
         },
         // A basis is what the receiver holds: push what it lacks (not in a dry run).
         push: settings.push && !settings.dry_run,
+        known,
     };
     let name_if_dir = if src.is_dir() {
         None
@@ -436,7 +438,7 @@ pub fn push(
     let t0 = Instant::now();
     let rt = runtime()?;
     rt.block_on(async {
-        let (sender, name_if_dir) = sender_for(src, &settings, cache, basis, progress)?;
+        let (sender, name_if_dir) = sender_for(src, &settings, cache, basis, None, progress)?;
         let request = Request::Push {
             path: remote.path.clone(),
             name_if_dir,
@@ -500,12 +502,26 @@ impl Link {
         cache: Option<PathBuf>,
         basis: Option<PathBuf>,
     ) -> Result<Report> {
+        self.push_known(src, dest, settings, cache, basis, None)
+    }
+
+    /// [`Link::push`] with chunk lists of some source files already known (see
+    /// [`crate::sender::SenderOptions::known`]).
+    pub fn push_known(
+        &mut self,
+        src: &Path,
+        dest: &str,
+        settings: SyncSettings,
+        cache: Option<PathBuf>,
+        basis: Option<PathBuf>,
+        known: Option<Arc<crate::index::IndexCache>>,
+    ) -> Result<Report> {
         let t0 = Instant::now();
         let before = self.bytes_wire();
         let c = &mut self.c;
         let progress = self.progress.clone();
         let r = self.rt.block_on(async {
-            let (sender, name_if_dir) = sender_for(src, &settings, cache, basis, progress)?;
+            let (sender, name_if_dir) = sender_for(src, &settings, cache, basis, known, progress)?;
             let request = Request::Push {
                 path: dest.to_string(),
                 name_if_dir,

@@ -403,6 +403,7 @@ async fn run(
                 basis: None,
                 rules: rules(&settings)?,
                 push: false,
+                known: None,
             };
             let summary = send_tree(conn, ctl, Arc::new(Sender::new(&path, sopts))).await?;
             tracing::info!(
