@@ -389,3 +389,152 @@ fn a_stopped_server_is_detected_by_the_timeout() {
 fn ok_status(c: &mut std::process::Command) {
     assert!(c.status().unwrap().success(), "{c:?}");
 }
+
+/// Run `c` until it is not refused for a busy destination (a killed sender's session holds the
+/// lock until the server's timeout notices it is gone); at most 12 s.
+fn when_not_busy(make: impl Fn() -> std::process::Command) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let mut c = make();
+        c.args(["--stats-json", "-"]);
+        let out = c.output().unwrap();
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("another hop sync is writing") && t0.elapsed() < Duration::from_secs(12),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The sender (a pushing client) killed at several points of a large transfer: every file at
+/// the destination is its complete old or new version, nothing temporary is left, and the
+/// re-run sends exactly the files that had not arrived.
+#[test]
+fn a_sender_killed_at_several_points_leaves_old_or_new_and_the_rerun_sends_only_the_rest() {
+    const N: u64 = 12;
+    const SIZE: usize = 12 << 20;
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    for i in 0..N {
+        d.write(&format!("src/f{i:02}"), &noise(i, 1000));
+    }
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    let url = srv.url("dst/");
+    ok(c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new(&format!("{}/", src.display())),
+        OsStr::new(&url),
+    ]));
+    let old: Vec<_> = (0..N).map(|i| blake3::hash(&noise(i, 1000))).collect();
+    let new: Vec<_> = (0..N)
+        .map(|i| {
+            let data = noise(100 + i, SIZE);
+            fs::write(src.join(format!("f{i:02}")), &data).unwrap();
+            blake3::hash(&data)
+        })
+        .collect();
+    let arrived = || -> u64 {
+        (0..N)
+            .filter(|&i| {
+                let got = blake3::hash(&fs::read(srv.root.join(format!("dst/f{i:02}"))).unwrap());
+                assert!(
+                    got == old[i as usize] || got == new[i as usize],
+                    "dst/f{i:02} is neither old nor new"
+                );
+                got == new[i as usize]
+            })
+            .count() as u64
+    };
+    for delay in [80u64, 300, 700] {
+        let mut child = c
+            .sync(&[OsStr::new(&format!("{}/", src.display())), OsStr::new(&url)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Let the server notice and drop the session's temporary files.
+        std::thread::sleep(Duration::from_millis(100));
+        eprintln!("killed at {delay} ms: {} of {N} files new", arrived());
+        assert!(
+            leftovers(&srv.root).is_empty(),
+            "{:?}",
+            leftovers(&srv.root)
+        );
+    }
+    let done = arrived();
+    let st =
+        when_not_busy(|| c.sync(&[OsStr::new(&format!("{}/", src.display())), OsStr::new(&url)]));
+    assert_same_tree(&src, &srv.root.join("dst"));
+    assert_eq!(
+        st["bytes_literal"].as_u64().unwrap(),
+        (N - done) * SIZE as u64,
+        "the re-run sends the files that had not arrived, and only those: {st}"
+    );
+}
+
+/// Two clients push different trees into one destination at the same time: never a mixture;
+/// one of them is refused clearly (or waits its turn), and the destination is one whole tree.
+#[test]
+fn two_clients_pushing_into_one_destination_at_once_never_mix() {
+    let d = Dir::new();
+    let (a, b) = (Client::new(&d, "a"), Client::new(&d, "b"));
+    let srv = Server::start(&d, "server", &[&a, &b], 0);
+    for (name, seed) in [("ta", 1u64), ("tb", 2)] {
+        for i in 0..4 {
+            d.write(&format!("{name}/f{i}"), &noise(seed * 10 + i, 8 << 20));
+        }
+    }
+    let url = srv.url("shared/");
+    for c in [&a, &b] {
+        // Trust the server first, so both pushes below start at once.
+        ok(c.sync(&[
+            OsStr::new("--accept-new"),
+            s(&d.path("ta/f0")),
+            OsStr::new(&srv.url("warm/")),
+        ]));
+    }
+    for round in 0..3 {
+        let spawn = |c: &Client, tree: &str| {
+            c.sync(&[
+                OsStr::new(&format!("{}/", d.path(tree).display())),
+                OsStr::new(&url),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        };
+        let (mut pa, mut pb) = (spawn(&a, "ta"), spawn(&b, "tb"));
+        let (sa, ea) = finish_within(&mut pa, Duration::from_secs(60));
+        let (sb, eb) = finish_within(&mut pb, Duration::from_secs(60));
+        assert!(sa.success() || sb.success(), "both failed:\n{ea}\n{eb}");
+        for (st, err) in [(sa, &ea), (sb, &eb)] {
+            if !st.success() {
+                assert!(
+                    err.contains("another hop sync is writing"),
+                    "unclear refusal: {err}"
+                );
+            }
+        }
+        // Whichever finished last wrote the destination whole.
+        let got = describe_tree(&srv.root.join("shared"));
+        let (ta, tb) = (describe_tree(&d.path("ta")), describe_tree(&d.path("tb")));
+        assert!(
+            got == ta || got == tb,
+            "round {round}: a mixture of both trees"
+        );
+        assert!(
+            leftovers(&srv.root).is_empty(),
+            "{:?}",
+            leftovers(&srv.root)
+        );
+    }
+}

@@ -207,7 +207,8 @@ fn lock(dest: &Path, cache: &Path, dry: bool) -> Result<Option<std::fs::File>> {
         return Err(Error::Conflict {
             path: dest.into(),
             why: format!(
-                "another hop sync is writing into it (lock {}); wait for it to finish",
+                "another hop sync is writing into it (lock {}); wait for it to finish (one whose \
+                 sender was killed holds it until the receiver's --timeout passes, 15 s by default)",
                 path.display()
             ),
         });

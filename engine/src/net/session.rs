@@ -126,13 +126,20 @@ pub(crate) async fn send_tree_after(
                 }
             }
             if let Err(e) = written {
-                // A refused request: the server's reason says more than the broken stream.
-                if answer_pending {
-                    if let Ok(Err(refusal)) =
-                        tokio::time::timeout(Duration::from_secs(2), read_answer(ctl)).await
-                    {
-                        return Err(refusal);
+                // A refused request, or a receiver that failed: its reason says more than the
+                // broken stream.
+                let reason = async {
+                    if answer_pending {
+                        read_answer(ctl).await?;
                     }
+                    match expect_msg::<Control>(&mut ctl.recv, "receiver's answer").await? {
+                        Control::Refused { reason } => Err(Error::Remote(reason)),
+                        _ => Ok(()),
+                    }
+                };
+                if let Ok(Err(refusal)) = tokio::time::timeout(Duration::from_secs(2), reason).await
+                {
+                    return Err(refusal);
                 }
                 return Err(e);
             }
@@ -167,6 +174,7 @@ pub(crate) async fn send_tree_after(
                 let _ = ctl.send.finish();
                 Ok((s, notes))
             }
+            Control::Refused { reason } => Err(Error::Remote(reason)),
             other => Err(Error::Protocol(format!(
                 "expected the receiver's summary, got {other:?}"
             ))),
@@ -365,9 +373,25 @@ async fn receive_with(
     } else {
         None
     };
-    let report = applying
+    let report = match applying
         .await
-        .map_err(|e| Error::Transport(format!("applying the manifest: {e}")))??;
+        .map_err(|e| Error::Transport(format!("applying the manifest: {e}")))
+        .and_then(|r| r)
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // The sender learns why, instead of a stream that just ends.
+            let _ = write_msg(
+                &mut ctl.send,
+                &Control::Refused {
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+            let _ = ctl.send.finish();
+            return Err(e);
+        }
+    };
     let notes = notes.ok_or_else(|| Error::Protocol("the manifest ended early".into()))?;
     write_msg(&mut ctl.send, &Control::Summary(Summary::of(&report))).await?;
     let _ = ctl.send.finish();
