@@ -538,3 +538,31 @@ fn two_clients_pushing_into_one_destination_at_once_never_mix() {
         );
     }
 }
+
+/// Names Linux allows that are not UTF-8 (Latin-1 bytes), or hold a newline, a space or a
+/// leading dash, survive a push and a pull byte for byte, as with rsync.
+#[test]
+fn odd_file_names_cross_byte_for_byte() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    let names: [&[u8]; 4] = [b"caf\xe9", b"two\nlines", b"a name with spaces", b"-rf"];
+    for (i, n) in names.iter().enumerate() {
+        fs::write(src.join(OsStr::from_bytes(n)), noise(i as u64, 5000)).unwrap();
+    }
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    ok(c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new(&format!("{}/", src.display())),
+        OsStr::new(&srv.url("odd")),
+    ]));
+    assert_same_tree(&src, &srv.root.join("odd"));
+    ok(c.sync(&[OsStr::new(&srv.url("odd/")), s(&d.path("back"))]));
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(
+            fs::read(d.path("back").join(OsStr::from_bytes(n))).unwrap(),
+            noise(i as u64, 5000)
+        );
+    }
+}
