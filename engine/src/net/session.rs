@@ -51,6 +51,25 @@ async fn read_answer(ctl: &mut Control2) -> Result<()> {
     }
 }
 
+/// The error to report when writing the manifest broke (`broken`): a refused request, or a
+/// receiver that failed, stops reading and sends its reason, which says more than the broken
+/// stream. Waits up to 2 s for it.
+async fn refusal_or(ctl: &mut Control2, answer_pending: bool, broken: Error) -> Error {
+    let reason = async {
+        if answer_pending {
+            read_answer(ctl).await?;
+        }
+        match expect_msg::<Control>(&mut ctl.recv, "receiver's answer").await? {
+            Control::Refused { reason } => Err(Error::Remote(reason)),
+            _ => Ok(()),
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(2), reason).await {
+        Ok(Err(refusal @ Error::Remote(_))) => refusal,
+        _ => broken,
+    }
+}
+
 /// [`send_tree`], where the push request was written just before and its answer not read yet
 /// (`answer_pending`): the manifest follows the request at once, saving a round trip, and the
 /// answer is read before the summary. A refused request ends with the server's reason.
@@ -126,22 +145,7 @@ pub(crate) async fn send_tree_after(
                 }
             }
             if let Err(e) = written {
-                // A refused request, or a receiver that failed: its reason says more than the
-                // broken stream.
-                let reason = async {
-                    if answer_pending {
-                        read_answer(ctl).await?;
-                    }
-                    match expect_msg::<Control>(&mut ctl.recv, "receiver's answer").await? {
-                        Control::Refused { reason } => Err(Error::Remote(reason)),
-                        _ => Ok(()),
-                    }
-                };
-                if let Ok(Err(refusal)) = tokio::time::timeout(Duration::from_secs(2), reason).await
-                {
-                    return Err(refusal);
-                }
-                return Err(e);
+                return Err(refusal_or(ctl, answer_pending, e).await);
             }
             buf.clear();
         }
@@ -164,10 +168,12 @@ pub(crate) async fn send_tree_after(
         if let Some(p) = &mut push {
             p.close();
         }
+        if let Err(e) = written {
+            return Err(refusal_or(ctl, answer_pending, e).await);
+        }
         if answer_pending {
             read_answer(ctl).await?;
         }
-        written?;
         match expect_msg::<Control>(&mut ctl.recv, "receiver's summary").await? {
             Control::Summary(s) => {
                 write_msg(&mut ctl.send, &Control::Bye).await?;
