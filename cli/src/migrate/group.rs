@@ -86,16 +86,20 @@ impl GroupFile {
 /// Where the members meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Meeting {
-    /// Pre-copy done, about to freeze.
-    Freeze = 0,
+    /// Pre-copy done.
+    PreCopied = 0,
+    /// Clients held and the requests in flight finished, about to freeze: no member freezes
+    /// while another still drains requests that may need it (a web server's requests wait on
+    /// its database).
+    Held = 1,
     /// Restore attempted.
-    Restored = 1,
+    Restored = 2,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    arrived: [usize; 2],
-    failed: [bool; 2],
+    arrived: [usize; 3],
+    failed: [bool; 3],
     /// Member i has made its restore attempt (or will not make one).
     finished: Vec<bool>,
 }
@@ -158,14 +162,21 @@ impl Group {
         self.cv.notify_all();
     }
 
-    /// Member `i` failed after passing the meetings in `passed`: it tells the meetings still
+    /// Member `i` failed after passing the first `passed` meetings: it tells the meetings still
     /// ahead of it, so that nobody waits for it.
     pub fn leave(&self, i: usize, passed: usize) {
-        if passed == 0 {
-            self.meet(Meeting::Freeze, false);
-        } else if passed == 1 {
-            self.finish_turn(i);
-            self.meet(Meeting::Restored, false);
+        match passed {
+            0 => {
+                self.meet(Meeting::PreCopied, false);
+            }
+            1 => {
+                self.meet(Meeting::Held, false);
+            }
+            2 => {
+                self.finish_turn(i);
+                self.meet(Meeting::Restored, false);
+            }
+            _ => {}
         }
     }
 }
@@ -209,7 +220,7 @@ mod tests {
         let hs: Vec<_> = (0..3)
             .map(|i| {
                 let g = g.clone();
-                std::thread::spawn(move || g.meet(Meeting::Freeze, i != 1))
+                std::thread::spawn(move || g.meet(Meeting::PreCopied, i != 1))
             })
             .collect();
         let got: Vec<bool> = hs.into_iter().map(|h| h.join().unwrap()).collect();
@@ -217,9 +228,22 @@ mod tests {
 
         let g = Arc::new(Group::new(2));
         let g2 = g.clone();
-        let h = std::thread::spawn(move || g2.meet(Meeting::Freeze, true));
-        assert!(g.meet(Meeting::Freeze, true));
+        let h = std::thread::spawn(move || g2.meet(Meeting::PreCopied, true));
+        assert!(g.meet(Meeting::PreCopied, true));
         assert!(h.join().unwrap());
+    }
+
+    #[test]
+    fn a_member_whose_hold_failed_stops_the_others_before_their_freeze() {
+        let g = Arc::new(Group::new(2));
+        let g2 = g.clone();
+        let h = std::thread::spawn(move || {
+            g2.meet(Meeting::PreCopied, true) && g2.meet(Meeting::Held, true)
+        });
+        assert!(g.meet(Meeting::PreCopied, true));
+        // Its clients could not be held: it leaves after the first meeting.
+        g.leave(0, 1);
+        assert!(!h.join().unwrap(), "the other member must not freeze");
     }
 
     #[test]
@@ -232,8 +256,8 @@ mod tests {
                 let (g, order) = (g.clone(), order.clone());
                 std::thread::spawn(move || {
                     if i == 1 {
-                        // Fails before its restore.
-                        g.leave(1, 1);
+                        // Fails before its restore, after both meetings before the freeze.
+                        g.leave(1, 2);
                         return false;
                     }
                     g.wait_turn(i);

@@ -409,11 +409,11 @@ fn run(
     let dir = st.local.join("final");
     if let Some((g, _)) = &o.group {
         say.line("pre-copy done; waiting for the group");
-        st.met = 1;
-        if !g.meet(Meeting::Freeze, true) {
-            st.met = 2;
+        if !g.meet(Meeting::PreCopied, true) {
+            st.met = 3;
             bail!("another container of the group failed before the freeze");
         }
+        st.met = 1;
     }
     if let Some(h) = &o.hold {
         st.held = Some(Instant::now());
@@ -423,6 +423,14 @@ fn run(
             "HAProxy: holding new requests; those in flight finished in {:.0} ms",
             tl.drain_ms
         ));
+    }
+    if let Some((g, _)) = &o.group {
+        // Every member's clients are held and drained before anyone freezes.
+        if !g.meet(Meeting::Held, true) {
+            st.met = 3;
+            bail!("another container of the group failed before the freeze");
+        }
+        st.met = 2;
     }
     let freeze = Instant::now();
     say.line("final dump: the application is frozen from here");
@@ -490,7 +498,7 @@ fn run(
     drop(shown);
     if let Some((g, i)) = &o.group {
         g.finish_turn(*i);
-        st.met = 2;
+        st.met = 3;
         let all = g.meet(Meeting::Restored, restored.is_ok());
         if restored.is_ok() && !all {
             bail!("another container of the group did not restore; the whole group goes back");
