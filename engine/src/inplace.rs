@@ -133,6 +133,7 @@ pub fn update(
     plan: &FilePlan,
     files: &FileTable<'_>,
     next: &mut dyn FnMut() -> Result<Fetched>,
+    refetch: &mut Refetch<'_>,
     sparse: bool,
 ) -> Result<Outcome> {
     crate::assemble::check_listed(dest, size, hash, chunks)?;
@@ -168,6 +169,8 @@ pub fn update(
         at += c.len as u64;
     }
     let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
+    // Chunks whose local bytes did not match, fetched again after the pass.
+    let mut deferred: Vec<u32> = Vec::new();
     let mut fetched = 0usize;
     let mut pos = 0u64;
     for piece in &plan.pieces {
@@ -183,12 +186,21 @@ pub fn update(
                 len,
             } => {
                 let data = if n == me {
-                    old.read(offset, len as usize)?
+                    old.read(offset, len as usize)
                 } else {
-                    read_base(files, n, offset, len as usize)?
+                    read_base(files, n, offset, len as usize)
                 };
-                check_run(&data, &chunks[k..], dest, k)?;
-                Some(data)
+                match data.and_then(|d| check_run(&d, &chunks[k..], dest, k).map(|()| d)) {
+                    Ok(d) => Some(d),
+                    // The bytes were not what the index said: that file was rewritten in place
+                    // by this sync too (another lane), or changed. Only these chunks are fetched,
+                    // all of the file's at once after this pass.
+                    Err(Error::Integrity { .. }) => {
+                        deferred.extend(chunks_in(&starts, pos, len));
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Piece::Zero(len) => {
                 old.save(pos, len)?;
@@ -226,7 +238,22 @@ pub fn update(
                     files.locate(id)
                 };
                 let bytes =
-                    decode_fetched(codec, payload, &chunks[k], base, &locate, &read, dest, n)?;
+                    match decode_fetched(codec, payload, &chunks[k], base, &locate, &read, dest, n)
+                    {
+                        Ok(b) => b,
+                        // A reference or patch against bytes that are no longer what they
+                        // were (rewritten in place by this sync): this chunk, plainly; at once
+                        // if a repeat later needs it, else with the others after this pass.
+                        Err(Error::Integrity { .. }) if plan.keep.binary_search(&n).is_ok() => {
+                            refetch(&[n])?.pop().unwrap_or_default()
+                        }
+                        Err(Error::Integrity { .. }) => {
+                            deferred.push(n);
+                            pos += len;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                 if plan.keep.binary_search(&n).is_ok() {
                     kept.insert(n, bytes.clone());
                 }
@@ -250,6 +277,12 @@ pub fn update(
             file.write_all_at(&bytes, pos).ctx("write", dest)?;
         }
         pos += len;
+    }
+    if !deferred.is_empty() {
+        for (n, data) in deferred.iter().zip(refetch(&deferred)?) {
+            file.write_all_at(&data, starts[*n as usize])
+                .ctx("write", dest)?;
+        }
     }
     file.set_len(size).ctx("set length of", dest)?;
     Ok(Outcome::Done)
@@ -309,6 +342,18 @@ fn chunk_starts(chunks: &[ChunkSpec]) -> Vec<u64> {
     }
     starts.push(at);
     starts
+}
+
+/// Fetches chunks of the file being updated again, by number, plainly (no references or patches
+/// to local bytes), each checked against its id: the way out when local bytes a piece relied on
+/// turned out to be different.
+pub type Refetch<'r> = dyn FnMut(&[u32]) -> Result<Vec<Vec<u8>>> + 'r;
+
+/// The numbers of the chunks that `[pos, pos + len)` covers (it starts on a chunk).
+fn chunks_in(starts: &[u64], pos: u64, len: u64) -> Vec<u32> {
+    let first = starts.partition_point(|&s| s < pos);
+    let last = starts.partition_point(|&s| s < pos + len);
+    (first as u32..last as u32).collect()
 }
 
 /// Whether `plan` can update index file `me` in place: every piece starts on a chunk, the pieces
@@ -439,11 +484,93 @@ mod tests {
             Ok((n, c, payload))
         };
         let table = FileTable::new(&idx);
+        let mut refetch = |want: &[u32]| -> Result<Vec<Vec<u8>>> {
+            Ok(want
+                .iter()
+                .map(|&n| {
+                    let o = offs[n as usize] as usize;
+                    new[o..o + fc.chunks[n as usize].len as usize].to_vec()
+                })
+                .collect())
+        };
         let out = update(
-            &path, me, fc.size, &fc.hash, &fc.chunks, &plan, &table, &mut next, true,
+            &path,
+            me,
+            fc.size,
+            &fc.hash,
+            &fc.chunks,
+            &plan,
+            &table,
+            &mut next,
+            &mut refetch,
+            true,
         )
         .unwrap();
         (out, std::fs::read(&path).unwrap())
+    }
+
+    /// Two memory images that share pages (processes of one program): the first is rewritten
+    /// in place, then the second, whose plan copies shared pages from the first, is. The copies
+    /// that no longer match are fetched again, alone, and the second image comes out right
+    /// (it used to fail whole and be fetched again entirely).
+    #[test]
+    fn pages_copied_from_an_image_rewritten_in_place_meanwhile_are_fetched_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = ChunkParams::default().with_pages(true);
+        let shared = noise(40, 1100 * PAGE);
+        let (pa, pb) = (d.path().join("pages-1.img"), d.path().join("pages-2.img"));
+        std::fs::write(&pa, &shared).unwrap();
+        // b's old copy: its own pages; its new version takes 300 pages of a's content.
+        std::fs::write(&pb, noise(41, 1100 * PAGE)).unwrap();
+        let mut idx = ChunkIndex::default();
+        let ia = idx.add(pa.clone(), chunk_file(&pa, p).unwrap());
+        let ib = idx.add(pb.clone(), chunk_file(&pb, p).unwrap());
+        let mut newb = noise(41, 1100 * PAGE);
+        newb[100 * PAGE..400 * PAGE].copy_from_slice(&shared[500 * PAGE..800 * PAGE]);
+        let fcb = crate::chunk::chunk_pages(&newb);
+        let plan = plan_file(&fcb.chunks, &idx);
+        assert!(plan
+            .pieces
+            .iter()
+            .any(|x| matches!(x, Piece::Local { file, .. } if *file == ia)));
+        // Meanwhile a was rewritten in place by another lane: its pages 500..800 are new.
+        let mut newa = shared.clone();
+        newa[450 * PAGE..850 * PAGE].copy_from_slice(&noise(42, 400 * PAGE));
+        std::fs::write(&pa, &newa).unwrap();
+        let table = FileTable::new(&idx);
+        let offs = crate::manifest::chunk_offsets(&fcb.chunks);
+        let mut fetch = plan.fetch.clone().into_iter();
+        let mut next = || {
+            let n = fetch.next().unwrap();
+            let o = offs[n as usize] as usize;
+            Ok((n, Codec::Raw, newb[o..o + PAGE].to_vec()))
+        };
+        let (mut asked, mut calls) = (0usize, 0usize);
+        let mut refetch = |want: &[u32]| -> Result<Vec<Vec<u8>>> {
+            asked += want.len();
+            calls += 1;
+            Ok(want
+                .iter()
+                .map(|&n| newb[offs[n as usize] as usize..][..PAGE].to_vec())
+                .collect())
+        };
+        let out = update(
+            &pb,
+            ib,
+            fcb.size,
+            &fcb.hash,
+            &fcb.chunks,
+            &plan,
+            &table,
+            &mut next,
+            &mut refetch,
+            true,
+        )
+        .unwrap();
+        assert_eq!(out, Outcome::Done);
+        assert_eq!(std::fs::read(&pb).unwrap(), newb);
+        assert_eq!(asked, 300, "exactly the copied pages are fetched again");
+        assert_eq!(calls, 1, "in one request (a round trip), not one per run");
     }
 
     fn raw(b: &[u8], _: Option<&[u8]>) -> (Codec, Vec<u8>) {

@@ -94,6 +94,16 @@ pub trait ChunkSource: Sync {
         None
     }
 
+    /// Deliver the chunks of `req` apart from any lane (a file's writer repairing a few chunks
+    /// while its lane's stream is busy with that file's other chunks).
+    fn fetch_alone(
+        &self,
+        req: &Request,
+        sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    ) -> Result<()> {
+        self.fetch(0, req, sink)
+    }
+
     /// The whole chunk list of manifest entry `entry` (a file whose list came as edits of a
     /// copy this side does not hold).
     fn chunk_list(&self, entry: u32) -> Result<Vec<crate::manifest::ChunkSpec>> {
@@ -859,6 +869,7 @@ impl Receiver {
             if let Some(me) = table.number_of(&abs) {
                 if crate::inplace::suitable(me, *size, chunks, fp) {
                     let r = fetching(source, lane, i, fp, req, progress, &mut |next| {
+                        let mut refetch = |want: &[u32]| refetch(source, i, chunks, want, progress);
                         crate::inplace::update(
                             io,
                             me,
@@ -868,6 +879,7 @@ impl Receiver {
                             fp,
                             table,
                             next,
+                            &mut refetch,
                             opts.sparse,
                         )
                     });
@@ -996,6 +1008,49 @@ fn free_bytes(path: &Path) -> Option<u64> {
 fn through<T>(dest: &Path, rel: &RelPath, op: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let at = Parent::of(dest, rel)?;
     op(at.path()).map_err(|err| at.explain(err))
+}
+
+/// Chunks `want` of entry `entry` fetched again, plainly and apart from the lanes, each checked
+/// against its id (see [`crate::inplace::Refetch`]).
+fn refetch(
+    source: &dyn ChunkSource,
+    entry: u32,
+    chunks: &[crate::manifest::ChunkSpec],
+    want: &[u32],
+    progress: &Progress,
+) -> Result<Vec<Vec<u8>>> {
+    tracing::debug!(
+        "entry {entry}: fetching {} chunks again, plainly",
+        want.len()
+    );
+    let req = Request {
+        entry,
+        want: want.to_vec(),
+        hints: Vec::new(),
+        no_refs: true,
+    };
+    let mut out = Vec::with_capacity(want.len());
+    source.fetch_alone(&req, &mut |(n, codec, bytes)| {
+        Progress::add(&progress.bytes_literal, bytes.len() as u64);
+        let spec = chunks
+            .get(n as usize)
+            .ok_or_else(|| Error::Protocol(format!("chunk {n} out of range")))?;
+        let data = crate::sender::decode_payload(codec, bytes, spec.len as usize)?;
+        let actual = crate::id::ChunkId::of(&data);
+        if actual != spec.id {
+            return Err(Error::Integrity {
+                what: format!("chunk {n} of entry {entry}"),
+                expected: spec.id.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        out.push(data);
+        Ok(())
+    })?;
+    if out.len() != want.len() {
+        return Err(Error::Protocol("the sender sent too few chunks".into()));
+    }
+    Ok(out)
 }
 
 /// Fetched chunks handed to a file's writer at once, at most (a batch also ends at

@@ -331,6 +331,14 @@ impl ChunkSource for StreamSource {
             }
         }
         // Not announced, or the lane's stream failed: a stream for this request alone.
+        self.fetch_alone(req, sink)
+    }
+
+    fn fetch_alone(
+        &self,
+        req: &Request,
+        sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    ) -> Result<()> {
         let (more, reqs) = mpsc::unbounded_channel();
         let _ = more.send(req.clone());
         drop(more);
