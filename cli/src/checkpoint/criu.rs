@@ -59,6 +59,23 @@ pub fn allow_lazy_pipes() -> bool {
     now >= LAZY_PIPE_MAX || std::fs::write(path, LAZY_PIPE_MAX.to_string()).is_ok()
 }
 
+/// Why a container whose OCI config is `config` cannot be restored lazily here, if it cannot:
+/// its tasks live in a user namespace, where the kernel refuses them `userfaultfd()` unless
+/// `vm.unprivileged_userfaultfd` is 1 (lazy pages need it; the restore would fail and cost the
+/// failed attempt's clean-up, seconds of runc retrying cgroup removal, on the downtime path).
+pub fn lazy_refused_for(config: &serde_json::Value) -> Option<String> {
+    let userns = config
+        .pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .is_some_and(|n| n.iter().any(|x| x["type"] == "user"));
+    let allowed = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+        .is_ok_and(|s| s.trim() == "1");
+    (userns && !allowed).then(|| {
+        "the container has a user namespace and vm.unprivileged_userfaultfd is 0: restoring fully"
+            .to_string()
+    })
+}
+
 /// A running `criu lazy-pages` daemon: it serves a restored tree's memory from the images until
 /// all of it is in, then exits. Reaped in the background once left alone.
 pub struct LazyPages {

@@ -157,6 +157,17 @@ impl MigrationAgent {
                     return Err(format!("no bundle at {}", bundle.display()));
                 }
                 let runc = Runc::find(self.runc_root.clone()).map_err(|e| format!("{e:#}"))?;
+                let config: serde_json::Value = std::fs::read(bundle.join("config.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or_default();
+                let lazy = match crate::checkpoint::criu::lazy_refused_for(&config) {
+                    Some(why) if lazy => {
+                        tracing::info!("migration {id}: {why}");
+                        false
+                    }
+                    _ => lazy,
+                };
                 // runc's working files and the container's output outlive the images.
                 let work = confine(&ctx.root, &format!("containers/.{container}.run"))
                     .map_err(|e| e.to_string())?;
