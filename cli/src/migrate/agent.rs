@@ -140,6 +140,16 @@ impl MigrationAgent {
                         criu.restore(&dir, &o)
                     }
                     r => r,
+                };
+                let s = match s {
+                    Err(e) if restorer_failed(&e) => {
+                        tracing::warn!(
+                            "migration {id}: CRIU's restorer failed ({e:#}); restoring once more"
+                        );
+                        o.lazy_pages = false;
+                        criu.restore(&dir, &o)
+                    }
+                    r => r,
                 }
                 .map_err(|e| format!("{e:#}"))?;
                 if !is_running(s.pid) {
@@ -186,6 +196,18 @@ impl MigrationAgent {
                         runc.restore(container, &bundle, &dir, &work, tcp.established, None)
                     }
                     r => r,
+                };
+                let t = match t {
+                    // See restorer_failed. Any container of that name is this attempt's: none
+                    // existed before it.
+                    Err(e) if restorer_failed(&e) => {
+                        tracing::warn!(
+                            "migration {id}: CRIU's restorer failed ({e:#}); restoring once more"
+                        );
+                        runc.destroy(container);
+                        runc.restore(container, &bundle, &dir, &work, tcp.established, None)
+                    }
+                    r => r,
                 }
                 .map_err(|e| format!("{e:#}"))?;
                 (t.pid, Provisional::Container(container.clone()))
@@ -225,6 +247,13 @@ impl MigrationAgent {
             }
         }
     }
+}
+
+/// Whether a restore failed in CRIU's restorer blob, which can fail on how the fresh address
+/// space happened to be laid out (its vDSO parked where a restored mapping lands: "vdso: Invalid
+/// ELF magic", criu PR #3012): the same images restore on a second try.
+fn restorer_failed(e: &anyhow::Error) -> bool {
+    format!("{e:#}").contains("Restorer fail")
 }
 
 impl Agent for MigrationAgent {
