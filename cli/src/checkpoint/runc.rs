@@ -118,8 +118,19 @@ impl Runc {
                 .state(id)
                 .map(|s| format!("; the container is still {}", s.status))
                 .unwrap_or_default();
+            let hint = if why
+                .iter()
+                .any(|l| l.contains("/ns/") && l.contains("Permission denied"))
+            {
+                "\n  hint: a task CRIU restored into a user namespace keeps the restorer's memory \
+                 owner; if it is not dumpable (a daemon that changed its user), it cannot be \
+                 checkpointed again. Make it dumpable: MariaDB --core-file, Apache \
+                 CoreDumpDirectory, or prctl(PR_SET_DUMPABLE, 1)"
+            } else {
+                ""
+            };
             bail!(
-                "runc checkpoint of container {id} failed{running}:\n  {}\n  {}",
+                "runc checkpoint of container {id} failed{running}:\n  {}\n  {}{hint}",
                 String::from_utf8_lossy(&out.stderr).trim(),
                 why.join("\n  ")
             );
