@@ -225,8 +225,10 @@ class Experiment:
         open(cfg, "w").write(
             f"global\n    stats socket {self.sock} mode 600 level admin\n"
             f"    lua-load {ROOT}/scripts/haproxy/hold.lua\n    maxconn 2000\n"
+            # Every request's status and termination state, to tell what any failure was.
+            "    log stderr format short local0 info\n"
             # No idle server connections across a checkpoint; requests wait, they are not refused.
-            "defaults\n    mode http\n    timeout connect 2s\n    timeout client 120s\n"
+            "defaults\n    mode http\n    log global\n    option httplog\n    timeout connect 2s\n    timeout client 120s\n"
             "    timeout server 120s\n    timeout queue 120s\n    option http-server-close\n"
             f"frontend fe\n    bind {FRONT}:8000\n    default_backend be\n"
             "backend be\n    http-request lua.hold_until_up be 60000\n"

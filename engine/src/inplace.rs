@@ -190,12 +190,27 @@ pub fn update(
                 } else {
                     read_base(files, n, offset, len as usize)
                 };
-                match data.and_then(|d| check_run(&d, &chunks[k..], dest, k).map(|()| d)) {
+                // A short read is a file cut shorter meanwhile (another lane's in-place update
+                // ends with set_len): never accepted, even on a chunk boundary, or the rest of
+                // the run would keep this file's stale bytes.
+                let whole = |d: Vec<u8>| {
+                    if d.len() as u64 == len {
+                        Ok(d)
+                    } else {
+                        Err(Error::SourceChanged {
+                            path: dest.to_path_buf(),
+                        })
+                    }
+                };
+                match data
+                    .and_then(whole)
+                    .and_then(|d| check_run(&d, &chunks[k..], dest, k).map(|()| d))
+                {
                     Ok(d) => Some(d),
                     // The bytes were not what the index said: that file was rewritten in place
                     // by this sync too (another lane), or changed. Only these chunks are fetched,
                     // all of the file's at once after this pass.
-                    Err(Error::Integrity { .. }) => {
+                    Err(Error::Integrity { .. } | Error::SourceChanged { .. }) => {
                         deferred.extend(chunks_in(&starts, pos, len));
                         None
                     }
@@ -244,10 +259,17 @@ pub fn update(
                         // A reference or patch against bytes that are no longer what they
                         // were (rewritten in place by this sync): this chunk, plainly; at once
                         // if a repeat later needs it, else with the others after this pass.
-                        Err(Error::Integrity { .. }) if plan.keep.binary_search(&n).is_ok() => {
-                            refetch(&[n])?.pop().unwrap_or_default()
+                        Err(Error::Integrity { .. } | Error::SourceChanged { .. })
+                            if plan.keep.binary_search(&n).is_ok() =>
+                        {
+                            refetch(&[n])?.pop().ok_or_else(|| {
+                                Error::Protocol(format!(
+                                    "chunk {n} of {} asked for again did not come",
+                                    dest.display()
+                                ))
+                            })?
                         }
-                        Err(Error::Integrity { .. }) => {
+                        Err(Error::Integrity { .. } | Error::SourceChanged { .. }) => {
                             deferred.push(n);
                             pos += len;
                             continue;
@@ -279,7 +301,16 @@ pub fn update(
         pos += len;
     }
     if !deferred.is_empty() {
-        for (n, data) in deferred.iter().zip(refetch(&deferred)?) {
+        let got = refetch(&deferred)?;
+        if got.len() != deferred.len() {
+            return Err(Error::Protocol(format!(
+                "asked for {} chunks of {} again, got {}",
+                deferred.len(),
+                dest.display(),
+                got.len()
+            )));
+        }
+        for (n, data) in deferred.iter().zip(got) {
             file.write_all_at(&data, starts[*n as usize])
                 .ctx("write", dest)?;
         }
@@ -571,6 +602,65 @@ mod tests {
         assert_eq!(std::fs::read(&pb).unwrap(), newb);
         assert_eq!(asked, 300, "exactly the copied pages are fetched again");
         assert_eq!(calls, 1, "in one request (a round trip), not one per run");
+    }
+
+    /// As above, but the other image was cut shorter meanwhile, on a page boundary inside the
+    /// copied range: the short read is not taken for the whole run (it left this file's stale
+    /// pages in the rest of the run), those pages are fetched again.
+    #[test]
+    fn pages_copied_from_an_image_cut_shorter_meanwhile_are_fetched_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = ChunkParams::default().with_pages(true);
+        let shared = noise(50, 1100 * PAGE);
+        let (pa, pb) = (d.path().join("pages-1.img"), d.path().join("pages-2.img"));
+        std::fs::write(&pa, &shared).unwrap();
+        std::fs::write(&pb, noise(51, 1100 * PAGE)).unwrap();
+        let mut idx = ChunkIndex::default();
+        let _ia = idx.add(pa.clone(), chunk_file(&pa, p).unwrap());
+        let ib = idx.add(pb.clone(), chunk_file(&pb, p).unwrap());
+        let mut newb = noise(51, 1100 * PAGE);
+        newb[100 * PAGE..400 * PAGE].copy_from_slice(&shared[500 * PAGE..800 * PAGE]);
+        let fcb = crate::chunk::chunk_pages(&newb);
+        let plan = plan_file(&fcb.chunks, &idx);
+        // a now ends at its page 600: the last 200 pages b copies from it are gone.
+        let f = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
+        f.set_len(600 * PAGE as u64).unwrap();
+        drop(f);
+        let table = FileTable::new(&idx);
+        let offs = crate::manifest::chunk_offsets(&fcb.chunks);
+        let mut fetch = plan.fetch.clone().into_iter();
+        let mut next = || {
+            let n = fetch.next().unwrap();
+            let o = offs[n as usize] as usize;
+            Ok((n, Codec::Raw, newb[o..o + PAGE].to_vec()))
+        };
+        let mut asked = 0usize;
+        let mut refetch = |want: &[u32]| -> Result<Vec<Vec<u8>>> {
+            asked += want.len();
+            Ok(want
+                .iter()
+                .map(|&n| newb[offs[n as usize] as usize..][..PAGE].to_vec())
+                .collect())
+        };
+        let out = update(
+            &pb,
+            ib,
+            fcb.size,
+            &fcb.hash,
+            &fcb.chunks,
+            &plan,
+            &table,
+            &mut next,
+            &mut refetch,
+            true,
+        )
+        .unwrap();
+        assert_eq!(out, Outcome::Done);
+        assert!(std::fs::read(&pb).unwrap() == newb, "b came out wrong");
+        assert!(
+            asked >= 200,
+            "the pages past a's new end are fetched again ({asked})"
+        );
     }
 
     fn raw(b: &[u8], _: Option<&[u8]>) -> (Codec, Vec<u8>) {
