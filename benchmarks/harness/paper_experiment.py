@@ -404,7 +404,8 @@ def summarize(results, scenarios):
         longest = max([r["siege"].get("longest_transaction", 0) for r in rs] + [r["writer"]["longest_s"] for r in rs])
         acked = sum(r["writer"]["acked"] for r in rs)
         missing = sum(len(r["missing_comments"]) for r in rs)
-        out[c] = {"median_s": med, "runs": len(rs), "rolled_back": back, "requests": reqs, "failed": failed,
+        out[c] = {"median_s": med, "paper_downtime_s": PAPER.get(c, {}).get("downtime"),
+                  "runs": len(rs), "rolled_back": back, "requests": reqs, "failed": failed,
                   "longest_s": longest, "comments_acked": acked, "comments_missing": missing}
         label = f"median of {len(cs)}" + (f", {back} rolled back" if back else "")
         lines.append(f"| {c} clients | hop ({label}) | " + " | ".join(
@@ -473,6 +474,8 @@ def main():
     json.dump({"settings": vars(a), "scenarios": out, "runs": results}, open(base + ".json", "w"), indent=1)
     open(base + ".md", "w").write(table + "\n")
     print(table)
+    if os.path.exists(PLOT):
+        subprocess.run([PLOT, base + ".json"])
     bad = [c for c, o in out.items() if o["failed"] or o["comments_missing"]]
     if bad:
         sys.exit(f"failed requests or lost comments in scenarios {bad}")

@@ -1,7 +1,9 @@
 //! `hop-plot RESULT.json...`: a PNG beside each result of the remote harness
 //! (`benchmarks/harness/remote.py`): wall time (median, min-max whiskers) and bytes on the wire
 //! for every tool, fresh copy and delta, and the delta's physical limit when the run has one.
-//! Tuning sessions (tools `hop:VARIANT`) plot the same way: time per setting.
+//! Tuning sessions (tools `hop:VARIANT`) plot the same way: time per setting. The paper
+//! experiment's result (`benchmarks/harness/paper_experiment.py`, with `scenarios`) plots its
+//! downtime and longest client request per load, hop's next to the paper's.
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -129,8 +131,104 @@ fn panel(
     Ok(())
 }
 
+/// The paper experiment's bars: per load, hop's median (min-max of its runs) and the paper's.
+fn paper_bars(result: &Value, what: &str) -> Vec<Bar> {
+    let mut out = Vec::new();
+    let Some(scenarios) = result.get("scenarios").and_then(Value::as_object) else {
+        return out;
+    };
+    let mut loads: Vec<(u64, &Value)> = scenarios
+        .iter()
+        .filter_map(|(k, v)| Some((k.parse().ok()?, v)))
+        .collect();
+    loads.sort_by_key(|(c, _)| *c);
+    let runs = result.get("runs").and_then(Value::as_array);
+    for (clients, sc) in loads {
+        let ours: Vec<f64> = runs
+            .into_iter()
+            .flatten()
+            .filter(|r| r.get("clients").and_then(Value::as_u64) == Some(clients))
+            .filter(|r| r.get("rolled_back").and_then(Value::as_bool) != Some(true))
+            .filter_map(|r| {
+                let members = r.get("timeline")?.as_array()?;
+                let worst = members
+                    .iter()
+                    .filter_map(|m| m.get("downtime_ms").and_then(Value::as_f64))
+                    .fold(0.0, f64::max);
+                Some(worst / 1e3)
+            })
+            .collect();
+        let range = ours
+            .iter()
+            .copied()
+            .fold(None, |acc: Option<(f64, f64)>, v| match acc {
+                None => Some((v, v)),
+                Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+            });
+        let (value, paper) = match what {
+            "downtime" => (
+                sc.pointer("/median_s/downtime").and_then(Value::as_f64),
+                sc.get("paper_downtime_s").and_then(Value::as_f64),
+            ),
+            _ => (sc.get("longest_s").and_then(Value::as_f64), None),
+        };
+        if let Some(v) = value {
+            out.push(Bar {
+                label: format!("{clients} clients: hop"),
+                value: v,
+                range: if what == "downtime" { range } else { None },
+                hop: true,
+            });
+        }
+        if let Some(p) = paper {
+            out.push(Bar {
+                label: format!("{clients} clients: paper"),
+                value: p,
+                range: None,
+                hop: false,
+            });
+        }
+    }
+    out
+}
+
+fn plot_paper(json: &Path, result: &Value) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let out = json.with_extension("png");
+    let down = paper_bars(result, "downtime");
+    let longest = paper_bars(result, "longest");
+    let height = 140 + 30 * down.len() as u32;
+    {
+        let root = BitMapBackend::new(&out, (1500, height)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let root = root.titled(
+            "WordPress + MariaDB moved under load (the paper's Table III)",
+            ("sans-serif", 26),
+        )?;
+        let (left, right) = root.split_horizontally(750);
+        panel(
+            &left,
+            "downtime (hop: median, min-max)",
+            "seconds",
+            &down,
+            None,
+        )?;
+        panel(
+            &right,
+            "longest client request (hop)",
+            "seconds",
+            &longest,
+            None,
+        )?;
+        root.present()?;
+    }
+    Ok(out)
+}
+
 fn plot(json: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
     let result: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    if result.get("scenarios").is_some() {
+        return plot_paper(json, &result);
+    }
     let out = json.with_extension("png");
     let name = json
         .file_stem()
