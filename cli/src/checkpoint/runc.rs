@@ -201,6 +201,14 @@ impl Runc {
             if ended || t0.elapsed().as_secs() > 30 {
                 let why = log_errors(&work.join("restore.log"), 6);
                 let out = std::fs::read_to_string(work.join("container.out")).unwrap_or_default();
+                // Nothing of a failed attempt stays (no container of this name existed before
+                // it), so that the next attempt does not meet "container with given ID already
+                // exists".
+                let t1 = Instant::now();
+                while self.state(id).is_ok() && t1.elapsed().as_secs() < 10 {
+                    self.destroy(id);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
                 bail!(
                     "runc restore of container {id} from {} did not start it:\n  {}\n  {}",
                     dir.display(),

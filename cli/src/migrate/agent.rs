@@ -198,13 +198,11 @@ impl MigrationAgent {
                     r => r,
                 };
                 let t = match t {
-                    // See restorer_failed. Any container of that name is this attempt's: none
-                    // existed before it.
+                    // See restorer_failed. The failed attempt left no container behind.
                     Err(e) if restorer_failed(&e) => {
                         tracing::warn!(
                             "migration {id}: CRIU's restorer failed ({e:#}); restoring once more"
                         );
-                        runc.destroy(container);
                         runc.restore(container, &bundle, &dir, &work, tcp.established, None)
                     }
                     r => r,
