@@ -272,7 +272,18 @@ pub fn run(a: DoctorArgs, _out: Output) -> Result<ExitCode> {
                 None
             },
             detail: if criu_feature("uffd-noncoop") {
-                "available (post-copy restore possible; needs fs.pipe-max-size >= 4 MiB)".into()
+                let userns = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
+                    .is_ok_and(|v| v.trim() == "1");
+                format!(
+                    "available (post-copy restore possible; needs fs.pipe-max-size >= 4 MiB){}",
+                    if userns {
+                        ""
+                    } else {
+                        "; not for containers with a user namespace while \
+                         vm.unprivileged_userfaultfd is 0 (sysctl -w vm.unprivileged_userfaultfd=1 \
+                         allows it; hop restores those fully)"
+                    }
+                )
             } else {
                 "not available: no post-copy restore".into()
             },
