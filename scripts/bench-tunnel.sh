@@ -27,9 +27,10 @@ P=tun
 W=$(mktemp -d /var/tmp/hop-tunnel.XXXXXX)
 SERVE=
 cleanup() {
+    set +e
     ip netns exec $P-a "$HOP" vpn down quic://10.77.0.2:7420 --identity "$W/cli" \
         --known-hosts "$W/known_hosts" >/dev/null 2>&1 || true
-    [ -n "$SERVE" ] && kill "$SERVE" 2>/dev/null && wait "$SERVE" 2>/dev/null
+    if [ -n "$SERVE" ]; then kill "$SERVE" 2>/dev/null || true; wait "$SERVE" 2>/dev/null || true; fi
     bash scripts/netns.sh down $P >/dev/null 2>&1 || true
     rm -rf "$W"
 }
