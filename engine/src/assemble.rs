@@ -1,6 +1,8 @@
 //! Build a file from its plan: local reads, fetched chunks and holes go, in order, into a
-//! temporary file in the destination directory; the whole-file BLAKE3 is checked; only then is
-//! the temporary renamed over the old file. A failure at any point leaves the old file as it was.
+//! temporary file in the destination directory; every chunk is checked against its id (fetched
+//! chunks on arrival; local runs are hashed again unless their file's stat is still the one it
+//! was indexed with, before and after the read, see [`FileTable::unchanged`]); only then is the
+//! temporary renamed over the old file. A failure at any point leaves the old file as it was.
 
 use crate::error::{Error, IoContext, Result};
 use crate::id::{is_zero, ChunkId};
@@ -71,6 +73,19 @@ impl<'a> FileTable<'a> {
         }
     }
 
+    /// True when `f`, an open handle on index file `n`, still shows the stat the file had when
+    /// it was indexed: its bytes are then the chunks the index lists (the trust the index cache
+    /// already gives), and need not be hashed again. A file written or replaced since (an
+    /// unlink changes the ctime of a pinned old version) is not trusted.
+    pub fn unchanged(&self, n: u32, f: &File) -> bool {
+        let Some(want) = self.index.files.get(n as usize).and_then(|x| x.stat) else {
+            return false;
+        };
+        f.metadata()
+            .map(|md| crate::index::StatKey::of(&md) == want)
+            .unwrap_or(false)
+    }
+
     /// The index file number of `path`, if it is indexed.
     pub fn number_of(&self, path: &Path) -> Option<u32> {
         self.by_path.get(path).copied()
@@ -93,16 +108,41 @@ impl<'a> FileTable<'a> {
 
     /// Rename `tmp` over `dest`, first pinning the old file there if it is indexed (as
     /// `indexed_as`: the same file, `dest` may name it through an open directory).
+    ///
+    /// The pinned old version's cached pages are dropped (it stays readable, from disk): kept,
+    /// they would hold a second copy of every rewritten file in memory until the sync ends,
+    /// and the new files would be written into memory never used before, which costs this VM
+    /// about twice the system time of reusing the pages just freed (1 GiB delta: 3.7 → 1.7 s).
     pub fn replace(&self, tmp: &Path, dest: &Path, indexed_as: &Path) -> Result<()> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(&n) = self.by_path.get(indexed_as) {
-            if let std::collections::hash_map::Entry::Vacant(v) = pinned.entry(n) {
-                if let Ok(f) = open_nofollow(dest) {
-                    v.insert(Arc::new(f));
-                }
+            // The old version is held by `pinned` alone from now on.
+            self.opened
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&n);
+            let old = match pinned.entry(n) {
+                std::collections::hash_map::Entry::Vacant(v) => open_nofollow(dest)
+                    .ok()
+                    .map(|f| v.insert(Arc::new(f)).clone()),
+                std::collections::hash_map::Entry::Occupied(o) => Some(o.get().clone()),
+            };
+            std::fs::rename(tmp, dest).ctx("rename into place", dest)?;
+            if let Some(old) = old {
+                drop_cached_pages(&old);
             }
+            return Ok(());
         }
         std::fs::rename(tmp, dest).ctx("rename into place", dest)
+    }
+}
+
+/// Ask the kernel to drop the clean cached pages of `f` (advice: nothing fails if it does not).
+fn drop_cached_pages(f: &File) {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a valid open descriptor; the call only advises the page cache.
+    unsafe {
+        libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
     }
 }
 
@@ -137,8 +177,11 @@ pub(crate) fn temp_sibling(path: &Path) -> PathBuf {
 
 /// Block size for hole detection: runs of zero blocks of this size are not written.
 const BLOCK: u64 = 4096;
-/// Buffered bytes before a write.
-const WRITE_BUF: usize = 1 << 20;
+/// Buffered bytes before a write. Not more: on this kernel a 1 MiB write into the page cache
+/// takes large folios, which on a VM host that reclaims free guest memory cost more to touch;
+/// a 1 GiB local delta took 2.3-2.8 s (2.4-2.8 s system time) with 1 MiB writes, 1.8-2.1 s
+/// (1.4-1.7 s) with 256 KiB ones, the same as with 64 KiB.
+const WRITE_BUF: usize = 256 << 10;
 
 /// Sequential writer that leaves aligned all-zero blocks as holes (the file is new, so skipped
 /// blocks read back as zeros).
@@ -514,6 +557,23 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
+    /// `len` bytes copied from a file unchanged since it was indexed: whole chunks, known to
+    /// match their ids.
+    fn indexed(&mut self, mut len: u64) -> Result<()> {
+        while len > 0 {
+            let spec = *self.spec()?;
+            if self.filled != 0 || spec.len as u64 > len {
+                return Err(Error::Protocol(format!(
+                    "local run does not match the chunks of {}",
+                    self.dest.display()
+                )));
+            }
+            len -= spec.len as u64;
+            self.k += 1;
+        }
+        Ok(())
+    }
+
     /// Chunk `n`, whose bytes were already checked against its id.
     fn checked(&mut self, n: u32) -> Result<()> {
         if self.filled != 0 || self.k != n as usize {
@@ -649,6 +709,9 @@ pub fn assemble(
                         f
                     }
                 };
+                // A run from a file unchanged since it was indexed is what the index says it is:
+                // copied without hashing it again, and the file checked again afterwards.
+                let trusted = files.unchanged(n, &f);
                 let mut left = len;
                 let mut off = offset;
                 while left > 0 {
@@ -666,10 +729,25 @@ pub fn assemble(
                             }
                         }
                     })?;
-                    verify.feed(&buf)?;
+                    if !trusted {
+                        verify.feed(&buf)?;
+                    }
                     w.write(&buf)?;
                     left -= step as u64;
                     off += step as u64;
+                }
+                if trusted {
+                    if !files.unchanged(n, &f) {
+                        return Err(Error::Integrity {
+                            what: format!(
+                                "{} (changed while it was read)",
+                                files.index.files[n as usize].path.display()
+                            ),
+                            expected: "its indexed content".into(),
+                            actual: "a change".into(),
+                        });
+                    }
+                    verify.indexed(len)?;
                 }
             }
             Piece::Fetch(n) => {

@@ -53,6 +53,9 @@ pub struct IndexedFile {
     pub path: PathBuf,
     /// Its chunks and whole-file hash.
     pub chunks: FileChunks,
+    /// Its stat when it was indexed (None: not known). While an open handle still shows this
+    /// stat, the file holds the chunks listed, with the same trust as the index cache.
+    pub stat: Option<StatKey>,
 }
 
 /// What the receiver holds, by chunk id.
@@ -81,6 +84,16 @@ impl ChunkIndex {
 
     /// Add a file's chunks; returns its file number.
     pub fn add(&mut self, path: PathBuf, chunks: FileChunks) -> u32 {
+        self.add_with_stat(path, chunks, None)
+    }
+
+    /// Add a file's chunks, listed while the file had `stat`; returns its file number.
+    pub fn add_with_stat(
+        &mut self,
+        path: PathBuf,
+        chunks: FileChunks,
+        stat: Option<StatKey>,
+    ) -> u32 {
         let file = self.files.len() as u32;
         let mut off = 0u64;
         for c in &chunks.chunks {
@@ -93,7 +106,7 @@ impl ChunkIndex {
             }
             off += c.len as u64;
         }
-        self.files.push(IndexedFile { path, chunks });
+        self.files.push(IndexedFile { path, chunks, stat });
         file
     }
 
@@ -106,21 +119,23 @@ impl ChunkIndex {
         params: ChunkParams,
         cache: &IndexCache,
     ) -> (Vec<Option<u32>>, Vec<Error>) {
-        let results: Vec<Result<FileChunks>> = paths
+        let results: Vec<Result<(FileChunks, StatKey)>> = paths
             .par_iter()
             .map(|p| {
                 let md = std::fs::symlink_metadata(p).ctx("stat", p)?;
+                let stat = StatKey::of(&md);
                 if let Some(hit) = cache.lookup(p, &md) {
-                    return Ok(hit.clone());
+                    return Ok((hit.clone(), stat));
                 }
-                chunk_file(p, params)
+                // Stat before the read: a change while it is read changes the ctime.
+                Ok((chunk_file(p, params)?, stat))
             })
             .collect();
         let mut ids = Vec::with_capacity(paths.len());
         let mut errors = Vec::new();
         for (p, r) in paths.iter().zip(results) {
             match r {
-                Ok(fc) => ids.push(Some(self.add(p.clone(), fc))),
+                Ok((fc, stat)) => ids.push(Some(self.add_with_stat(p.clone(), fc, Some(stat)))),
                 Err(e) => {
                     ids.push(None);
                     errors.push(e);
@@ -131,9 +146,10 @@ impl ChunkIndex {
     }
 }
 
-/// The stat fields that decide whether a cached chunk list is still valid.
+/// The stat fields that decide whether a chunk list of a file is still valid: any write to the
+/// file, or its replacement, changes one of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct StatKey {
+pub struct StatKey {
     size: u64,
     mtime_ns: i64,
     ctime_ns: i64,
@@ -141,7 +157,8 @@ struct StatKey {
 }
 
 impl StatKey {
-    fn of(md: &std::fs::Metadata) -> Self {
+    /// The key of `md`.
+    pub fn of(md: &std::fs::Metadata) -> Self {
         StatKey {
             size: md.len(),
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),

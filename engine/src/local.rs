@@ -273,6 +273,112 @@ mod tests {
         }
     }
 
+    /// Sender options with the defaults and no cache.
+    fn plain_sender() -> SenderOptions {
+        SenderOptions {
+            params: ChunkParams::default(),
+            compress: None,
+            cache: None,
+            basis: None,
+            rules: None,
+            push: false,
+            known: None,
+        }
+    }
+
+    /// Apply `src`'s manifest to a receiver prepared earlier.
+    fn apply_prepared(receiver: Receiver, src: &Path, sopts: SenderOptions) -> Report {
+        let progress = Progress::default();
+        let sender = Sender::new(src, sopts);
+        let (manifest, _) = sender.manifest_of(None).unwrap();
+        let wire = Wire {
+            bytes: AtomicU64::new(0),
+            progress: &progress,
+        };
+        let source = LocalSource {
+            sender: &sender,
+            wire: &wire,
+        };
+        let mut entries = manifest.into_iter();
+        receiver
+            .apply(
+                &mut || Ok(entries.next().map(crate::chunklist::Incoming::Entry)),
+                &source,
+                &progress,
+            )
+            .unwrap()
+    }
+
+    /// Two files that swap contents are rebuilt from each other's old versions, which stay
+    /// readable after the first is replaced (its cached pages dropped), and nothing is fetched.
+    #[test]
+    fn files_that_swap_contents_are_rebuilt_from_the_old_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+        std::fs::create_dir_all(&src).unwrap();
+        let (a, b) = (noise(11, 3 << 20), noise(12, 2 << 20));
+        std::fs::write(src.join("a"), &a).unwrap();
+        std::fs::write(src.join("b"), &b).unwrap();
+        let ropts = ReceiverOptions {
+            no_index_cache: true,
+            ..Default::default()
+        };
+        let p = Progress::default();
+        sync_local(&src, &dst, None, plain_sender(), ropts.clone(), &p).unwrap();
+        std::fs::write(src.join("a"), &b).unwrap();
+        std::fs::write(src.join("b"), &a).unwrap();
+        let r = sync_local(&src, &dst, None, plain_sender(), ropts, &p).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(std::fs::read(dst.join("a")).unwrap(), b);
+        assert_eq!(std::fs::read(dst.join("b")).unwrap(), a);
+        assert_eq!(r.stats.bytes_literal, 0);
+        assert_eq!(r.stats.bytes_reused, 5 << 20);
+    }
+
+    /// A destination file rewritten after the receiver indexed it (same size, even the same
+    /// mtime) is not trusted to hold its indexed chunks: the result is still the source's
+    /// bytes, the file fetched whole.
+    #[test]
+    fn a_destination_file_changed_after_it_was_indexed_is_not_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+        std::fs::create_dir_all(&src).unwrap();
+        let old = noise(21, 2 << 20);
+        std::fs::write(src.join("f"), &old).unwrap();
+        let ropts = ReceiverOptions {
+            no_index_cache: true,
+            ..Default::default()
+        };
+        sync_local(
+            &src,
+            &dst,
+            None,
+            plain_sender(),
+            ropts.clone(),
+            &Progress::default(),
+        )
+        .unwrap();
+        let mut new = old.clone();
+        new[1 << 20..(1 << 20) + 4096].copy_from_slice(&noise(22, 4096));
+        std::fs::write(src.join("f"), &new).unwrap();
+
+        let receiver = Receiver::prepare(&dst, ropts).unwrap();
+        // Behind the receiver's back: other bytes of the same size, the mtime put back.
+        let f = dst.join("f");
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::write(&f, noise(23, 2 << 20)).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let r = apply_prepared(receiver, &src, plain_sender());
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(std::fs::read(&f).unwrap(), new);
+        assert!(r.stats.bytes_literal >= 2 << 20, "{:?}", r.stats);
+    }
+
     /// Someone with write access to the destination swaps a directory for a symlink out of it
     /// after the receiver looked: nothing is written, changed or deleted outside, the entries
     /// under it fail with a clear error, the rest is synced.
@@ -292,15 +398,7 @@ mod tests {
         std::fs::write(src.join("top"), b"t").unwrap();
         std::fs::write(outside.join("b/f"), b"precious").unwrap();
         std::fs::write(outside.join("extra"), b"precious").unwrap();
-        let sopts = SenderOptions {
-            params: ChunkParams::default(),
-            compress: None,
-            cache: None,
-            basis: None,
-            rules: None,
-            push: false,
-            known: None,
-        };
+        let sopts = plain_sender();
         let ropts = ReceiverOptions {
             delete: true,
             no_index_cache: true,
@@ -327,25 +425,7 @@ mod tests {
         std::fs::rename(dst.join("a"), d.path().join("a-moved")).unwrap();
         std::os::unix::fs::symlink(&outside, dst.join("a")).unwrap();
 
-        let progress = Progress::default();
-        let sender = Sender::new(&src, sopts);
-        let (manifest, _) = sender.manifest_of(None).unwrap();
-        let wire = Wire {
-            bytes: AtomicU64::new(0),
-            progress: &progress,
-        };
-        let source = LocalSource {
-            sender: &sender,
-            wire: &wire,
-        };
-        let mut entries = manifest.into_iter();
-        let report = receiver
-            .apply(
-                &mut || Ok(entries.next().map(crate::chunklist::Incoming::Entry)),
-                &source,
-                &progress,
-            )
-            .unwrap();
+        let report = apply_prepared(receiver, &src, sopts);
 
         assert_eq!(std::fs::read(outside.join("b/f")).unwrap(), b"precious");
         assert_eq!(std::fs::read(outside.join("extra")).unwrap(), b"precious");
