@@ -144,6 +144,46 @@ fn a_push_draws_a_progress_bar_on_a_terminal_and_none_in_a_pipe() {
     );
 }
 
+/// Each congestion controller carries a push (BBR at the server too, for the pull back) to an
+/// identical tree; an unknown one is refused before anything is sent.
+#[test]
+fn every_congestion_controller_moves_a_tree_and_an_unknown_one_is_refused() {
+    let d = Dir::new();
+    let src = sample_tree(&d);
+    let c = Client::new(&d, "client");
+    let srv = Server::start_with(
+        &d,
+        "server",
+        &[&c],
+        "127.0.0.1:0",
+        &[],
+        &["--congestion".into(), "bbr".into()],
+    );
+    for cc in ["cubic", "bbr", "newreno"] {
+        ok(c.sync(&[
+            OsStr::new("--accept-new"),
+            OsStr::new("--congestion"),
+            OsStr::new(cc),
+            OsStr::new(&format!("{}/", src.display())),
+            OsStr::new(&srv.url(cc)),
+        ]));
+        assert_same_tree(&src, &srv.root.join(cc));
+    }
+    ok(c.sync(&[OsStr::new(&srv.url("bbr/")), s(&d.path("back"))]));
+    assert_same_tree(&src, &d.path("back"));
+    let err = fails(
+        c.sync(&[
+            OsStr::new("--congestion"),
+            OsStr::new("vegas"),
+            s(&src),
+            OsStr::new(&srv.url("none")),
+        ]),
+        2,
+    );
+    assert!(err.contains("cubic, bbr, newreno"), "{err}");
+    assert!(!srv.root.join("none").exists());
+}
+
 #[test]
 fn single_file_push_into_a_directory_and_delete() {
     let d = Dir::new();

@@ -10,6 +10,7 @@
 //! streams = 4
 //! timeout = 30
 //! window = 33554432
+//! congestion = "cubic"
 //! chunk_avg = 4096
 //! rsh = "ssh -p 2222"
 //! remote_hop = "/usr/local/bin/hop"
@@ -31,6 +32,7 @@ pub struct SyncDefaults {
     streams: Option<usize>,
     timeout: Option<u64>,
     window: Option<u64>,
+    congestion: Option<String>,
     chunk_avg: Option<u32>,
     chunk_min: Option<u32>,
     chunk_max: Option<u32>,
@@ -93,6 +95,13 @@ pub fn apply(a: &mut SyncArgs, m: Option<&clap::ArgMatches>) -> Result<()> {
         set!(streams => a.remote.streams);
         set!(timeout => a.remote.timeout);
         set!(window => a.remote.window);
+        if let Some(v) = &d.congestion {
+            if !given("congestion") {
+                a.remote.congestion = v
+                    .parse()
+                    .with_context(|| format!("congestion in {}", path.display()))?;
+            }
+        }
         set!(chunk_avg);
         set!(chunk_min);
         set!(chunk_max);

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use hop_engine::net::{ClientSettings, NetOptions};
+use hop_engine::net::{ClientSettings, Congestion, NetOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,6 +30,9 @@ pub struct RemoteArgs {
     /// times this). Must exceed the link's bandwidth x round-trip time for full speed.
     #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
     pub window: u64,
+    /// Remote side: congestion controller for the data this side sends: cubic, bbr or newreno.
+    #[arg(long, value_name = "ALGO", default_value_t = NetOptions::default().congestion)]
+    pub congestion: Congestion,
 }
 
 impl RemoteArgs {
@@ -39,6 +42,7 @@ impl RemoteArgs {
             streams: self.streams.clamp(1, 64),
             timeout: Duration::from_secs(self.timeout.max(1)),
             window: self.window,
+            congestion: self.congestion,
             ..NetOptions::default()
         }
     }

@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// Must exceed the link's bandwidth x round-trip time for full speed.
     #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
     pub window: u64,
+    /// Congestion controller for the data this side sends (pulls, and fetches for pushes
+    /// are the client's): cubic, bbr or newreno.
+    #[arg(long, value_name = "ALGO", default_value_t = NetOptions::default().congestion)]
+    pub congestion: hop_engine::net::Congestion,
     /// Admit this client fingerprint too (repeatable); with --ephemeral, the only ones admitted.
     #[arg(long, value_name = "FINGERPRINT")]
     pub authorize: Vec<String>,
@@ -127,6 +131,7 @@ pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
             streams: a.max_streams.clamp(1, 64),
             timeout: Duration::from_secs(a.timeout.max(1)),
             window: a.window,
+            congestion: a.congestion,
             ..NetOptions::default()
         },
         max_sessions: a.max_sessions.max(1),

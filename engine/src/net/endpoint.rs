@@ -31,6 +31,45 @@ pub struct NetOptions {
     pub window: u64,
     /// UDP socket send and receive buffer sizes in bytes.
     pub udp_buffer: usize,
+    /// Congestion controller of the data this side sends.
+    pub congestion: Congestion,
+}
+
+/// A QUIC congestion controller (quinn's implementations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), the default: as Linux TCP uses.
+    #[default]
+    Cubic,
+    /// BBR (quinn's experimental BBRv1): paces at the measured bottleneck rate instead of
+    /// backing off on every loss.
+    Bbr,
+    /// NewReno (RFC 9002's reference controller).
+    NewReno,
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" | "new-reno" | "reno" => Ok(Congestion::NewReno),
+            _ => Err(Error::Transport(format!(
+                "unknown congestion controller {s:?} (cubic, bbr, newreno)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::NewReno => "newreno",
+        })
+    }
 }
 
 impl Default for NetOptions {
@@ -43,6 +82,7 @@ impl Default for NetOptions {
             timeout: Duration::from_secs(15),
             window: 16 << 20,
             udp_buffer: 8 << 20,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -85,6 +125,17 @@ fn transport(o: &NetOptions) -> Result<Arc<quinn::TransportConfig>> {
         // One push stream per request (see `net::pushed`); a few in flight at the turn of
         // requests.
         .max_concurrent_uni_streams(varint(4));
+    match o.congestion {
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::NewReno => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+    };
     Ok(Arc::new(t))
 }
 

@@ -30,7 +30,7 @@ pub mod wire;
 
 pub use agent::{Agent, CallContext};
 pub use client::{pull, push, ClientSettings, Link, RemotePath};
-pub use endpoint::{Credentials, NetOptions};
+pub use endpoint::{Congestion, Credentials, NetOptions};
 pub use server::{serve, ServeSettings};
 #[cfg(test)]
 mod tests;
