@@ -22,6 +22,10 @@ pub struct FileTable<'a> {
     index: &'a ChunkIndex,
     by_path: HashMap<&'a Path, u32>,
     pinned: Mutex<HashMap<u32, Arc<File>>>,
+    /// The stat of each old version this table renamed over, taken right after the rename
+    /// (which changes its ctime), where it still had its indexed stat just before. Only read
+    /// and written under the `pinned` lock.
+    replaced: Mutex<HashMap<u32, crate::index::StatKey>>,
     /// Files opened for reading and still at their path, kept open: a file read for thousands
     /// of chunks (delta bases, references) is opened once.
     opened: Mutex<HashMap<u32, Arc<File>>>,
@@ -40,6 +44,7 @@ impl<'a> FileTable<'a> {
             index,
             by_path,
             pinned: Mutex::new(HashMap::new()),
+            replaced: Mutex::new(HashMap::new()),
             opened: Mutex::new(HashMap::new()),
         }
     }
@@ -76,14 +81,25 @@ impl<'a> FileTable<'a> {
     /// True when `f`, an open handle on index file `n`, still shows the stat the file had when
     /// it was indexed: its bytes are then the chunks the index lists (the trust the index cache
     /// already gives), and need not be hashed again. A file written or replaced since (an
-    /// unlink changes the ctime of a pinned old version) is not trusted.
+    /// unlink changes the ctime of a pinned old version) is not trusted, unless the change is
+    /// this table's own rename over it.
     pub fn unchanged(&self, n: u32, f: &File) -> bool {
         let Some(want) = self.index.files.get(n as usize).and_then(|x| x.stat) else {
             return false;
         };
-        f.metadata()
-            .map(|md| crate::index::StatKey::of(&md) == want)
-            .unwrap_or(false)
+        // Under the `pinned` lock: a rename in `replace` and its record are seen together.
+        let _pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(md) = f.metadata() else {
+            return false;
+        };
+        let now = crate::index::StatKey::of(&md);
+        now == want
+            || self
+                .replaced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&n)
+                == Some(&now)
     }
 
     /// The index file number of `path`, if it is indexed.
@@ -127,8 +143,17 @@ impl<'a> FileTable<'a> {
                     .map(|f| v.insert(Arc::new(f)).clone()),
                 std::collections::hash_map::Entry::Occupied(o) => Some(o.get().clone()),
             };
+            let want = self.index.files.get(n as usize).and_then(|x| x.stat);
+            let before = old.as_ref().and_then(|f| f.metadata().ok());
             std::fs::rename(tmp, dest).ctx("rename into place", dest)?;
             if let Some(old) = old {
+                let intact = before.is_some_and(|md| Some(crate::index::StatKey::of(&md)) == want);
+                if let (true, Ok(md)) = (intact, old.metadata()) {
+                    self.replaced
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(n, crate::index::StatKey::of(&md));
+                }
                 drop_cached_pages(&old);
             }
             return Ok(());
