@@ -9,7 +9,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -77,18 +77,26 @@ pub struct KnownHosts {
 }
 
 impl KnownHosts {
-    /// Read the file; a missing file is an empty list.
+    /// Read the file; a missing file is an empty list. The read holds a shared lock on the file,
+    /// so a line another client is adding is seen whole or not at all.
     pub fn load(path: &Path) -> Result<KnownHosts> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => {
-                return Err(Error::Trust(format!(
-                    "cannot read known hosts {}: {e}",
-                    path.display()
-                )))
-            }
+        let cannot = |e: std::io::Error| {
+            Error::Trust(format!("cannot read known hosts {}: {e}", path.display()))
         };
+        let text = match std::fs::File::open(path) {
+            Ok(mut f) => {
+                lock_file(&f, libc::LOCK_SH).map_err(cannot)?;
+                let mut t = String::new();
+                f.read_to_string(&mut t).map_err(cannot)?;
+                t
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(cannot(e)),
+        };
+        KnownHosts::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<KnownHosts> {
         let mut entries = Vec::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
@@ -128,7 +136,10 @@ impl KnownHosts {
             .map(|(_, fp)| fp.as_str())
     }
 
-    /// Append `host fingerprint` to the file (creating it and its directory).
+    /// Append `host fingerprint` to the file (creating it and its directory), under an
+    /// exclusive lock and as one write, so clients recording keys at once (the connections of
+    /// a group migration) never mix their lines. A key another client recorded for `host`
+    /// meanwhile is kept if it is the same and refused if it differs.
     pub fn add(&mut self, host: &str, fp: &str) -> Result<()> {
         let io = |e: std::io::Error| {
             Error::Trust(format!(
@@ -142,11 +153,47 @@ impl KnownHosts {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(&self.path)
             .map_err(io)?;
-        writeln!(f, "{host} {fp}").map_err(io)?;
-        self.entries.push((host.to_string(), fp.to_string()));
+        lock_file(&f, libc::LOCK_EX).map_err(io)?;
+        let mut text = String::new();
+        f.read_to_string(&mut text).map_err(io)?;
+        let now = KnownHosts::parse(&self.path, &text)?;
+        match now.lookup(host) {
+            Some(seen) if seen == fp => {}
+            Some(seen) => {
+                return Err(Error::Trust(format!(
+                    "{host}: another client recorded key {seen} in {} meanwhile, not {fp}",
+                    self.path.display()
+                )))
+            }
+            None => {
+                let sep = if text.is_empty() || text.ends_with('\n') {
+                    ""
+                } else {
+                    "\n"
+                };
+                f.write_all(format!("{sep}{host} {fp}\n").as_bytes())
+                    .map_err(io)?;
+            }
+        }
+        self.entries = now.entries;
+        if self.lookup(host).is_none() {
+            self.entries.push((host.to_string(), fp.to_string()));
+        }
         Ok(())
+    }
+}
+
+/// `flock(2)` the file (released when it is closed).
+fn lock_file(f: &std::fs::File, op: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -334,6 +381,43 @@ mod tests {
         let k = KnownHosts::load(&kh).unwrap();
         assert_eq!(k.lookup("h:1"), Some(fp.as_str()));
         assert_eq!(k.lookup("h:2"), None);
+    }
+
+    #[test]
+    fn clients_recording_keys_at_once_never_mix_their_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let kh = d.path().join("known_hosts");
+        let fp = |i: usize| format!("sha256:{}", format!("{i:02x}").repeat(32));
+        // 16 clients that each loaded the empty file record the same server, and 16 others
+        // one server each, all at once.
+        let threads: Vec<_> = (0..32)
+            .map(|i| {
+                let kh = kh.clone();
+                std::thread::spawn(move || {
+                    let mut k = KnownHosts::load(&kh).unwrap();
+                    if i < 16 {
+                        k.add("same:1", &fp(1)).unwrap();
+                    } else {
+                        k.add(&format!("h:{i}"), &fp(i)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let k = KnownHosts::load(&kh).unwrap();
+        assert_eq!(k.entries.len(), 17, "{:?}", std::fs::read_to_string(&kh));
+        assert_eq!(k.lookup("same:1"), Some(fp(1).as_str()));
+        assert_eq!(k.lookup("h:20"), Some(fp(20).as_str()));
+        // One that loaded the file before another recorded a different key is refused.
+        let mut stale = KnownHosts::load(&d.path().join("other")).unwrap();
+        KnownHosts::load(&d.path().join("other"))
+            .unwrap()
+            .add("x:1", &fp(2))
+            .unwrap();
+        let err = stale.add("x:1", &fp(3)).unwrap_err().to_string();
+        assert!(err.contains("meanwhile"), "{err}");
     }
 
     #[test]
