@@ -6,7 +6,8 @@
 #                                     TBF cap of RATE (e.g. 1gbit, 100mbit; "none") each way and,
 #                                     given RTT_MS, that much added round-trip time (no netem
 #                                     here: iptables NFQUEUE + target/release/hop-netdelay in
-#                                     each namespace, half the delay each way, built if missing)
+#                                     each namespace, half the delay each way, built if missing;
+#                                     $HOP_NETDELAY names another build of it)
 #   scripts/netns.sh down [PREFIX]    remove them
 #   scripts/netns.sh bytes [PREFIX]   bytes received+sent by PREFIX-b's interface so far
 #
@@ -40,7 +41,7 @@ up)
     fi
     if [ -n "${4:-}" ] && [ "$4" != 0 ]; then
         root=$(cd "$(dirname "$0")/.." && pwd)
-        delay=$root/target/release/hop-netdelay
+        delay=${HOP_NETDELAY:-$root/target/release/hop-netdelay}
         [ -x "$delay" ] || (cd "$root" && cargo build --release -q -p hop-benchmarks --bin hop-netdelay)
         half=$(python3 -c "print($4 / 2)")
         : > "/run/hop-netns-$P.pids"

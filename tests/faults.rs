@@ -22,11 +22,20 @@ fn netns_sh() -> String {
 
 impl Link {
     fn up(tag: &str) -> Link {
+        Link::up_with(tag, &[])
+    }
+
+    /// With `netns.sh up`'s rate and round-trip arguments (the delay program built with the
+    /// tests is used).
+    fn up_with(tag: &str, shape: &[&str]) -> Link {
         let prefix = format!("hf{}{tag}", std::process::id() % 10000);
-        let st = Command::new("bash")
-            .args([&netns_sh(), "up", &prefix])
-            .status()
-            .unwrap();
+        let delay = std::path::Path::new(env!("CARGO_BIN_EXE_hop")).with_file_name("hop-netdelay");
+        let mut cmd = Command::new("bash");
+        cmd.args([&netns_sh(), "up", &prefix]).args(shape);
+        if delay.exists() {
+            cmd.env("HOP_NETDELAY", &delay);
+        }
+        let st = cmd.status().unwrap();
         assert!(st.success(), "cannot create namespaces (root needed)");
         Link { prefix }
     }
@@ -112,6 +121,74 @@ fn random_packet_loss_slows_a_push_but_it_completes_intact() {
         ],
     ));
     assert_same_tree(&d.path("src"), &srv.root.join("dst"));
+}
+
+/// Bytes received and sent by the server's interface so far.
+fn link_bytes(link: &Link) -> u64 {
+    let out = Command::new("bash")
+        .args([&netns_sh(), "bytes", &link.prefix])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_burst_of_loss_on_a_full_long_window_does_not_end_the_connection() {
+    // 100 ms of round trip and a lane window of 16 MiB: megabytes of one file in flight when
+    // every other packet reaching the server is dropped for 300 ms. One stream holding that
+    // window would hold thousands of gaps, which quinn refuses ("too many gaps in stream
+    // buffer"); the lane's strands keep each stream's share small.
+    let link = Link::up_with("g", &["none", "100"]);
+    let d = Dir::new();
+    let data = noise(63, 128 << 20);
+    d.write("src/big", &data);
+    let c = Client::new(&d, "client");
+    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
+    let src = format!("{}/", d.path("src").display());
+    let mut child = sync_in(
+        &link,
+        &c,
+        &[
+            OsStr::new("--accept-new"),
+            OsStr::new("--window"),
+            OsStr::new("16777216"),
+            OsStr::new(&src),
+            OsStr::new(&srv.url("dst")),
+        ],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Once the window has opened (24 MiB crossed), the burst.
+    let t0 = Instant::now();
+    while link_bytes(&link) < 24 << 20 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rule = [
+        "INPUT",
+        "-p",
+        "udp",
+        "-m",
+        "statistic",
+        "--mode",
+        "nth",
+        "--every",
+        "2",
+        "--packet",
+        "0",
+        "-j",
+        "DROP",
+    ];
+    link.iptables(&[&["-I"], &rule[..]].concat());
+    std::thread::sleep(Duration::from_millis(300));
+    link.iptables(&[&["-D"], &rule[..]].concat());
+    let (st, err) = finish_within(&mut child, Duration::from_secs(120));
+    assert!(st.success(), "the burst ended the sync: {err}");
+    assert_eq!(fs::read(srv.root.join("dst/big")).unwrap(), data);
 }
 
 #[test]

@@ -26,8 +26,9 @@ pub struct RemoteArgs {
     /// Remote side: give up on a peer silent for this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 15)]
     pub timeout: u64,
-    /// Remote side: QUIC flow-control window per stream in bytes (the connection's is four
-    /// times this). Must exceed the link's bandwidth x round-trip time for full speed.
+    /// Remote side: QUIC flow-control window of a lane in bytes, spread over streams of 2 MiB
+    /// (the connection's is four times this). Must exceed the link's bandwidth x round-trip
+    /// time for full speed.
     #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
     pub window: u64,
     /// Remote side: congestion controller for the data this side sends: cubic, bbr or newreno.

@@ -49,8 +49,9 @@ pub struct ServeArgs {
     /// its --streams).
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub max_streams: usize,
-    /// QUIC flow-control window per stream in bytes (the connection's is four times this).
-    /// Must exceed the link's bandwidth x round-trip time for full speed.
+    /// QUIC flow-control window of a lane in bytes, spread over streams of 2 MiB (the
+    /// connection's is four times this). Must exceed the link's bandwidth x round-trip time
+    /// for full speed.
     #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
     pub window: u64,
     /// Congestion controller for the data this side sends (pulls, and fetches for pushes

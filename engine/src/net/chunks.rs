@@ -46,7 +46,7 @@ async fn serve_stream(
 ) -> Result<()> {
     type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>, bool);
     let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
-    let (out_tx, mut out_rx) = mpsc::channel::<[bytes::Bytes; 2]>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<[bytes::Bytes; 2]>(16);
     let lists = out_tx.clone();
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {

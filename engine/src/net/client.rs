@@ -599,6 +599,7 @@ pub fn pull(
             &mut s.ctl,
             prepare,
             cfg.net.streams,
+            cfg.net.strands(),
             cfg.net.timeout,
             progress,
         )

@@ -14,6 +14,14 @@ use std::time::Duration;
 /// ALPN protocol name: the wire protocol's name and major version.
 pub const ALPN: &[u8] = b"hop/1";
 
+/// The largest receive window of one stream. quinn closes a connection whose peer left more
+/// than 1,024 separate pieces in one stream's receive buffer ("too many gaps in stream
+/// buffer"), and under burst loss (a congestion window overshooting a queue) every other
+/// packet of a window can be missing: 2 MiB is fewer than 1,800 packets of 1,200 bytes, so
+/// fewer than 900 gaps. A lane that needs a larger window uses several streams
+/// ([`NetOptions::strands`]).
+pub const STREAM_WINDOW: u64 = 2 << 20;
+
 /// Server name sent in the handshake. Peers are authenticated by key fingerprint, not by name.
 pub const SERVER_NAME: &str = "hop";
 
@@ -26,8 +34,10 @@ pub struct NetOptions {
     pub streams: usize,
     /// A peer silent for this long is dead; keep-alives are sent at a fifth of it.
     pub timeout: Duration,
-    /// Per-stream receive window in bytes; the connection window is four times this. For full
-    /// speed it must exceed the link's bandwidth-delay product (1 Gbit/s x 50 ms = 6.25 MB).
+    /// Receive window of a lane in bytes: what may be in flight towards one lane, spread over
+    /// [`NetOptions::strands`] streams of at most [`STREAM_WINDOW`] each; the connection
+    /// window is four times this. For full speed it must exceed the link's bandwidth-delay
+    /// product (1 Gbit/s x 50 ms = 6.25 MB).
     pub window: u64,
     /// UDP socket send and receive buffer sizes in bytes.
     pub udp_buffer: usize,
@@ -87,6 +97,20 @@ impl Default for NetOptions {
     }
 }
 
+impl NetOptions {
+    /// The lane window, within the range the transport accepts (64 KiB to 1 GiB).
+    fn lane_window(&self) -> u64 {
+        self.window.clamp(64 << 10, 1 << 30)
+    }
+
+    /// Streams per lane: as many streams of at most [`STREAM_WINDOW`] as hold the lane's
+    /// window (8 for the default 16 MiB), at most 64 (so 8 lanes stay well within the 1,024
+    /// concurrent streams a peer may open).
+    pub fn strands(&self) -> usize {
+        (self.lane_window().div_ceil(STREAM_WINDOW) as usize).clamp(1, 64)
+    }
+}
+
 /// An identity in PEM form: a certificate and its private key.
 #[derive(Clone)]
 pub struct Credentials {
@@ -114,11 +138,11 @@ fn transport(o: &NetOptions) -> Result<Arc<quinn::TransportConfig>> {
     let mut t = quinn::TransportConfig::default();
     let idle = quinn::IdleTimeout::try_from(o.timeout)
         .map_err(|_| Error::Transport(format!("timeout {:?} out of range", o.timeout)))?;
-    let window = o.window.clamp(64 << 10, 1 << 30);
+    let window = o.lane_window();
     let varint = |v: u64| quinn::VarInt::from_u64(v).unwrap_or(quinn::VarInt::MAX);
     t.max_idle_timeout(Some(idle))
         .keep_alive_interval(Some((o.timeout / 5).max(Duration::from_millis(200))))
-        .stream_receive_window(varint(window))
+        .stream_receive_window(varint(window.min(STREAM_WINDOW)))
         .receive_window(varint(window * 4))
         .send_window(window * 4)
         .max_concurrent_bidi_streams(varint(1024))

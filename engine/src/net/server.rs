@@ -378,6 +378,7 @@ async fn run(
                 ctl,
                 prepare,
                 lanes,
+                s.net.strands(),
                 s.net.timeout,
                 Arc::new(Progress::default()),
             )

@@ -285,12 +285,14 @@ pub struct SenderNotes {
 
 /// Receiver role: index the destination while the manifest starts arriving, then apply it as
 /// it streams in (directories made and files fetched before the manifest is complete), with
-/// chunks fetched over `lanes` streams; send the summary.
+/// chunks fetched over `lanes` lanes of `strands` streams each; send the summary.
+#[allow(clippy::too_many_arguments)]
 pub async fn receive_tree(
     conn: &quinn::Connection,
     ctl: &mut Control2,
     prepare: impl FnOnce() -> Result<Receiver> + Send + 'static,
     lanes: usize,
+    strands: usize,
     timeout: Duration,
     progress: Arc<Progress>,
 ) -> Result<(Report, SenderNotes)> {
@@ -300,7 +302,7 @@ pub async fn receive_tree(
         let (p, conn, control) = (pushed.clone(), conn.clone(), u64::from(ctl.recv.id()));
         async move { p.read_from(conn, control).await }
     });
-    let r = receive_with(conn, ctl, prepare, lanes, progress, pushed).await;
+    let r = receive_with(conn, ctl, prepare, (lanes, strands), progress, pushed).await;
     reading.abort();
     r
 }
@@ -309,7 +311,7 @@ async fn receive_with(
     conn: &quinn::Connection,
     ctl: &mut Control2,
     prepare: impl FnOnce() -> Result<Receiver> + Send + 'static,
-    lanes: usize,
+    (lanes, strands): (usize, usize),
     progress: Arc<Progress>,
     pushed: Arc<Pushed>,
 ) -> Result<(Report, SenderNotes)> {
@@ -319,7 +321,7 @@ async fn receive_with(
     let pushes = pushed.clone();
     let applying = tokio::task::spawn_blocking(move || -> Result<Report> {
         let receiver = prepare()?;
-        let source = StreamSource::new(conn2, rt, lanes, Some(pushes));
+        let source = StreamSource::new(conn2, rt, lanes, strands, Some(pushes));
         let mut next = || match rx.blocking_recv() {
             Some(r) => r,
             None => Err(Error::Transport("the manifest stream ended".into())),

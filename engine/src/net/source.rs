@@ -1,10 +1,12 @@
 //! The receiver's side of chunk transfer: a [`ChunkSource`] over QUIC streams.
 //!
-//! Each lane of the receiver gets one stream. Every request announced for a lane is written on
-//! its stream at once, so the sender answers while earlier files are still being assembled and
-//! while the manifest is still arriving; the stream's flow-control window (and a small bounded
-//! queue) is the only buffering. A fetch that was not announced (a retry) gets a stream of its
-//! own.
+//! Each lane of the receiver gets a few streams (*strands*, see
+//! [`super::endpoint::NetOptions::strands`]). Every request announced for a lane is written at
+//! once, split into parts of at most [`PART_CHUNKS`] chunks that go to the lane's strands in
+//! turn, so the sender answers while earlier files are still being assembled and while the
+//! manifest is still arriving, and one large file is in flight on every strand. The strands'
+//! flow-control windows (and a small bounded queue each) are the only buffering; the lane reads
+//! the parts back in order. A fetch that was not announced (a retry) gets a stream of its own.
 
 use super::pushed::Pushed;
 use super::wire::{read_msg, write_msg};
@@ -12,48 +14,95 @@ use crate::assemble::Fetched;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame};
 use crate::receiver::{ChunkSource, Request};
-use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
 /// Frames read from one stream, ahead of use.
-const QUEUE: usize = 64;
+const QUEUE: usize = 16;
 
-/// One lane's stream: requests go out through `more`, answers come back in `frames`.
-struct Lane {
-    /// Announced requests (entry, chunk numbers) whose answers were not read yet, in order.
+/// Chunks per part: a request for more is split into parts on successive strands.
+pub const PART_CHUNKS: usize = 16;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One stream of a lane: parts go out through `more`, answers come back in `frames`.
+struct Strand {
+    /// Announced parts (entry, chunk numbers) whose answers were not read yet, in order.
     pending: Mutex<VecDeque<(u32, Vec<u32>)>>,
     more: mpsc::UnboundedSender<Request>,
     /// The answers; `None` once the stream failed or lost step.
     frames: Mutex<Option<mpsc::Receiver<Result<Frame>>>>,
 }
 
+/// One lane: its strands, and where the parts of each announced request went.
+struct Lane {
+    strands: Vec<Strand>,
+    announced: Mutex<Announced>,
+}
+
+/// The parts of a lane's announced requests that were not fetched yet.
+#[derive(Default)]
+struct Announced {
+    /// The strand the next part goes to.
+    next: usize,
+    /// Entry -> its parts, as (strand, chunk numbers), in order.
+    parts: HashMap<u32, Vec<(usize, Vec<u32>)>>,
+}
+
+/// `req` as parts of at most [`PART_CHUNKS`] chunks (hints split along).
+fn split(req: Request) -> Vec<Request> {
+    if req.want.len() <= PART_CHUNKS {
+        return vec![req];
+    }
+    let hints = (!req.hints.is_empty()).then_some(&req.hints);
+    req.want
+        .chunks(PART_CHUNKS)
+        .enumerate()
+        .map(|(i, want)| Request {
+            entry: req.entry,
+            want: want.to_vec(),
+            hints: hints.map_or_else(Vec::new, |h| {
+                h[i * PART_CHUNKS..(i * PART_CHUNKS + want.len()).min(h.len())].to_vec()
+            }),
+            no_refs: req.no_refs,
+        })
+        .collect()
+}
+
 /// Fetches chunks from the sender at the other end of a connection.
 pub struct StreamSource {
     conn: quinn::Connection,
     rt: Handle,
-    lanes: Vec<Mutex<Option<std::sync::Arc<Lane>>>>,
+    lanes: Vec<Mutex<Option<Arc<Lane>>>>,
+    /// Streams per lane.
+    strands: usize,
     /// Chunks the sender pushes unasked: a file all of whose wanted chunks are pushed is taken
     /// from there, without a want-list.
-    pushed: Option<std::sync::Arc<Pushed>>,
+    pushed: Option<Arc<Pushed>>,
     /// Chunks taken from the push.
     taken: std::sync::atomic::AtomicU64,
 }
 
 impl StreamSource {
-    /// A source with `lanes` streams on `conn`, and the request's pushed chunks if there are
-    /// any. `rt` runs the stream tasks; fetches are made from threads outside it.
+    /// A source with `lanes` lanes of `strands` streams each on `conn`, and the request's
+    /// pushed chunks if there are any. `rt` runs the stream tasks; fetches are made from
+    /// threads outside it.
     pub fn new(
         conn: quinn::Connection,
         rt: Handle,
         lanes: usize,
-        pushed: Option<std::sync::Arc<Pushed>>,
+        strands: usize,
+        pushed: Option<Arc<Pushed>>,
     ) -> Self {
         StreamSource {
             conn,
             rt,
             lanes: (0..lanes.max(1)).map(|_| Mutex::new(None)).collect(),
+            strands: strands.max(1),
             pushed,
             taken: Default::default(),
         }
@@ -173,21 +222,60 @@ impl StreamSource {
         (sink_err.map_or(Ok(()), Err), true)
     }
 
-    /// Make the request on the lane's stream if it was announced there: returns `None` if not.
+    /// Fetch a request announced on `lane`, part by part from its strands: returns `None` if
+    /// it was not announced (as it is now). A part whose strand failed is fetched alone.
     fn fetch_announced(
+        &self,
         lane: &Lane,
         req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Option<Result<()>> {
-        let mut frames = lane.frames.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = {
+            let mut a = lock(&lane.announced);
+            let same = a
+                .parts
+                .get(&req.entry)
+                .is_some_and(|p| p.iter().flat_map(|(_, w)| w.iter()).eq(req.want.iter()));
+            if !same {
+                return None;
+            }
+            a.parts.remove(&req.entry)?
+        };
+        for (s, want) in parts {
+            let r =
+                Self::fetch_part(&lane.strands[s], req.entry, &want, sink).unwrap_or_else(|| {
+                    let part = Request {
+                        entry: req.entry,
+                        want,
+                        hints: Vec::new(),
+                        no_refs: req.no_refs,
+                    };
+                    self.fetch_alone(&part, sink)
+                });
+            if r.is_err() {
+                return Some(r);
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// Read the answer to part `want` of `entry` from its strand, after the answers to parts
+    /// announced before it that were skipped: returns `None` if the part is not pending there
+    /// or the strand failed.
+    fn fetch_part(
+        strand: &Strand,
+        entry: u32,
+        want: &[u32],
+        sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    ) -> Option<Result<()>> {
+        let mut frames = lock(&strand.frames);
         let rx = frames.as_mut()?;
-        // Answers to announced requests the lane skipped come first: drain them.
         loop {
             let head = {
-                let mut pending = lane.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut pending = lock(&strand.pending);
                 let pos = pending
                     .iter()
-                    .position(|(e, w)| *e == req.entry && *w == req.want)?;
+                    .position(|(e, w)| *e == entry && w.as_slice() == want)?;
                 if pos == 0 {
                     pending.pop_front();
                     None
@@ -202,7 +290,7 @@ impl StreamSource {
                 return None;
             }
         }
-        let (r, in_step) = Self::consume(rx, req.entry, &req.want, sink);
+        let (r, in_step) = Self::consume(rx, entry, want, sink);
         if !in_step {
             *frames = None;
         }
@@ -282,16 +370,23 @@ impl ChunkSource for StreamSource {
         let Some(slot) = self.lanes.get(lane) else {
             return;
         };
-        let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-        let l = slot.get_or_insert_with(|| {
-            let (more, reqs) = mpsc::unbounded_channel();
-            std::sync::Arc::new(Lane {
-                pending: Mutex::new(VecDeque::new()),
-                more,
-                frames: Mutex::new(Some(self.open(reqs))),
+        let l = lock(slot)
+            .get_or_insert_with(|| {
+                let strand = || {
+                    let (more, reqs) = mpsc::unbounded_channel();
+                    Strand {
+                        pending: Mutex::new(VecDeque::new()),
+                        more,
+                        frames: Mutex::new(Some(self.open(reqs))),
+                    }
+                };
+                Arc::new(Lane {
+                    strands: (0..self.strands).map(|_| strand()).collect(),
+                    announced: Mutex::default(),
+                })
             })
-        });
-        let mut pending = l.pending.lock().unwrap_or_else(|e| e.into_inner());
+            .clone();
+        let mut announced = lock(&l.announced);
         for r in reqs {
             if self.push_for(&r).is_some() {
                 continue; // its chunks are on their way already
@@ -299,9 +394,18 @@ impl ChunkSource for StreamSource {
             if let Some(p) = &self.pushed {
                 p.drop_entry(r.entry); // fetched as usual: what was pushed is not used
             }
-            pending.push_back((r.entry, r.want.clone()));
-            // A closed channel means the stream failed; fetches will find out and go alone.
-            let _ = l.more.send(r);
+            let entry = r.entry;
+            let mut parts = Vec::new();
+            for part in split(r) {
+                let s = announced.next;
+                announced.next = (s + 1) % l.strands.len();
+                let strand = &l.strands[s];
+                lock(&strand.pending).push_back((part.entry, part.want.clone()));
+                parts.push((s, part.want.clone()));
+                // A closed channel means the stream failed; fetches will find out and go alone.
+                let _ = strand.more.send(part);
+            }
+            announced.parts.insert(entry, parts);
         }
     }
 
@@ -326,7 +430,7 @@ impl ChunkSource for StreamSource {
             .get(lane)
             .and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
         if let Some(l) = l {
-            if let Some(r) = Self::fetch_announced(&l, req, sink) {
+            if let Some(r) = self.fetch_announced(&l, req, sink) {
                 return r;
             }
         }
@@ -344,5 +448,44 @@ impl ChunkSource for StreamSource {
         drop(more);
         let mut frames = self.open(reqs);
         Self::consume(&mut frames, req.entry, &req.want, sink).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_is_split_into_parts_with_their_hints() {
+        let small = Request {
+            entry: 1,
+            want: vec![3, 4],
+            hints: Vec::new(),
+            no_refs: false,
+        };
+        assert_eq!(split(small.clone()), vec![small]);
+        let want: Vec<u32> = (0..(2 * PART_CHUNKS as u32 + 3)).collect();
+        let hints: Vec<Vec<crate::delta::BlockHash>> =
+            want.iter().map(|&c| vec![c.to_le_bytes()]).collect();
+        let parts = split(Request {
+            entry: 7,
+            want: want.clone(),
+            hints: hints.clone(),
+            no_refs: true,
+        });
+        assert_eq!(
+            parts.iter().map(|p| p.want.len()).collect::<Vec<_>>(),
+            [PART_CHUNKS, PART_CHUNKS, 3]
+        );
+        assert!(parts.iter().all(|p| p.entry == 7 && p.no_refs));
+        let (w, h): (Vec<u32>, Vec<_>) = parts
+            .into_iter()
+            .flat_map(|p| p.want.into_iter().zip(p.hints))
+            .unzip();
+        assert_eq!(
+            (w, h),
+            (want, hints),
+            "parts in order, each chunk with its hint"
+        );
     }
 }
