@@ -21,14 +21,27 @@ use std::sync::{Arc, Mutex};
 pub struct FileTable<'a> {
     index: &'a ChunkIndex,
     by_path: HashMap<&'a Path, u32>,
-    pinned: Mutex<HashMap<u32, Arc<File>>>,
-    /// The stat of each old version this table renamed over, taken right after the rename
-    /// (which changes its ctime), where it still had its indexed stat just before. Only read
-    /// and written under the `pinned` lock.
-    replaced: Mutex<HashMap<u32, crate::index::StatKey>>,
+    pinned: Mutex<HashMap<u32, Pinned>>,
     /// Files opened for reading and still at their path, kept open: a file read for thousands
     /// of chunks (delta bases, references) is opened once.
     opened: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+/// An old version kept readable.
+struct Pinned {
+    file: Arc<File>,
+    /// Its stat right after this table renamed over it (which changes its ctime), if it still
+    /// had its indexed stat just before.
+    renamed: Option<crate::index::StatKey>,
+}
+
+impl Pinned {
+    fn new(file: File) -> Pinned {
+        Pinned {
+            file: Arc::new(file),
+            renamed: None,
+        }
+    }
 }
 
 impl<'a> FileTable<'a> {
@@ -44,7 +57,6 @@ impl<'a> FileTable<'a> {
             index,
             by_path,
             pinned: Mutex::new(HashMap::new()),
-            replaced: Mutex::new(HashMap::new()),
             opened: Mutex::new(HashMap::new()),
         }
     }
@@ -52,8 +64,8 @@ impl<'a> FileTable<'a> {
     /// Open index file `n` for reading (its pinned old version if it was replaced).
     pub fn open(&self, n: u32) -> Result<Arc<File>> {
         let pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = pinned.get(&n) {
-            return Ok(f.clone());
+        if let Some(p) = pinned.get(&n) {
+            return Ok(p.file.clone());
         }
         let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = opened.get(&n) {
@@ -73,7 +85,7 @@ impl<'a> FileTable<'a> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
         if let std::collections::hash_map::Entry::Vacant(v) = pinned.entry(n) {
             if let Ok(f) = open_nofollow(&self.index.files[n as usize].path) {
-                v.insert(Arc::new(f));
+                v.insert(Pinned::new(f));
             }
         }
     }
@@ -84,22 +96,21 @@ impl<'a> FileTable<'a> {
     /// unlink changes the ctime of a pinned old version) is not trusted, unless the change is
     /// this table's own rename over it.
     pub fn unchanged(&self, n: u32, f: &File) -> bool {
-        let Some(want) = self.index.files.get(n as usize).and_then(|x| x.stat) else {
+        let Some(want) = self.indexed_stat(n) else {
             return false;
         };
         // Under the `pinned` lock: a rename in `replace` and its record are seen together.
-        let _pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        let pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(md) = f.metadata() else {
             return false;
         };
         let now = crate::index::StatKey::of(&md);
-        now == want
-            || self
-                .replaced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&n)
-                == Some(&now)
+        now == want || pinned.get(&n).and_then(|p| p.renamed) == Some(now)
+    }
+
+    /// The stat index file `n` had when it was indexed, if recorded.
+    fn indexed_stat(&self, n: u32) -> Option<crate::index::StatKey> {
+        self.index.files.get(n as usize).and_then(|x| x.stat)
     }
 
     /// The index file number of `path`, if it is indexed.
@@ -138,23 +149,20 @@ impl<'a> FileTable<'a> {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&n);
             let old = match pinned.entry(n) {
-                std::collections::hash_map::Entry::Vacant(v) => open_nofollow(dest)
-                    .ok()
-                    .map(|f| v.insert(Arc::new(f)).clone()),
-                std::collections::hash_map::Entry::Occupied(o) => Some(o.get().clone()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    open_nofollow(dest).ok().map(|f| v.insert(Pinned::new(f)))
+                }
+                std::collections::hash_map::Entry::Occupied(o) => Some(o.into_mut()),
             };
-            let want = self.index.files.get(n as usize).and_then(|x| x.stat);
-            let before = old.as_ref().and_then(|f| f.metadata().ok());
+            let want = self.indexed_stat(n);
+            let before = old.as_ref().and_then(|p| p.file.metadata().ok());
             std::fs::rename(tmp, dest).ctx("rename into place", dest)?;
             if let Some(old) = old {
                 let intact = before.is_some_and(|md| Some(crate::index::StatKey::of(&md)) == want);
-                if let (true, Ok(md)) = (intact, old.metadata()) {
-                    self.replaced
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(n, crate::index::StatKey::of(&md));
+                if let (true, Ok(md)) = (intact, old.file.metadata()) {
+                    old.renamed = Some(crate::index::StatKey::of(&md));
                 }
-                drop_cached_pages(&old);
+                drop_cached_pages(&old.file);
             }
             return Ok(());
         }

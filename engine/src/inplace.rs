@@ -540,23 +540,26 @@ mod tests {
         (out, std::fs::read(&path).unwrap())
     }
 
-    /// Two memory images that share pages (processes of one program): the first is rewritten
-    /// in place, then the second, whose plan copies shared pages from the first, is. The copies
-    /// that no longer match are fetched again, alone, and the second image comes out right
-    /// (it used to fail whole and be fetched again entirely).
-    #[test]
-    fn pages_copied_from_an_image_rewritten_in_place_meanwhile_are_fetched_again() {
+    /// Two memory images, `pages-1.img` (a) and `pages-2.img` (b), of 1100 pages each; b's new
+    /// version takes a's pages 500..800 as its pages 100..400, so its plan copies them from a.
+    /// Before b is updated in place, `meanwhile` changes a (given its path and content). Checks
+    /// that b comes out right and returns how many chunks were fetched again and in how many
+    /// requests.
+    fn update_after_the_other_image_changed(
+        seed: u64,
+        meanwhile: impl FnOnce(&Path, &[u8]),
+    ) -> (usize, usize) {
         let d = tempfile::tempdir().unwrap();
         let p = ChunkParams::default().with_pages(true);
-        let shared = noise(40, 1100 * PAGE);
+        let shared = noise(seed, 1100 * PAGE);
         let (pa, pb) = (d.path().join("pages-1.img"), d.path().join("pages-2.img"));
         std::fs::write(&pa, &shared).unwrap();
-        // b's old copy: its own pages; its new version takes 300 pages of a's content.
-        std::fs::write(&pb, noise(41, 1100 * PAGE)).unwrap();
+        // b's old copy: its own pages.
+        std::fs::write(&pb, noise(seed + 1, 1100 * PAGE)).unwrap();
         let mut idx = ChunkIndex::default();
         let ia = idx.add(pa.clone(), chunk_file(&pa, p).unwrap());
         let ib = idx.add(pb.clone(), chunk_file(&pb, p).unwrap());
-        let mut newb = noise(41, 1100 * PAGE);
+        let mut newb = noise(seed + 1, 1100 * PAGE);
         newb[100 * PAGE..400 * PAGE].copy_from_slice(&shared[500 * PAGE..800 * PAGE]);
         let fcb = crate::chunk::chunk_pages(&newb);
         let plan = plan_file(&fcb.chunks, &idx);
@@ -564,10 +567,7 @@ mod tests {
             .pieces
             .iter()
             .any(|x| matches!(x, Piece::Local { file, .. } if *file == ia)));
-        // Meanwhile a was rewritten in place by another lane: its pages 500..800 are new.
-        let mut newa = shared.clone();
-        newa[450 * PAGE..850 * PAGE].copy_from_slice(&noise(42, 400 * PAGE));
-        std::fs::write(&pa, &newa).unwrap();
+        meanwhile(&pa, &shared);
         let table = FileTable::new(&idx);
         let offs = crate::manifest::chunk_offsets(&fcb.chunks);
         let mut fetch = plan.fetch.clone().into_iter();
@@ -599,7 +599,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, Outcome::Done);
-        assert_eq!(std::fs::read(&pb).unwrap(), newb);
+        assert!(std::fs::read(&pb).unwrap() == newb, "b came out wrong");
+        (asked, calls)
+    }
+
+    /// Two memory images that share pages (processes of one program): the first is rewritten
+    /// in place, then the second, whose plan copies shared pages from the first, is. The copies
+    /// that no longer match are fetched again, alone, and the second image comes out right
+    /// (it used to fail whole and be fetched again entirely).
+    #[test]
+    fn pages_copied_from_an_image_rewritten_in_place_meanwhile_are_fetched_again() {
+        // Another lane rewrote a in place: its pages 450..850 are new.
+        let (asked, calls) = update_after_the_other_image_changed(40, |pa, shared| {
+            let mut newa = shared.to_vec();
+            newa[450 * PAGE..850 * PAGE].copy_from_slice(&noise(42, 400 * PAGE));
+            std::fs::write(pa, &newa).unwrap();
+        });
         assert_eq!(asked, 300, "exactly the copied pages are fetched again");
         assert_eq!(calls, 1, "in one request (a round trip), not one per run");
     }
@@ -609,54 +624,11 @@ mod tests {
     /// pages in the rest of the run), those pages are fetched again.
     #[test]
     fn pages_copied_from_an_image_cut_shorter_meanwhile_are_fetched_again() {
-        let d = tempfile::tempdir().unwrap();
-        let p = ChunkParams::default().with_pages(true);
-        let shared = noise(50, 1100 * PAGE);
-        let (pa, pb) = (d.path().join("pages-1.img"), d.path().join("pages-2.img"));
-        std::fs::write(&pa, &shared).unwrap();
-        std::fs::write(&pb, noise(51, 1100 * PAGE)).unwrap();
-        let mut idx = ChunkIndex::default();
-        let _ia = idx.add(pa.clone(), chunk_file(&pa, p).unwrap());
-        let ib = idx.add(pb.clone(), chunk_file(&pb, p).unwrap());
-        let mut newb = noise(51, 1100 * PAGE);
-        newb[100 * PAGE..400 * PAGE].copy_from_slice(&shared[500 * PAGE..800 * PAGE]);
-        let fcb = crate::chunk::chunk_pages(&newb);
-        let plan = plan_file(&fcb.chunks, &idx);
         // a now ends at its page 600: the last 200 pages b copies from it are gone.
-        let f = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
-        f.set_len(600 * PAGE as u64).unwrap();
-        drop(f);
-        let table = FileTable::new(&idx);
-        let offs = crate::manifest::chunk_offsets(&fcb.chunks);
-        let mut fetch = plan.fetch.clone().into_iter();
-        let mut next = || {
-            let n = fetch.next().unwrap();
-            let o = offs[n as usize] as usize;
-            Ok((n, Codec::Raw, newb[o..o + PAGE].to_vec()))
-        };
-        let mut asked = 0usize;
-        let mut refetch = |want: &[u32]| -> Result<Vec<Vec<u8>>> {
-            asked += want.len();
-            Ok(want
-                .iter()
-                .map(|&n| newb[offs[n as usize] as usize..][..PAGE].to_vec())
-                .collect())
-        };
-        let out = update(
-            &pb,
-            ib,
-            fcb.size,
-            &fcb.hash,
-            &fcb.chunks,
-            &plan,
-            &table,
-            &mut next,
-            &mut refetch,
-            true,
-        )
-        .unwrap();
-        assert_eq!(out, Outcome::Done);
-        assert!(std::fs::read(&pb).unwrap() == newb, "b came out wrong");
+        let (asked, _) = update_after_the_other_image_changed(50, |pa, _| {
+            let f = std::fs::OpenOptions::new().write(true).open(pa).unwrap();
+            f.set_len(600 * PAGE as u64).unwrap();
+        });
         assert!(
             asked >= 200,
             "the pages past a's new end are fetched again ({asked})"
