@@ -209,6 +209,18 @@ impl Runc {
                     self.destroy(id);
                     std::thread::sleep(std::time::Duration::from_millis(50));
                 }
+                // An attempt that died early can leave runc's directory for the id without a
+                // readable state (`runc state` fails, `runc restore` still says "container with
+                // given ID already exists"): it is this attempt's, so it goes too.
+                let left = self
+                    .root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/run/runc"))
+                    .join(id);
+                let plain = !id.is_empty() && !id.contains('/') && id != "." && id != "..";
+                if plain && self.state(id).is_err() && left.is_dir() {
+                    let _ = std::fs::remove_dir_all(&left);
+                }
                 bail!(
                     "runc restore of container {id} from {} did not start it:\n  {}\n  {}",
                     dir.display(),
