@@ -217,8 +217,8 @@ impl Runc {
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("/run/runc"))
                     .join(id);
-                let plain = !id.is_empty() && !id.contains('/') && id != "." && id != "..";
-                if plain && self.state(id).is_err() && left.is_dir() {
+                let one_component = crate::migrate::calls::valid_id(id);
+                if one_component && self.state(id).is_err() && left.is_dir() {
                     let _ = std::fs::remove_dir_all(&left);
                 }
                 bail!(

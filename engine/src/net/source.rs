@@ -425,10 +425,7 @@ impl ChunkSource for StreamSource {
             p.drop_entry(req.entry);
             return r;
         }
-        let l = self
-            .lanes
-            .get(lane)
-            .and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let l = self.lanes.get(lane).and_then(|s| lock(s).clone());
         if let Some(l) = l {
             if let Some(r) = self.fetch_announced(&l, req, sink) {
                 return r;
