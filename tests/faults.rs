@@ -85,14 +85,31 @@ fn sync_in(link: &Link, c: &Client, args: &[&OsStr]) -> Command {
     cmd
 }
 
+/// The two ends of a push across `link`: `src/big` holding `data` in a fresh directory, a
+/// client, and `hop serve` in the server's namespace (bind them in this order, so that the
+/// server stops before the directory goes).
+struct Ends {
+    d: Dir,
+    c: Client,
+    srv: Server,
+    /// `src/`, as the push's source argument.
+    src: String,
+}
+
+fn ends(link: &Link, data: &[u8]) -> Ends {
+    let d = Dir::new();
+    d.write("src/big", data);
+    let c = Client::new(&d, "client");
+    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
+    let src = format!("{}/", d.path("src").display());
+    Ends { srv, c, d, src }
+}
+
 #[test]
 fn random_packet_loss_slows_a_push_but_it_completes_intact() {
     let link = Link::up("l");
-    let d = Dir::new();
-    d.write("src/big", &noise(60, 24 << 20));
+    let Ends { d, c, srv, src } = ends(&link, &noise(60, 24 << 20));
     d.write("src/small", b"small");
-    let c = Client::new(&d, "client");
-    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
     // 3 % of the packets reaching the server are lost, both data and acknowledgements.
     for chain in ["INPUT", "OUTPUT"] {
         link.iptables(&[
@@ -110,7 +127,6 @@ fn random_packet_loss_slows_a_push_but_it_completes_intact() {
             "DROP",
         ]);
     }
-    let src = format!("{}/", d.path("src").display());
     ok(sync_in(
         &link,
         &c,
@@ -142,12 +158,8 @@ fn a_burst_of_loss_on_a_full_long_window_does_not_end_the_connection() {
     // window would hold thousands of gaps, which quinn refuses ("too many gaps in stream
     // buffer"); the lane's strands keep each stream's share small.
     let link = Link::up_with("g", &["none", "100"]);
-    let d = Dir::new();
     let data = noise(63, 128 << 20);
-    d.write("src/big", &data);
-    let c = Client::new(&d, "client");
-    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
-    let src = format!("{}/", d.path("src").display());
+    let Ends { d: _d, c, srv, src } = ends(&link, &data);
     let mut child = sync_in(
         &link,
         &c,
@@ -194,12 +206,8 @@ fn a_burst_of_loss_on_a_full_long_window_does_not_end_the_connection() {
 #[test]
 fn a_short_link_cut_is_ridden_out_and_a_long_one_fails_cleanly() {
     let link = Link::up("c");
-    let d = Dir::new();
     let data = noise(61, 96 << 20);
-    d.write("src/big", &data);
-    let c = Client::new(&d, "client");
-    let srv = Server::start_at(&d, "server", &[&c], "10.77.0.2:0", Some(&link.b()));
-    let src = format!("{}/", d.path("src").display());
+    let Ends { d, c, srv, src } = ends(&link, &data);
     let url = srv.url("dst");
     ok(sync_in(
         &link,
