@@ -796,6 +796,12 @@ fn a_group_moves_together_and_goes_back_together_when_one_restore_fails() {
         None,
         "the target kept the database: {err}"
     );
+    // Nor anything of that restore: no runc or CRIU still at work, no mount of the rootfs or of
+    // CRIU's cgroup yard (a CRIU that was still finishing when its container was killed used to
+    // hang there, holding the name: the next restore met "container with given ID already
+    // exists").
+    let left = leftovers_under(d.tmp.path(), Duration::from_secs(5));
+    assert!(left.is_empty(), "left at the target: {left:#?}\n{err}");
     continues(&db_counter, before.0);
     continues(&web_counter, before.1);
 

@@ -17,8 +17,11 @@ pub struct Dir {
 impl Dir {
     pub fn new() -> Dir {
         Dir {
+            // HOP_E2E_KEEP=1 keeps every test's directory (servers' logs included) for a look
+            // after a failure.
             tmp: tempfile::Builder::new()
                 .prefix("hop-e2e-")
+                .disable_cleanup(std::env::var_os("HOP_E2E_KEEP").is_some())
                 .tempdir_in(std::env::temp_dir())
                 .unwrap(),
         }
@@ -543,6 +546,56 @@ pub fn runc_state(root: &Path, id: &str) -> Option<String> {
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v["status"].as_str().map(str::to_string)
+}
+
+/// What runc and CRIU left at work under `dir` after `limit`: runc or CRIU processes whose
+/// command line names a path under it, and mounts under it. Empty when a restore that was
+/// dropped or failed cleaned up after itself.
+pub fn leftovers_under(dir: &Path, limit: Duration) -> Vec<String> {
+    let dir = dir.to_string_lossy().to_string();
+    let look = || {
+        let mut found = Vec::new();
+        for line in fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Some(at) = line.split(' ').nth(4) {
+                if at.starts_with(&dir) {
+                    found.push(format!("mount {at}"));
+                }
+            }
+        }
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = e.file_name().to_string_lossy().to_string();
+            if pid.parse::<u32>().is_err() {
+                continue;
+            }
+            let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let state = fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = state
+                .rsplit(") ")
+                .next()
+                .is_some_and(|r| r.starts_with('Z'));
+            let cmd = fs::read(e.path().join("cmdline"))
+                .unwrap_or_default()
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !zombie && matches!(comm.trim(), "runc" | "criu") && cmd.contains(&dir) {
+                found.push(format!("process {pid}: {cmd}"));
+            }
+        }
+        found
+    };
+    let t0 = std::time::Instant::now();
+    loop {
+        let found = look();
+        if found.is_empty() || t0.elapsed() >= limit {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Remove a runc container, whatever its state.

@@ -439,8 +439,13 @@ pub fn wait_reaped(pid: u32, limit: Duration) -> bool {
 
 /// Send `sig` to `pid`; false if it could not be sent.
 pub fn signal(pid: u32, sig: i32) -> bool {
+    signal_raw(pid as i32, sig)
+}
+
+/// kill(2) as it is: a negative `pid` names a process group.
+pub fn signal_raw(pid: i32, sig: i32) -> bool {
     // SAFETY: kill(2) has no memory effects; the caller names a PID it is responsible for.
-    unsafe { libc_kill(pid as i32, sig) == 0 }
+    unsafe { libc_kill(pid, sig) == 0 }
 }
 
 #[cfg(test)]

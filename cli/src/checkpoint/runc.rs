@@ -80,9 +80,50 @@ impl Runc {
         }
     }
 
-    /// Stop and remove container `id`, whatever its state.
+    /// Stop and remove container `id`, whatever its state, and wait (up to 10 s) until runc no
+    /// longer knows it and its state directory is gone, so that a restore under the same name
+    /// right after this does not meet "container with given ID already exists".
     pub fn destroy(&self, id: &str) {
-        let _ = self.cmd().args(["delete", "-f", id]).output();
+        let t0 = Instant::now();
+        loop {
+            let _ = self.cmd().args(["delete", "-f", id]).output();
+            if self.state(id).is_err() || t0.elapsed().as_secs() >= 10 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        self.remove_leftover(id);
+    }
+
+    /// runc's state directory for `id`.
+    fn state_dir(&self, id: &str) -> PathBuf {
+        self.root
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/runc"))
+            .join(id)
+    }
+
+    /// Remove runc's directory for `id` when it is left without a readable state: a restore
+    /// that died early, or a deletion that did not finish, leaves one behind, and `runc restore`
+    /// refuses the name while it is there. A directory whose state is being removed right now
+    /// is given a second to go on its own first.
+    fn remove_leftover(&self, id: &str) {
+        if !crate::migrate::calls::valid_id(id) {
+            return;
+        }
+        let left = self.state_dir(id);
+        let t0 = Instant::now();
+        while left.is_dir() && self.state(id).is_err() {
+            if t0.elapsed().as_millis() >= 1000 {
+                tracing::debug!(
+                    "removing runc's leftover state directory {}",
+                    left.display()
+                );
+                let _ = std::fs::remove_dir_all(&left);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     /// Checkpoint container `id` into `dir` (CRIU's log in `dir/dump.log`).
@@ -159,6 +200,7 @@ impl Runc {
                 s.status
             );
         }
+        self.remove_leftover(id);
         std::fs::create_dir_all(work)
             .with_context(|| format!("cannot create {}", work.display()))?;
         let daemon = lazy.map(|c| c.lazy_pages(dir, work)).transpose()?;
@@ -167,13 +209,21 @@ impl Runc {
             .as_ref()
             .map(|r| format!("--root '{}' ", r.display()))
             .unwrap_or_default();
+        // runc's own exit status goes to a file: the restore is done when runc has returned,
+        // not merely when the container shows as running. CRIU still finishes its restore after
+        // that (with lazy pages, its last stage), and a container killed in between (a rollback
+        // dropping it at once) leaves CRIU waiting forever, with runc's mounts of the rootfs
+        // and cgroups behind it and the name taken.
+        let rc_file = work.join("restore.rc");
+        let _ = std::fs::remove_file(&rc_file);
         let script = format!(
-            "true | runc {root}restore -d {tcp}{lazy}--image-path '{img}' --work-path '{work}' --bundle '{bundle}' '{id}' 2>&1 | cat >> '{work}/container.out'",
+            "true | {{ runc {root}restore -d {tcp}{lazy}--image-path '{img}' --work-path '{work}' --bundle '{bundle}' '{id}'; echo $? > '{rc}'; }} 2>&1 | cat >> '{work}/container.out'",
             work = work.display(),
             tcp = if tcp_established { "--tcp-established " } else { "" },
             lazy = if daemon.is_some() { "--lazy-pages " } else { "" },
             img = dir.display(),
             bundle = bundle.display(),
+            rc = rc_file.display(),
         );
         let t0 = Instant::now();
         let mut helper = Command::new("setsid")
@@ -185,50 +235,68 @@ impl Runc {
             .context("cannot run runc restore")?;
         // The pipeline lives as long as the container holds its pipes: if it ends before the
         // container runs, the restore failed.
+        let mut running_ms = None;
         loop {
             let ended = helper.try_wait().ok().flatten().is_some();
-            if let Ok(s) = self.state(id) {
-                if s.status == "running" {
-                    if let Some(d) = daemon {
-                        d.detach();
+            let rc = std::fs::read_to_string(&rc_file)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            if rc == Some(0) || running_ms.is_none() {
+                if let Ok(s) = self.state(id) {
+                    if s.status == "running" && running_ms.is_none() {
+                        running_ms = Some(t0.elapsed().as_secs_f64() * 1000.0);
                     }
-                    return Ok(Timing {
-                        pid: s.pid,
-                        wall_ms: t0.elapsed().as_secs_f64() * 1000.0,
-                    });
+                    if s.status == "running" && rc == Some(0) {
+                        if let Some(d) = daemon {
+                            d.detach();
+                        }
+                        tracing::info!(
+                            "runc restore of {id}: running after {:.0} ms, runc done after {:.0} ms",
+                            running_ms.unwrap_or_default(),
+                            t0.elapsed().as_secs_f64() * 1000.0
+                        );
+                        return Ok(Timing {
+                            pid: s.pid,
+                            wall_ms: t0.elapsed().as_secs_f64() * 1000.0,
+                        });
+                    }
                 }
             }
-            if ended || t0.elapsed().as_secs() > 30 {
+            if rc.is_some_and(|c| c != 0) || ended || t0.elapsed().as_secs() > 30 {
                 let why = log_errors(&work.join("restore.log"), 6);
                 let out = std::fs::read_to_string(work.join("container.out")).unwrap_or_default();
                 // Nothing of a failed attempt stays (no container of this name existed before
                 // it), so that the next attempt does not meet "container with given ID already
-                // exists".
-                let t1 = Instant::now();
-                while self.state(id).is_ok() && t1.elapsed().as_secs() < 10 {
-                    self.destroy(id);
-                    std::thread::sleep(std::time::Duration::from_millis(50));
+                // exists". An attempt that died early can also leave runc's directory for the id
+                // without a readable state: it is this attempt's, so destroy removes it too.
+                // A runc still at work after the time limit is ended first, by its process group
+                // (setsid made the helper its leader).
+                if rc.is_none() && !ended {
+                    signal_group(helper.id(), 9);
+                    let _ = helper.wait();
                 }
-                // An attempt that died early can leave runc's directory for the id without a
-                // readable state (`runc state` fails, `runc restore` still says "container with
-                // given ID already exists"): it is this attempt's, so it goes too.
-                let left = self
-                    .root
-                    .clone()
-                    .unwrap_or_else(|| PathBuf::from("/run/runc"))
-                    .join(id);
-                let one_component = crate::migrate::calls::valid_id(id);
-                if one_component && self.state(id).is_err() && left.is_dir() {
-                    let _ = std::fs::remove_dir_all(&left);
-                }
+                self.destroy(id);
                 bail!(
-                    "runc restore of container {id} from {} did not start it:\n  {}\n  {}",
+                    "runc restore of container {id} from {} did not start it{}:\n  {}\n  {}",
                     dir.display(),
+                    match rc {
+                        Some(c) => format!(" (runc exited with {c})"),
+                        None if ended => String::new(),
+                        None => " within 30 s".to_string(),
+                    },
                     out.trim(),
                     why.join("\n  ")
                 );
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+/// Send `sig` to process group `pgid` (one this process started as a session leader).
+fn signal_group(pgid: u32, sig: i32) {
+    if pgid > 1 {
+        // A negative PID names the process group.
+        super::criu::signal_raw(-(pgid as i32), sig);
     }
 }
