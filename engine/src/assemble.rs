@@ -482,7 +482,7 @@ fn decode(
             };
             let patch = if codec == Codec::PatchZstd {
                 let cap = len + len.div_ceil(crate::delta::BLOCK * 8);
-                zstd::bulk::decompress(&bytes, cap)
+                crate::zstd_ctx::decompress(&bytes, cap)
                     .map_err(|e| Error::Compression(format!("patch does not decompress: {e}")))?
             } else {
                 bytes

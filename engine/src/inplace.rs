@@ -169,92 +169,109 @@ pub fn update(
         at += c.len as u64;
     }
     let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
-    // Chunks whose local bytes did not match, fetched again after the pass.
+    // Chunks whose local bytes did not match, fetched again after the passes.
     let mut deferred: Vec<u32> = Vec::new();
     let mut fetched = 0usize;
-    let mut pos = 0u64;
+    let mut positions = Vec::with_capacity(plan.pieces.len());
+    let mut end = 0u64;
     for piece in &plan.pieces {
-        let k = chunk_at(pos).unwrap_or(0);
-        let len = piece_len(piece, chunks);
-        let bytes = match *piece {
-            Piece::Local {
-                file: n, offset, ..
-            } if n == me && offset == pos => None,
-            Piece::Local {
-                file: n,
-                offset,
-                len,
-            } => {
-                let data = if n == me {
-                    old.read(offset, len as usize)
-                } else {
-                    read_base(files, n, offset, len as usize)
-                };
-                // A short read is a file cut shorter meanwhile (another lane's in-place update
-                // ends with set_len): never accepted, even on a chunk boundary, or the rest of
-                // the run would keep this file's stale bytes.
-                let whole = |d: Vec<u8>| {
-                    if d.len() as u64 == len {
-                        Ok(d)
-                    } else {
-                        Err(Error::SourceChanged {
-                            path: dest.to_path_buf(),
-                        })
-                    }
-                };
-                match data
-                    .and_then(whole)
-                    .and_then(|d| check_run(&d, &chunks[k..], dest, k).map(|()| d))
-                {
-                    Ok(d) => Some(d),
-                    // The bytes were not what the index said: that file was rewritten in place
-                    // by this sync too (another lane), or changed. Only these chunks are fetched,
-                    // all of the file's at once after this pass.
-                    Err(Error::Integrity { .. } | Error::SourceChanged { .. }) => {
-                        deferred.extend(chunks_in(&starts, pos, len));
-                        None
-                    }
-                    Err(e) => return Err(e),
-                }
+        positions.push(end);
+        end += piece_len(piece, chunks);
+    }
+    // Two passes over the pieces: first everything this side holds (copies and zeros), while
+    // the fetched chunks are still on their way; then the fetched chunks (and repeats of them)
+    // in the order they arrive. One pass in file order made the copies wait for the network,
+    // so most of them were left for after the last chunk had come (a 660 MB image: 0.25 s of
+    // copying after the transfer). The passes write disjoint ranges, every read is of old
+    // bytes (kept in memory where an earlier write covered them), so the order does not
+    // change the result.
+    for local_pass in [true, false] {
+        for (piece, &pos) in plan.pieces.iter().zip(&positions) {
+            let is_local = matches!(piece, Piece::Local { .. } | Piece::Zero(_));
+            if is_local != local_pass {
+                continue;
             }
-            Piece::Zero(len) => {
-                old.save(pos, len)?;
-                zero(&file, dest, pos, len, sparse)?;
-                None
-            }
-            Piece::Fetch(n) => {
-                let (got, codec, payload) = next()?;
-                if got != n || n as usize != k {
-                    return Err(Error::Protocol(format!(
-                        "expected chunk {k} of {}, got chunk {got}",
-                        dest.display()
-                    )));
-                }
-                let base = plan.bases.get(fetched).copied().flatten();
-                fetched += 1;
-                let read = |f: u32, o: u64, l: usize| {
-                    if f == me {
-                        old.read(o, l)
+            let k = chunk_at(pos).unwrap_or(0);
+            let len = piece_len(piece, chunks);
+            let bytes = match *piece {
+                Piece::Local {
+                    file: n, offset, ..
+                } if n == me && offset == pos => None,
+                Piece::Local {
+                    file: n,
+                    offset,
+                    len,
+                } => {
+                    let data = if n == me {
+                        old.read(offset, len as usize)
                     } else {
-                        read_base(files, f, o, l)
-                    }
-                };
-                let here = pos;
-                let locate = |id: &ChunkId| {
-                    if let Some(&(old_id, len)) = old_at.get(&here) {
-                        if old_id == *id {
-                            return Some(crate::index::Location {
-                                file: me,
-                                offset: here,
-                                len,
-                            });
+                        read_base(files, n, offset, len as usize)
+                    };
+                    // A short read is a file cut shorter meanwhile (another lane's in-place update
+                    // ends with set_len): never accepted, even on a chunk boundary, or the rest of
+                    // the run would keep this file's stale bytes.
+                    let whole = |d: Vec<u8>| {
+                        if d.len() as u64 == len {
+                            Ok(d)
+                        } else {
+                            Err(Error::SourceChanged {
+                                path: dest.to_path_buf(),
+                            })
                         }
-                    }
-                    files.locate(id)
-                };
-                let bytes =
-                    match decode_fetched(codec, payload, &chunks[k], base, &locate, &read, dest, n)
+                    };
+                    match data
+                        .and_then(whole)
+                        .and_then(|d| check_run(&d, &chunks[k..], dest, k).map(|()| d))
                     {
+                        Ok(d) => Some(d),
+                        // The bytes were not what the index said: that file was rewritten in place
+                        // by this sync too (another lane), or changed. Only these chunks are fetched,
+                        // all of the file's at once after this pass.
+                        Err(Error::Integrity { .. } | Error::SourceChanged { .. }) => {
+                            deferred.extend(chunks_in(&starts, pos, len));
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Piece::Zero(len) => {
+                    old.save(pos, len)?;
+                    zero(&file, dest, pos, len, sparse)?;
+                    None
+                }
+                Piece::Fetch(n) => {
+                    let (got, codec, payload) = next()?;
+                    if got != n || n as usize != k {
+                        return Err(Error::Protocol(format!(
+                            "expected chunk {k} of {}, got chunk {got}",
+                            dest.display()
+                        )));
+                    }
+                    let base = plan.bases.get(fetched).copied().flatten();
+                    fetched += 1;
+                    let read = |f: u32, o: u64, l: usize| {
+                        if f == me {
+                            old.read(o, l)
+                        } else {
+                            read_base(files, f, o, l)
+                        }
+                    };
+                    let here = pos;
+                    let locate = |id: &ChunkId| {
+                        if let Some(&(old_id, len)) = old_at.get(&here) {
+                            if old_id == *id {
+                                return Some(crate::index::Location {
+                                    file: me,
+                                    offset: here,
+                                    len,
+                                });
+                            }
+                        }
+                        files.locate(id)
+                    };
+                    let bytes = match decode_fetched(
+                        codec, payload, &chunks[k], base, &locate, &read, dest, n,
+                    ) {
                         Ok(b) => b,
                         // A reference or patch against bytes that are no longer what they
                         // were (rewritten in place by this sync): this chunk, plainly; at once
@@ -271,35 +288,35 @@ pub fn update(
                         }
                         Err(Error::Integrity { .. } | Error::SourceChanged { .. }) => {
                             deferred.push(n);
-                            pos += len;
                             continue;
                         }
                         Err(e) => return Err(e),
                     };
-                if plan.keep.binary_search(&n).is_ok() {
-                    kept.insert(n, bytes.clone());
+                    if plan.keep.binary_search(&n).is_ok() {
+                        kept.insert(n, bytes.clone());
+                    }
+                    Some(bytes)
                 }
-                Some(bytes)
-            }
-            Piece::Repeat(n) => {
-                let bytes = kept.get(&n).ok_or_else(|| {
-                    Error::Protocol(format!("repeat of chunk {n} that was not fetched"))
-                })?;
-                if chunks.get(n as usize).map(|c| c.id) != Some(chunks[k].id) {
-                    return Err(Error::Protocol(format!(
-                        "repeat of chunk {n} does not fit chunk {k} of {}",
-                        dest.display()
-                    )));
+                Piece::Repeat(n) => {
+                    let bytes = kept.get(&n).ok_or_else(|| {
+                        Error::Protocol(format!("repeat of chunk {n} that was not fetched"))
+                    })?;
+                    if chunks.get(n as usize).map(|c| c.id) != Some(chunks[k].id) {
+                        return Err(Error::Protocol(format!(
+                            "repeat of chunk {n} does not fit chunk {k} of {}",
+                            dest.display()
+                        )));
+                    }
+                    Some(bytes.clone())
                 }
-                Some(bytes.clone())
+            };
+            if let Some(bytes) = bytes {
+                old.save(pos, len)?;
+                file.write_all_at(&bytes, pos).ctx("write", dest)?;
             }
-        };
-        if let Some(bytes) = bytes {
-            old.save(pos, len)?;
-            file.write_all_at(&bytes, pos).ctx("write", dest)?;
         }
-        pos += len;
     }
+    deferred.sort_unstable();
     if !deferred.is_empty() {
         let got = refetch(&deferred)?;
         if got.len() != deferred.len() {

@@ -30,6 +30,7 @@ pub mod receiver;
 pub mod report;
 pub mod scan;
 pub mod sender;
+mod zstd_ctx;
 
 pub use chunk::ChunkParams;
 pub use error::{Error, Result};

@@ -51,6 +51,16 @@ struct Served {
     offsets: Vec<u64>,
 }
 
+/// The chunk list of a file the sender handed out (see [`Sender::chunks_of`]).
+pub struct ServedChunks(std::sync::Arc<Served>);
+
+impl std::ops::Deref for ServedChunks {
+    type Target = [crate::manifest::ChunkSpec];
+    fn deref(&self) -> &Self::Target {
+        &self.0.chunks
+    }
+}
+
 /// Entries of kinds that are not synced, and read errors met while scanning and chunking.
 #[derive(Debug, Default)]
 pub struct Notes {
@@ -317,10 +327,11 @@ impl Sender {
         self.served(entry).map(|s| s.chunks.clone())
     }
 
-    /// The chunk lengths of entry `entry`, if it is a file already handed out.
-    pub fn chunk_lens(&self, entry: u32) -> Option<Vec<u32>> {
-        self.served(entry)
-            .map(|s| s.chunks.iter().map(|c| c.len).collect())
+    /// The chunk list of entry `entry`, if it is a file already handed out, without a copy (a
+    /// want-list comes in parts of 16 chunks; copying a 170,000-chunk list for each cost more
+    /// than serving the part).
+    pub fn chunks_of(&self, entry: u32) -> Option<ServedChunks> {
+        self.served(entry).map(ServedChunks)
     }
 
     /// The sender's chunk cache, loaded on first use (empty without one).
@@ -602,7 +613,7 @@ fn chunk_cached(
 /// Compress a chunk payload when that makes it smaller.
 pub fn encode_payload(data: Vec<u8>, level: Option<i32>) -> (Codec, Vec<u8>) {
     if let Some(level) = level {
-        if let Ok(z) = zstd::bulk::compress(&data, level) {
+        if let Some(z) = crate::zstd_ctx::compress(&data, level) {
             if z.len() < data.len() {
                 return (Codec::Zstd, z);
             }
@@ -616,7 +627,7 @@ pub fn encode_payload(data: Vec<u8>, level: Option<i32>) -> (Codec, Vec<u8>) {
 pub fn decode_payload(codec: Codec, bytes: Vec<u8>, len: usize) -> Result<Vec<u8>> {
     let out = match codec {
         Codec::Raw => bytes,
-        Codec::Zstd => zstd::bulk::decompress(&bytes, len).map_err(|e| {
+        Codec::Zstd => crate::zstd_ctx::decompress(&bytes, len).map_err(|e| {
             Error::Compression(format!("chunk does not decompress within {len} bytes: {e}"))
         })?,
         Codec::Patch | Codec::PatchZstd | Codec::Ref => {

@@ -89,20 +89,20 @@ async fn serve_stream(
                     "expected a want-list, got {frame:?}"
                 )));
             };
-            let Some(lens) = sender.chunk_lens(entry) else {
+            let Some(chunks) = sender.chunks_of(entry) else {
                 return Err(Error::Protocol(format!(
                     "want-list for entry {entry}, not a file sent so far"
                 )));
             };
-            let want = protocol::from_runs(&runs, lens.len())?;
-            if want.iter().any(|&c| c as usize >= lens.len()) {
+            let want = protocol::from_runs(&runs, chunks.len())?;
+            if want.iter().any(|&c| c as usize >= chunks.len()) {
                 return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
             }
             // Hints: none, or one per wanted chunk, each no longer than the chunk's blocks.
             let hints_fit = hints.is_empty()
                 || (hints.len() == want.len()
                     && want.iter().zip(&hints).all(|(&c, h)| {
-                        h.len() <= (lens[c as usize] as usize).div_ceil(crate::delta::BLOCK)
+                        h.len() <= (chunks[c as usize].len as usize).div_ceil(crate::delta::BLOCK)
                     }));
             if !hints_fit {
                 return Err(Error::Protocol(format!(
