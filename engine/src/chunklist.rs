@@ -152,7 +152,7 @@ pub fn frames_for(entry: Entry, base: Option<(ChunkId, &[ChunkSpec])>) -> Vec<Fr
         path: entry.path.clone(),
         meta: entry.meta,
         size,
-        hash,
+        hash: Some(hash),
         base,
     };
     match edits {
@@ -188,6 +188,7 @@ pub fn parts<T: Clone>(items: Vec<T>, wrap: fn(Vec<T>) -> ListPart) -> Vec<Frame
         return vec![Frame::FileList {
             part: wrap(Vec::new()),
             last: true,
+            hash: None,
         }];
     }
     let n = items.len().div_ceil(LIST_PART);
@@ -197,6 +198,7 @@ pub fn parts<T: Clone>(items: Vec<T>, wrap: fn(Vec<T>) -> ListPart) -> Vec<Frame
         .map(|(i, p)| Frame::FileList {
             part: wrap(p.to_vec()),
             last: i + 1 == n,
+            hash: None,
         })
         .collect()
 }
@@ -229,7 +231,7 @@ struct Head {
     path: RelPath,
     meta: Meta,
     size: u64,
-    hash: ChunkId,
+    hash: Option<ChunkId>,
     base: Option<ChunkId>,
     chunks: Vec<ChunkSpec>,
     edits: Vec<ListEdit>,
@@ -248,6 +250,11 @@ impl Assembler {
                 hash,
                 base,
             } if self.head.is_none() => {
+                if hash.is_none() && base.is_some() {
+                    return Err(Error::Protocol(
+                        "chunk list edits without the file hash they make".into(),
+                    ));
+                }
                 self.head = Some(Head {
                     path,
                     meta,
@@ -259,7 +266,7 @@ impl Assembler {
                 });
                 Ok(None)
             }
-            Frame::FileList { part, last } => {
+            Frame::FileList { part, last, hash } => {
                 let h = self
                     .head
                     .as_mut()
@@ -278,17 +285,30 @@ impl Assembler {
                         "a file of more than {MAX_FILE_CHUNKS} chunks"
                     )));
                 }
+                if hash.is_some() && (!last || h.hash.is_some()) {
+                    return Err(Error::Protocol(
+                        "a file hash in a chunk list part that cannot carry one".into(),
+                    ));
+                }
                 if !last {
                     return Ok(None);
                 }
                 let Some(h) = self.head.take() else {
                     return Ok(None);
                 };
+                let Some(file_hash) = h.hash.or(hash) else {
+                    // Sent while it was read, and the sender could not finish reading it.
+                    return Ok(Some(Incoming::Entry(Entry {
+                        path: h.path,
+                        kind: EntryKind::Unreadable,
+                        meta: h.meta,
+                    })));
+                };
                 let entry = Entry {
                     path: h.path,
                     kind: EntryKind::File {
                         size: h.size,
-                        hash: h.hash,
+                        hash: file_hash,
                         chunks: h.chunks,
                     },
                     meta: h.meta,
@@ -443,14 +463,15 @@ mod tests {
         assert!(a
             .feed(Frame::FileList {
                 part: ListPart::Chunks(vec![]),
-                last: true
+                last: true,
+                hash: None,
             })
             .is_err());
         let head = Frame::FileHead {
             path: RelPath::from_bytes(b"f".to_vec()).unwrap(),
             meta: Meta::default(),
             size: 1,
-            hash: ChunkId::of(b"x"),
+            hash: Some(ChunkId::of(b"x")),
             base: None,
         };
         a.feed(head.clone()).unwrap();
@@ -460,14 +481,92 @@ mod tests {
             path: RelPath::from_bytes(b"f".to_vec()).unwrap(),
             meta: Meta::default(),
             size: 1,
-            hash: ChunkId::of(b"x"),
+            hash: Some(ChunkId::of(b"x")),
             base: None,
         })
         .unwrap();
         assert!(a
             .feed(Frame::FileList {
                 part: ListPart::Edits(vec![]),
-                last: true
+                last: true,
+                hash: None,
+            })
+            .is_err());
+    }
+
+    /// A list sent while its file was read: the hash comes with the last part; a sender that
+    /// could not finish sends none, and the file is taken as unreadable. Hashes where they do
+    /// not belong are refused.
+    #[test]
+    fn a_list_sent_while_read_ends_with_its_hash() {
+        let head = || Frame::FileHead {
+            path: RelPath::from_bytes(b"f".to_vec()).unwrap(),
+            meta: Meta::default(),
+            size: 3 * 4096,
+            hash: None,
+            base: None,
+        };
+        let part = |c: Vec<ChunkSpec>, last, hash| Frame::FileList {
+            part: ListPart::Chunks(c),
+            last,
+            hash,
+        };
+        let list: Vec<ChunkSpec> = (0..3).map(spec).collect();
+        let h = crate::chunk::file_hash(3 * 4096, &list);
+        let mut a = Assembler::default();
+        assert!(a.feed(head()).unwrap().is_none());
+        assert!(a
+            .feed(part(list[..2].to_vec(), false, None))
+            .unwrap()
+            .is_none());
+        assert!(a
+            .feed(part(list[2..].to_vec(), false, None))
+            .unwrap()
+            .is_none());
+        match a.feed(part(vec![], true, Some(h))).unwrap() {
+            Some(Incoming::Entry(Entry {
+                kind: EntryKind::File { hash, chunks, .. },
+                ..
+            })) => {
+                assert_eq!(hash, h);
+                assert_eq!(chunks, list);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Abandoned by the sender.
+        let mut a = Assembler::default();
+        a.feed(head()).unwrap();
+        a.feed(part(list.clone(), false, None)).unwrap();
+        assert!(matches!(
+            a.feed(part(vec![], true, None)).unwrap(),
+            Some(Incoming::Entry(Entry {
+                kind: EntryKind::Unreadable,
+                ..
+            }))
+        ));
+        // A hash before the last part, or besides the head's.
+        let mut a = Assembler::default();
+        a.feed(head()).unwrap();
+        assert!(a.feed(part(vec![], false, Some(h))).is_err());
+        let mut a = Assembler::default();
+        a.feed(Frame::FileHead {
+            path: RelPath::from_bytes(b"f".to_vec()).unwrap(),
+            meta: Meta::default(),
+            size: 3 * 4096,
+            hash: Some(h),
+            base: None,
+        })
+        .unwrap();
+        assert!(a.feed(part(list, true, Some(h))).is_err());
+        // Edits need the hash they make up front.
+        let mut a = Assembler::default();
+        assert!(a
+            .feed(Frame::FileHead {
+                path: RelPath::from_bytes(b"f".to_vec()).unwrap(),
+                meta: Meta::default(),
+                size: 1,
+                hash: None,
+                base: Some(h),
             })
             .is_err());
     }

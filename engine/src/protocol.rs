@@ -127,7 +127,8 @@ pub enum Frame {
         control: u64,
     },
     /// A file entry whose chunk list follows in `FileList` frames (see [`crate::chunklist`]):
-    /// a list too long for one frame, or one given as edits of the receiver's copy.
+    /// a list too long for one frame, one given as edits of the receiver's copy, or one sent
+    /// while the sender is still reading the file.
     FileHead {
         /// Where, relative to the tree's root.
         path: crate::path::RelPath,
@@ -135,8 +136,9 @@ pub enum Frame {
         meta: crate::manifest::Meta,
         /// Size in bytes.
         size: u64,
-        /// The file hash (of its chunk list).
-        hash: crate::id::ChunkId,
+        /// The file hash (of its chunk list); `None` when the list is sent while it is being
+        /// made, and the last part carries the hash.
+        hash: Option<crate::id::ChunkId>,
         /// `None`: the parts are the chunks. `Some`: they are edits of the chunk list of the
         /// receiver's copy at this path, whose file hash this is.
         base: Option<crate::id::ChunkId>,
@@ -147,6 +149,10 @@ pub enum Frame {
         part: crate::chunklist::ListPart,
         /// The last part.
         last: bool,
+        /// In the last part of a list whose head had no hash: the file hash, or `None` when the
+        /// sender could not finish reading the file (the receiver then leaves its copy alone,
+        /// as for an unreadable entry). `None` everywhere else.
+        hash: Option<crate::id::ChunkId>,
     },
     /// Receiver to sender, first frame of a stream of its own: send the whole chunk list of
     /// `entry` (the receiver's copy was not the base its edits were made against). Answered

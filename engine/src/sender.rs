@@ -70,6 +70,19 @@ pub struct Notes {
     pub errors: Vec<Error>,
 }
 
+/// A piece of the manifest as [`Sender::run_frames`] hands it out.
+#[derive(Debug)]
+pub struct ManifestOut {
+    /// Frames to send, in order.
+    pub frames: Vec<Frame>,
+    /// The entry these frames complete; `None` while more frames of the same file follow.
+    pub entry: Option<Entry>,
+}
+
+/// Files at least this large whose chunk list has to be made in this run go on the wire while
+/// they are read (see [`Sender::run_frames`]).
+pub const STREAM_MIN: u64 = 64 << 20;
+
 /// Files chunked at once, at most (more only if they are small, see [`WINDOW_BYTES`]).
 const WINDOW_FILES: usize = 64;
 /// Bytes of files chunked at once, at most (a larger file is a window of its own, chunked on
@@ -188,6 +201,58 @@ impl Sender {
         filter: Option<Filter<'_>>,
         emit: &mut dyn FnMut(Entry) -> Result<()>,
     ) -> Result<Notes> {
+        self.run_inner(filter, &mut |e, _| emit(e), None)
+    }
+
+    /// [`Sender::run`] for a manifest on the wire: each entry as the frames that carry it (see
+    /// [`Sender::frames_of`]). A large file that has to be read (not known from a cache, no
+    /// basis counterpart to describe it against) goes while it is read: a `FileHead` without
+    /// hash, `FileList` parts as the file is cut, the hash in the last part; its `ManifestOut`s
+    /// before the last carry no entry.
+    pub fn run_frames(
+        &self,
+        filter: Option<Filter<'_>>,
+        out: &mut dyn FnMut(ManifestOut) -> Result<()>,
+    ) -> Result<Notes> {
+        let out = std::cell::RefCell::new(out);
+        self.run_inner(
+            filter,
+            &mut |e, streamed| {
+                let frames = if streamed {
+                    let hash = match &e.kind {
+                        EntryKind::File { hash, .. } => Some(*hash),
+                        _ => None,
+                    };
+                    vec![Frame::FileList {
+                        part: crate::chunklist::ListPart::Chunks(Vec::new()),
+                        last: true,
+                        hash,
+                    }]
+                } else {
+                    self.frames_of(e.clone())
+                };
+                (out.borrow_mut())(ManifestOut {
+                    frames,
+                    entry: Some(e),
+                })
+            },
+            Some(&mut |f| {
+                (out.borrow_mut())(ManifestOut {
+                    frames: vec![f],
+                    entry: None,
+                })
+            }),
+        )
+    }
+
+    /// [`Sender::run`], where `stream` (if given) takes the frames of large files read in this
+    /// run as they are cut, and `emit` learns whether an entry went that way.
+    fn run_inner(
+        &self,
+        filter: Option<Filter<'_>>,
+        emit: &mut dyn FnMut(Entry, bool) -> Result<()>,
+        mut stream: Option<&mut dyn FnMut(Frame) -> Result<()>>,
+    ) -> Result<Notes> {
         let root = &self.root;
         let opts = &self.opts;
         let by_rules = |p: &RelPath, is_dir: bool| {
@@ -220,6 +285,72 @@ impl Sender {
                 bytes += size;
                 window.extend(entries.next());
             }
+            // A large file is a window of its own: with a stream to take it, its list goes
+            // out as it is cut.
+            let streamable = match (&stream, &window[..]) {
+                (Some(_), [e]) => match e.kind {
+                    ScanKind::File { size } => {
+                        size >= STREAM_MIN && !self.pushes() && self.basis_of(&e.path).is_none()
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if let (true, Some(sink)) = (streamable, stream.as_mut()) {
+                let Some(e) = window.pop() else { continue };
+                let ScanKind::File { size } = e.kind else {
+                    continue;
+                };
+                let mut started = false;
+                let mut part = |c: &[crate::manifest::ChunkSpec]| -> Result<()> {
+                    if !started {
+                        started = true;
+                        sink(Frame::FileHead {
+                            path: e.path.clone(),
+                            meta: e.meta,
+                            size,
+                            hash: None,
+                            base: None,
+                        })?;
+                    }
+                    sink(Frame::FileList {
+                        part: crate::chunklist::ListPart::Chunks(c.to_vec()),
+                        last: false,
+                        hash: None,
+                    })
+                };
+                let got = chunk_cached(
+                    &e.path.under(root),
+                    opts.params,
+                    &caches,
+                    &fresh,
+                    None,
+                    Some(&mut part),
+                );
+                // The transport failing under the stream ends the run.
+                let got = match got {
+                    Err(Error::Transport(t)) => return Err(Error::Transport(t)),
+                    other => other,
+                };
+                let (kind, err) = match got {
+                    Ok(fc) => (
+                        EntryKind::File {
+                            size: fc.size,
+                            hash: fc.hash,
+                            chunks: fc.chunks,
+                        },
+                        None,
+                    ),
+                    Err(err) => (EntryKind::Unreadable, Some(err)),
+                };
+                let entry = Entry {
+                    path: e.path,
+                    kind,
+                    meta: e.meta,
+                };
+                self.hand_out(entry, err, started, &mut notes, emit)?;
+                continue;
+            }
             let chunked: Vec<(Entry, Option<Error>)> = std::mem::take(&mut window)
                 .into_par_iter()
                 .map(|e| {
@@ -241,6 +372,7 @@ impl Sender {
                                 &caches,
                                 &fresh,
                                 like.as_deref(),
+                                None,
                             ) {
                                 Ok(fc) => EntryKind::File {
                                     size: fc.size,
@@ -267,25 +399,7 @@ impl Sender {
                 })
                 .collect();
             for (e, err) in chunked {
-                notes.errors.extend(err);
-                let served = match &e.kind {
-                    EntryKind::File { chunks, .. } => Some(std::sync::Arc::new(Served {
-                        path: e.path.under(root),
-                        rel: e.path.clone(),
-                        offsets: chunk_offsets(chunks),
-                        chunks: chunks.clone(),
-                    })),
-                    _ => None,
-                };
-                if let EntryKind::File { size, .. } = &e.kind {
-                    Progress::add(&self.progress.bytes_scanned, *size);
-                }
-                self.files
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(served);
-                tracing::debug!("manifest: {:?} ready", e.path);
-                emit(e)?;
+                self.hand_out(e, err, false, &mut notes, emit)?;
             }
         }
         if let Some(p) = &opts.cache {
@@ -298,6 +412,36 @@ impl Sender {
             }
         }
         Ok(notes)
+    }
+
+    /// Record entry `e` (the next of the manifest) as served, and pass it to `emit`.
+    fn hand_out(
+        &self,
+        e: Entry,
+        err: Option<Error>,
+        streamed: bool,
+        notes: &mut Notes,
+        emit: &mut dyn FnMut(Entry, bool) -> Result<()>,
+    ) -> Result<()> {
+        notes.errors.extend(err);
+        let served = match &e.kind {
+            EntryKind::File { chunks, .. } => Some(std::sync::Arc::new(Served {
+                path: e.path.under(&self.root),
+                rel: e.path.clone(),
+                offsets: chunk_offsets(chunks),
+                chunks: chunks.clone(),
+            })),
+            _ => None,
+        };
+        if let EntryKind::File { size, .. } = &e.kind {
+            Progress::add(&self.progress.bytes_scanned, *size);
+        }
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(served);
+        tracing::debug!("manifest: {:?} ready", e.path);
+        emit(e, streamed)
     }
 
     /// Scan and chunk the whole tree at once: the manifest and the notes.
@@ -575,13 +719,16 @@ impl Squeeze {
 type Fresh = std::sync::Mutex<Vec<(PathBuf, std::fs::Metadata, FileChunks)>>;
 
 /// The chunks of `path`, from the cache when its stat is unchanged, else read (and remembered in
-/// `fresh` for the next run).
+/// `fresh` for the next run). A file that is read, with `stream` given and no `like`, has its
+/// list handed to `stream` piece by piece as it is cut (see
+/// [`crate::chunk::chunk_file_streamed`]); from a cache, `stream` is not called.
 fn chunk_cached(
     path: &Path,
     params: ChunkParams,
     caches: &[&IndexCache],
     fresh: &Fresh,
     like: Option<&Basis>,
+    stream: Option<&mut dyn FnMut(&[crate::manifest::ChunkSpec]) -> Result<()>>,
 ) -> Result<FileChunks> {
     let md = std::fs::symlink_metadata(path).ctx("stat", path)?;
     if let Some((k, fc)) = caches
@@ -599,9 +746,10 @@ fn chunk_cached(
         }
         return Ok(fc.clone());
     }
-    let fc = match like {
-        Some(b) => crate::chunk::chunk_file_like(path, params, &b.path, &b.chunks)?,
-        None => chunk_file(path, params)?,
+    let fc = match (like, stream) {
+        (Some(b), _) => crate::chunk::chunk_file_like(path, params, &b.path, &b.chunks)?,
+        (None, Some(part)) => crate::chunk::chunk_file_streamed(path, params, part)?,
+        (None, None) => chunk_file(path, params)?,
     };
     fresh
         .lock()
@@ -648,6 +796,65 @@ pub fn decode_payload(codec: Codec, bytes: Vec<u8>, len: usize) -> Result<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A large file read in this run goes on the wire while it is cut: a head without hash,
+    /// parts, the hash in the last part; the receiver's assembler makes of those frames the
+    /// entry `run` gives. Small files and files known from the cache go whole.
+    #[test]
+    fn a_large_file_goes_while_it_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let big: Vec<u8> = crate::chunk::tests_support::noise(9, (STREAM_MIN + 5000) as usize);
+        std::fs::write(src.join("pages-1.img"), &big).unwrap();
+        std::fs::write(src.join("small"), b"small").unwrap();
+        let cache = dir.path().join("cache.hopidx");
+        let opts = || SenderOptions {
+            cache: Some(cache.clone()),
+            ..SenderOptions::default()
+        };
+        let sender = Sender::new(&src, opts());
+        let mut outs = Vec::new();
+        sender
+            .run_frames(None, &mut |o| {
+                outs.push(o);
+                Ok(())
+            })
+            .unwrap();
+        let (whole, _) = Sender::new(&src, SenderOptions::default())
+            .manifest_of(None)
+            .unwrap();
+        let big_at = whole
+            .iter()
+            .position(|e| e.path.as_bytes() == b"pages-1.img")
+            .unwrap();
+        let mut asm = crate::chunklist::Assembler::default();
+        let mut got = Vec::new();
+        let mut partial = 0;
+        for o in outs {
+            if o.entry.is_none() {
+                partial += 1;
+            }
+            for f in o.frames {
+                if let Some(crate::chunklist::Incoming::Entry(e)) = asm.feed(f).unwrap() {
+                    got.push(e);
+                }
+            }
+        }
+        // A head and one part per 32 MiB window (three).
+        assert_eq!(partial, 4);
+        assert_eq!(got, whole);
+        assert!(matches!(whole[big_at].kind, EntryKind::File { .. }));
+        // Known from the cache now: no stream.
+        let mut outs = Vec::new();
+        Sender::new(&src, opts())
+            .run_frames(None, &mut |o| {
+                outs.push(o);
+                Ok(())
+            })
+            .unwrap();
+        assert!(outs.iter().all(|o| o.entry.is_some()));
+    }
 
     #[test]
     fn compression_backs_off_on_incompressible_data() {

@@ -85,15 +85,14 @@ pub(crate) async fn send_tree_after(
     } else {
         None
     };
-    // Each entry with the chunks the receiver lacks, when they are pushed.
     // Each entry as the frames that carry it, with the chunks the receiver lacks when they are
-    // pushed.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Frame>, Vec<u32>)>(1024);
+    // pushed; `None` for the frames of a file whose list is still being cut (more follow).
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Frame>, Option<Vec<u32>>)>(1024);
     let chunker = sender.clone();
     let running = tokio::task::spawn_blocking(move || {
-        chunker.run(None, &mut |e| {
-            let pushed = chunker.pushable(&e);
-            tx.blocking_send((chunker.frames_of(e), pushed))
+        chunker.run_frames(None, &mut |o| {
+            let pushed = o.entry.as_ref().map(|e| chunker.pushable(e));
+            tx.blocking_send((o.frames, pushed))
                 .map_err(|_| Error::Transport("the session ended".into()))
         })
     });
@@ -101,12 +100,19 @@ pub(crate) async fn send_tree_after(
         let mut buf = Vec::with_capacity(MANIFEST_BATCH + 4096);
         let mut count = 0u32;
         let mut to_push = Vec::new();
-        // An entry, announced by the chunks of it that are pushed (if any).
-        let add = |(frames, pushed): (Vec<Frame>, Vec<u32>),
+        // An entry, announced by the chunks of it that are pushed (if any); or frames of an
+        // entry still to be completed.
+        let add = |(frames, pushed): (Vec<Frame>, Option<Vec<u32>>),
                    buf: &mut Vec<u8>,
                    count: &mut u32,
                    to_push: &mut Vec<(u32, Vec<u32>)>|
          -> Result<()> {
+            let Some(pushed) = pushed else {
+                for f in &frames {
+                    protocol::encode(f, buf)?;
+                }
+                return Ok(());
+            };
             if !pushed.is_empty() {
                 let runs = protocol::to_runs(&pushed);
                 protocol::encode(

@@ -326,6 +326,7 @@ impl ChunkSource for StreamSource {
                     Some(Frame::FileList {
                         part: crate::chunklist::ListPart::Chunks(c),
                         last,
+                        ..
                     }) => {
                         out.extend(c);
                         if out.len() > crate::chunklist::MAX_FILE_CHUNKS {
