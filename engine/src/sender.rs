@@ -549,6 +549,32 @@ impl Sender {
         no_refs: bool,
         emit: &mut dyn FnMut(Frame) -> Result<()>,
     ) -> Result<()> {
+        self.serve_with(entry, want, hints, no_refs, false, emit)
+    }
+
+    /// [`Sender::serve`], where chunks in a row that are sent whole and compressed go as
+    /// [`Frame::DataGroup`]s, compressed together (for a receiver that reads them: the remote
+    /// want-list streams).
+    pub fn serve_grouped(
+        &self,
+        entry: u32,
+        want: &[u32],
+        hints: &[Vec<crate::delta::BlockHash>],
+        no_refs: bool,
+        emit: &mut dyn FnMut(Frame) -> Result<()>,
+    ) -> Result<()> {
+        self.serve_with(entry, want, hints, no_refs, true, emit)
+    }
+
+    fn serve_with(
+        &self,
+        entry: u32,
+        want: &[u32],
+        hints: &[Vec<crate::delta::BlockHash>],
+        no_refs: bool,
+        grouped: bool,
+        emit: &mut dyn FnMut(Frame) -> Result<()>,
+    ) -> Result<()> {
         let served = self
             .served(entry)
             .ok_or_else(|| Error::Protocol(format!("entry {entry} is not a file sent so far")))?;
@@ -624,8 +650,10 @@ impl Sender {
                 patch,
             }))
         };
-        for (g, group) in want.chunks(SERVE_BATCH).enumerate() {
-            let prepared: Vec<_> = group
+        // Whole chunks in a row waiting to be compressed together (grouped serving).
+        let mut group = Group::default();
+        for (g, batch) in want.chunks(SERVE_BATCH).enumerate() {
+            let prepared: Vec<_> = batch
                 .par_iter()
                 .enumerate()
                 .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
@@ -638,13 +666,17 @@ impl Sender {
                     patch,
                 } = match p? {
                     Ok(p) => p,
-                    Err(reason) => return emit(Frame::Failed { entry, reason }),
+                    Err(reason) => {
+                        group.flush(entry, &mut squeeze, emit)?;
+                        return emit(Frame::Failed { entry, reason });
+                    }
                 };
                 Progress::add(&self.progress.bytes_sent, buf.len() as u64);
                 // A reference to a held chunk wins when it is the smaller encoding.
                 if let Some(r) =
                     reference.filter(|r| patch.as_ref().is_none_or(|p| r.len() < p.len()))
                 {
+                    group.flush(entry, &mut squeeze, emit)?;
                     emit(Frame::Data {
                         entry,
                         chunk: n,
@@ -656,6 +688,16 @@ impl Sender {
                 // Data that did not compress lately is not tried again for a while (like rsync's
                 // skip-compress, but by measurement): incompressible files cost no zstd time.
                 let level = self.opts.compress.filter(|_| squeeze.should_try());
+                if let (true, Some(level), None) = (grouped, level, &patch) {
+                    if buf.len() < crate::protocol::GROUP_MAX {
+                        if !group.fits(buf.len()) {
+                            group.flush(entry, &mut squeeze, emit)?;
+                        }
+                        group.add(n, buf, level);
+                        continue;
+                    }
+                }
+                group.flush(entry, &mut squeeze, emit)?;
                 let (codec, bytes) = match patch {
                     Some(p) => match encode_payload(p, level) {
                         (Codec::Zstd, z) => (Codec::PatchZstd, z),
@@ -673,6 +715,84 @@ impl Sender {
                     bytes,
                 })?;
             }
+        }
+        group.flush(entry, &mut squeeze, emit)
+    }
+}
+
+/// Whole chunks in a row (wanted one after the other) to be compressed together as one
+/// [`Frame::DataGroup`].
+#[derive(Default)]
+struct Group {
+    numbers: Vec<u32>,
+    lens: Vec<u32>,
+    bytes: Vec<u8>,
+    level: i32,
+}
+
+impl Group {
+    /// Whether a chunk of `len` bytes still fits.
+    fn fits(&self, len: usize) -> bool {
+        self.lens.len() < crate::protocol::GROUP_CHUNKS
+            && self.bytes.len() + len <= crate::protocol::GROUP_MAX
+    }
+
+    fn add(&mut self, n: u32, buf: Vec<u8>, level: i32) {
+        if self.lens.is_empty() {
+            self.level = level;
+        }
+        self.numbers.push(n);
+        self.lens.push(buf.len() as u32);
+        self.bytes.extend_from_slice(&buf);
+    }
+
+    /// Send what is waiting: one chunk as a `Data` frame; several compressed together, or each
+    /// raw when that did not shrink them.
+    fn flush(
+        &mut self,
+        entry: u32,
+        squeeze: &mut Squeeze,
+        emit: &mut dyn FnMut(Frame) -> Result<()>,
+    ) -> Result<()> {
+        let numbers = std::mem::take(&mut self.numbers);
+        let lens = std::mem::take(&mut self.lens);
+        let bytes = std::mem::take(&mut self.bytes);
+        match numbers[..] {
+            [] => return Ok(()),
+            [n] => {
+                let (codec, bytes) = encode_payload(bytes, Some(self.level));
+                squeeze.record(codec == Codec::Zstd);
+                return emit(Frame::Data {
+                    entry,
+                    chunk: n,
+                    codec,
+                    bytes,
+                });
+            }
+            _ => {}
+        }
+        if let Some(z) =
+            crate::zstd_ctx::compress(&bytes, self.level).filter(|z| z.len() < bytes.len())
+        {
+            squeeze.record(true);
+            return emit(Frame::DataGroup {
+                entry,
+                first: numbers[0],
+                lens,
+                bytes: z,
+            });
+        }
+        squeeze.record(false);
+        let mut at = 0usize;
+        for (n, len) in numbers.iter().zip(&lens) {
+            let end = at + *len as usize;
+            emit(Frame::Data {
+                entry,
+                chunk: *n,
+                codec: Codec::Raw,
+                bytes: bytes[at..end].to_vec(),
+            })?;
+            at = end;
         }
         Ok(())
     }
@@ -854,6 +974,83 @@ mod tests {
             })
             .unwrap();
         assert!(outs.iter().all(|o| o.entry.is_some()));
+    }
+
+    /// Compressed whole chunks in a row go in groups to a receiver that reads them, each
+    /// chunk to one that does not; incompressible chunks go raw either way; the chunks come
+    /// back byte for byte, in want order.
+    #[test]
+    fn compressible_chunks_go_in_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: Vec<u8> = (0..40_000u32)
+            .flat_map(|i| format!("key:{i:08} value {} ", i % 97).into_bytes())
+            .collect();
+        let noise = crate::chunk::tests_support::noise(5, text.len());
+        std::fs::write(dir.path().join("pages-1.img"), &text).unwrap();
+        std::fs::write(dir.path().join("pages-2.img"), &noise).unwrap();
+        let sender = Sender::new(
+            dir.path(),
+            SenderOptions {
+                compress: Some(1),
+                ..SenderOptions::default()
+            },
+        );
+        let (manifest, _) = sender.manifest_of(None).unwrap();
+        for (entry, data, compressible) in [(1u32, &text, true), (2u32, &noise, false)] {
+            let EntryKind::File { chunks, .. } = &manifest[entry as usize].kind else {
+                panic!("{:?}", manifest[entry as usize]);
+            };
+            // Every other chunk, so that wanted chunks do not have consecutive numbers.
+            let want: Vec<u32> = (0..chunks.len() as u32).step_by(2).collect();
+            for grouped in [true, false] {
+                let mut frames = Vec::new();
+                let mut emit = |f: Frame| {
+                    frames.push(f);
+                    Ok(())
+                };
+                if grouped {
+                    sender
+                        .serve_grouped(entry, &want, &[], false, &mut emit)
+                        .unwrap();
+                } else {
+                    sender.serve(entry, &want, &[], false, &mut emit).unwrap();
+                }
+                let groups = frames
+                    .iter()
+                    .filter(|f| matches!(f, Frame::DataGroup { .. }))
+                    .count();
+                assert_eq!(groups > 0, grouped && compressible, "{entry} {grouped}");
+                let mut got: Vec<(u32, Vec<u8>)> = Vec::new();
+                for f in frames {
+                    match f {
+                        Frame::Data {
+                            chunk,
+                            codec,
+                            bytes,
+                            ..
+                        } => {
+                            let len = chunks[chunk as usize].len as usize;
+                            got.push((chunk, decode_payload(codec, bytes, len).unwrap()));
+                        }
+                        Frame::DataGroup {
+                            first, lens, bytes, ..
+                        } => {
+                            let pieces = crate::protocol::split_group(&lens, &bytes).unwrap();
+                            let at = want.iter().position(|&n| n == first).unwrap();
+                            got.extend(want[at..].iter().copied().zip(pieces));
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+                let offsets = chunk_offsets(chunks);
+                assert_eq!(got.len(), want.len());
+                for ((n, bytes), &w) in got.iter().zip(&want) {
+                    assert_eq!(*n, w);
+                    let at = offsets[w as usize] as usize;
+                    assert_eq!(&bytes[..], &data[at..at + bytes.len()]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The chunk-stream decoder: frames as they arrive from a peer, and every payload codec
-//! (raw, zstd, block patches, zstd references) decoded against a base, within the limits.
+//! (raw, zstd, block patches, zstd references, chunk groups) decoded against a base, within
+//! the limits.
 #![no_main]
 
 use hop_engine::protocol::{decode, Frame};
@@ -14,6 +15,14 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some((frame, used))) = decode(rest) {
         assert!(used > 0 && used <= rest.len());
         rest = &rest[used..];
+        if let Frame::DataGroup { lens, bytes, .. } = &frame {
+            if let Ok(pieces) = hop_engine::protocol::split_group(lens, bytes) {
+                assert_eq!(pieces.len(), lens.len());
+                for (p, l) in pieces.iter().zip(lens) {
+                    assert_eq!(p.len(), *l as usize);
+                }
+            }
+        }
         if let Frame::Data { codec, bytes, .. } = frame {
             // The length a receiver expects comes from its manifest; try a few.
             for len in [0, 1, 4096, max] {

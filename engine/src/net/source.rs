@@ -181,7 +181,9 @@ impl StreamSource {
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> (Result<()>, bool) {
         let mut sink_err = None;
-        for &n in want {
+        let mut i = 0usize;
+        while let Some(&n) = want.get(i) {
+            i += 1;
             let frame = match frames.blocking_recv() {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => return (Err(e), false),
@@ -203,6 +205,33 @@ impl StreamSource {
                         if let Err(err) = sink((n, codec, bytes)) {
                             sink_err = Some(err);
                         }
+                    }
+                }
+                Frame::DataGroup {
+                    entry: e,
+                    first,
+                    lens,
+                    bytes,
+                } if e == entry
+                    && first == n
+                    && lens.len() >= 2
+                    && i - 1 + lens.len() <= want.len() =>
+                {
+                    let next = &want[i - 1..i - 1 + lens.len()];
+                    i += lens.len() - 1;
+                    match protocol::split_group(&lens, &bytes) {
+                        Ok(pieces) => {
+                            for (&m, piece) in next.iter().zip(pieces) {
+                                if sink_err.is_none() {
+                                    if let Err(err) = sink((m, protocol::Codec::Raw, piece)) {
+                                        sink_err = Some(err);
+                                    }
+                                }
+                            }
+                        }
+                        // A group that does not decode as announced: the stream cannot be
+                        // trusted to be in step any more.
+                        Err(e) => return (Err(sink_err.unwrap_or(e)), false),
                     }
                 }
                 Frame::Failed { entry: e, reason } if e == entry => {
