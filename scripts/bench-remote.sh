@@ -37,8 +37,26 @@ done
 bash scripts/setup.sh
 cargo build --release -p hop-cli -p hop-benchmarks --bin hop --bin hop-plot 2>&1 | tail -n 1
 W=$(mktemp -d /var/tmp/hop-bench.XXXXXX)
-cleanup() { scripts/netns.sh down hb; rm -rf "$W"; }
+cleanup() {
+    scripts/netns.sh down hb
+    for d in dst-hop dst-rsd dst-ssh dstfs; do umount "$W/$d" 2>/dev/null || true; done
+    rm -rf "$W"
+}
 trap cleanup EXIT
+# Every tool writes into one ext4 made for the run, with a journal, as servers have it. This
+# machine's root file system has none, and without one ext4 passes over every inode freed in
+# the last 5 minutes (300 s while its block is dirty) when it allocates a new one: fresh copies
+# of 45,000 files right after deleting the previous copy spent a third of their time in that
+# scan, for every tool alike and varying 2x between runs. HOP_BENCH_DEST_FS=host keeps the
+# destinations on the host's file system instead.
+if [ "${HOP_BENCH_DEST_FS:-ext4}" = ext4 ]; then
+    truncate -s $(( MIB * 12 + 8192 ))M "$W/dst.img"
+    mkfs.ext4 -q -F "$W/dst.img"
+    mkdir -p "$W/dstfs" && mount -o loop "$W/dst.img" "$W/dstfs"
+    for d in dst-hop dst-rsd dst-ssh; do
+        mkdir -p "$W/dstfs/$d" "$W/$d" && mount --bind "$W/dstfs/$d" "$W/$d"
+    done
+fi
 # This machine is a VM whose guest memory is backed lazily: the first write to a page the
 # guest never touched costs ~10x a later one (1 GiB of new file data: 2.4 s of system time the
 # first time, 0.18 s after). Touch the memory the benchmark will use once per boot, so that no
