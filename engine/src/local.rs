@@ -76,25 +76,23 @@ impl ChunkSource for LocalSource<'_> {
             return Err(Error::Protocol("want frame changed in transit".into()));
         };
         let want = protocol::from_runs(&runs, req.want.len())?;
-        self.sender
-            .serve(
-                entry,
-                &want,
-                &hints,
-                no_refs,
-                &mut |frame| match self.wire.pass(&frame)? {
-                    Frame::Data {
-                        chunk,
-                        codec,
-                        bytes,
-                        ..
-                    } => sink((chunk, codec, bytes)),
-                    Frame::Failed { reason, .. } => {
-                        Err(Error::Protocol(format!("sender: {reason}")))
-                    }
-                    other => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
-                },
-            )
+        self.sender.serve(
+            entry,
+            &want,
+            &hints,
+            no_refs,
+            false,
+            &mut |frame| match self.wire.pass(&frame)? {
+                Frame::Data {
+                    chunk,
+                    codec,
+                    bytes,
+                    ..
+                } => sink((chunk, codec, bytes)),
+                Frame::Failed { reason, .. } => Err(Error::Protocol(format!("sender: {reason}"))),
+                other => Err(Error::Protocol(format!("unexpected frame {other:?}"))),
+            },
+        )
     }
 }
 

@@ -540,33 +540,10 @@ impl Sender {
     /// Supply chunks `want` of manifest entry `entry`, in that order, as `Data` frames passed to
     /// `emit`; where `hints` describes a base for a chunk and a patch against it is smaller, the
     /// patch is sent (see [`crate::delta`]). If the file can no longer be read as chunked, one
-    /// `Failed` frame is emitted instead of the remaining data.
+    /// `Failed` frame is emitted instead of the remaining data. With `grouped` (a receiver that
+    /// reads them: the remote want-list streams), whole chunks in a row that compress go as
+    /// [`Frame::DataGroup`]s, compressed together.
     pub fn serve(
-        &self,
-        entry: u32,
-        want: &[u32],
-        hints: &[Vec<crate::delta::BlockHash>],
-        no_refs: bool,
-        emit: &mut dyn FnMut(Frame) -> Result<()>,
-    ) -> Result<()> {
-        self.serve_with(entry, want, hints, no_refs, false, emit)
-    }
-
-    /// [`Sender::serve`], where chunks in a row that are sent whole and compressed go as
-    /// [`Frame::DataGroup`]s, compressed together (for a receiver that reads them: the remote
-    /// want-list streams).
-    pub fn serve_grouped(
-        &self,
-        entry: u32,
-        want: &[u32],
-        hints: &[Vec<crate::delta::BlockHash>],
-        no_refs: bool,
-        emit: &mut dyn FnMut(Frame) -> Result<()>,
-    ) -> Result<()> {
-        self.serve_with(entry, want, hints, no_refs, true, emit)
-    }
-
-    fn serve_with(
         &self,
         entry: u32,
         want: &[u32],
@@ -1008,13 +985,9 @@ mod tests {
                     frames.push(f);
                     Ok(())
                 };
-                if grouped {
-                    sender
-                        .serve_grouped(entry, &want, &[], false, &mut emit)
-                        .unwrap();
-                } else {
-                    sender.serve(entry, &want, &[], false, &mut emit).unwrap();
-                }
+                sender
+                    .serve(entry, &want, &[], false, grouped, &mut emit)
+                    .unwrap();
                 let groups = frames
                     .iter()
                     .filter(|f| matches!(f, Frame::DataGroup { .. }))

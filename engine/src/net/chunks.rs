@@ -51,7 +51,7 @@ async fn serve_stream(
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
         while let Some((entry, want, hints, no_refs)) = want_rx.blocking_recv() {
-            worker_sender.serve_grouped(entry, &want, &hints, no_refs, &mut |frame| {
+            worker_sender.serve(entry, &want, &hints, no_refs, true, &mut |frame| {
                 out_tx
                     .blocking_send(frame_parts(frame)?)
                     .map_err(|_| Error::Transport("chunk stream closed".into()))

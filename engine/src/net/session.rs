@@ -232,7 +232,7 @@ impl Push {
         let (out, mut frames) = tokio::sync::mpsc::channel::<[bytes::Bytes; 2]>(64);
         let worker = tokio::task::spawn_blocking(move || {
             while let Some((entry, want)) = rx.blocking_recv() {
-                let r = sender.serve(entry, &want, &[], false, &mut |frame| {
+                let r = sender.serve(entry, &want, &[], false, false, &mut |frame| {
                     out.blocking_send(super::chunks::frame_parts(frame)?)
                         .map_err(|_| Error::Transport("push stream closed".into()))
                 });
