@@ -13,12 +13,6 @@ mod progress;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc: the receiver allocates a buffer per chunk on several
-/// threads, and glibc spent 15 % of a 45,000-file fresh copy's receiver CPU in `_int_malloc`,
-/// `free` and `malloc_consolidate`.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Live-migrate containers and sync directory trees, moving only the data the other side lacks.
 #[derive(Parser)]
 #[command(name = "hop", version, about, long_about = None)]
