@@ -119,12 +119,28 @@ impl ChunkIndex {
         params: ChunkParams,
         cache: &IndexCache,
     ) -> (Vec<Option<u32>>, Vec<Error>) {
+        self.add_scanned(paths, &vec![None; paths.len()], params, cache)
+    }
+
+    /// [`ChunkIndex::add_files`], where `keys` are the files' stat keys as a scan saw them
+    /// (`None`: stat the file here). A file changed since its key was taken is found changed
+    /// by the key's ctime, like one changed while it is read.
+    pub fn add_scanned(
+        &mut self,
+        paths: &[PathBuf],
+        keys: &[Option<StatKey>],
+        params: ChunkParams,
+        cache: &IndexCache,
+    ) -> (Vec<Option<u32>>, Vec<Error>) {
         let results: Vec<Result<(FileChunks, StatKey)>> = paths
             .par_iter()
-            .map(|p| {
-                let md = std::fs::symlink_metadata(p).ctx("stat", p)?;
-                let stat = StatKey::of(&md);
-                if let Some(hit) = cache.lookup(p, &md) {
+            .zip(keys.par_iter())
+            .map(|(p, key)| {
+                let stat = match key {
+                    Some(k) => *k,
+                    None => StatKey::of(&std::fs::symlink_metadata(p).ctx("stat", p)?),
+                };
+                if let Some(hit) = cache.lookup_key(p, &stat) {
                     return Ok((hit.clone(), stat));
                 }
                 // Stat before the read: a change while it is read changes the ctime.
@@ -224,8 +240,22 @@ impl IndexCache {
 
     /// The cached chunk list of `path` if its stat `md` still matches.
     pub fn lookup(&self, path: &Path, md: &std::fs::Metadata) -> Option<&FileChunks> {
+        self.lookup_key(path, &StatKey::of(md))
+    }
+
+    /// The cached chunk list of `path` if it was recorded under stat key `key`.
+    pub fn lookup_key(&self, path: &Path, key: &StatKey) -> Option<&FileChunks> {
         let (k, fc) = self.entries.get(path)?;
-        (*k == StatKey::of(md)).then_some(fc)
+        (k == key).then_some(fc)
+    }
+
+    /// Record the chunk list of a file whose stat key is known to be `key` (taken before its
+    /// chunks were listed, and nothing written to it since by this process): no stat. A file
+    /// changed meanwhile by someone else has another key now, so the entry is never used.
+    pub fn record_known(&mut self, path: PathBuf, key: StatKey, chunks: FileChunks) {
+        if key.size == chunks.size {
+            self.entries.insert(path, (key, chunks));
+        }
     }
 
     /// Record the chunk list of a file as it is on disk now.
@@ -241,11 +271,28 @@ impl IndexCache {
     /// Record a chunk list computed from the file as `md` described it before it was read; if
     /// the file's stat changed meanwhile, nothing is recorded.
     pub fn record_read(&mut self, path: &Path, before: &std::fs::Metadata, chunks: FileChunks) {
+        self.record_read_key(path, StatKey::of(before), chunks)
+    }
+
+    /// [`IndexCache::record_read`] with the stat key taken before the read.
+    pub fn record_read_key(&mut self, path: &Path, before: StatKey, chunks: FileChunks) {
         if let Ok(after) = std::fs::symlink_metadata(path) {
-            let key = StatKey::of(before);
-            if StatKey::of(&after) == key && key.size == chunks.size {
-                self.entries.insert(path.to_path_buf(), (key, chunks));
+            if StatKey::of(&after) == before && before.size == chunks.size {
+                self.entries.insert(path.to_path_buf(), (before, chunks));
             }
+        }
+    }
+
+    /// The entries of `paths` only.
+    pub fn subset(&self, paths: &std::collections::HashSet<PathBuf>) -> IndexCache {
+        IndexCache {
+            params: self.params,
+            entries: self
+                .entries
+                .iter()
+                .filter(|(p, _)| paths.contains(*p))
+                .map(|(p, v)| (p.clone(), v.clone()))
+                .collect(),
         }
     }
 
@@ -259,8 +306,14 @@ impl IndexCache {
         self.entries.is_empty()
     }
 
-    /// Write the cache atomically to `path`.
+    /// Write the cache atomically to `path`, leaving out files that no longer exist.
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.save_with(path, true)
+    }
+
+    /// Write the cache atomically to `path`; `prune`: look up every file and leave out those
+    /// that no longer exist (not needed for a cache just made from the files there).
+    pub fn save_with(&self, path: &Path, prune: bool) -> Result<()> {
         let Some(params) = self.params else {
             return Ok(());
         };
@@ -275,7 +328,7 @@ impl IndexCache {
             entries: self
                 .entries
                 .iter()
-                .filter(|(p, _)| std::fs::symlink_metadata(p).is_ok())
+                .filter(|(p, _)| !prune || std::fs::symlink_metadata(p).is_ok())
                 .map(|(p, (stat, chunks))| CacheEntry {
                     path: p.as_os_str().as_bytes().to_vec(),
                     stat: *stat,

@@ -377,6 +377,57 @@ mod tests {
         assert!(r.stats.bytes_literal >= 2 << 20, "{:?}", r.stats);
     }
 
+    /// After a sync the destination's index cache holds every file under the stat it has now:
+    /// files left alone (recorded without a stat), files whose metadata the sync changed, files
+    /// written, so that the next sync reads none of them again.
+    #[test]
+    fn the_index_cache_after_a_sync_matches_every_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (src, dst) = (d.path().join("src"), d.path().join("dst"));
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        for (i, name) in ["a", "b", "c", "sub/d"].iter().enumerate() {
+            std::fs::write(src.join(name), noise(30 + i as u64, 300_000)).unwrap();
+        }
+        let ropts = ReceiverOptions::default();
+        let sync = || {
+            let r = sync_local(
+                &src,
+                &dst,
+                None,
+                plain_sender(),
+                ropts.clone(),
+                &Progress::default(),
+            )
+            .unwrap();
+            assert!(r.errors.is_empty(), "{:?}", r.errors);
+            r
+        };
+        sync();
+        // b's mode changes (metadata only), c's content changes, a and d stay as they are.
+        std::fs::set_permissions(src.join("b"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(src.join("c"), noise(99, 300_000)).unwrap();
+        let r = sync();
+        assert_eq!(r.stats.files_written, 1, "{:?}", r.stats);
+        let cache = crate::index::IndexCache::load(
+            &crate::index::cache_path_for(&dst),
+            ropts.params,
+        );
+        for name in ["a", "b", "c", "sub/d"] {
+            let f = dst.join(name);
+            let md = std::fs::symlink_metadata(&f).unwrap();
+            let hit = cache.lookup(&f, &md);
+            assert_eq!(
+                hit,
+                Some(&crate::chunk::chunk_file(&f, ropts.params).unwrap()),
+                "{name}"
+            );
+        }
+        // A third sync with nothing changed reads and writes nothing.
+        let r = sync();
+        assert_eq!(r.stats.files_written, 0, "{:?}", r.stats);
+    }
+
     /// Someone with write access to the destination swaps a directory for a symlink out of it
     /// after the receiver looked: nothing is written, changed or deleted outside, the entries
     /// under it fail with a clear error, the rest is synced.

@@ -246,12 +246,14 @@ impl Receiver {
         let mut errors = s.errors;
         let mut state = HashMap::new();
         let mut file_paths = Vec::new();
+        let mut file_keys = Vec::new();
         let mut file_rels = Vec::new();
         for e in s.entries {
             let kind = match e.kind {
                 ScanKind::Dir => DestKind::Dir,
                 ScanKind::File { .. } => {
                     file_paths.push(e.path.under(dest));
+                    file_keys.push(e.key);
                     file_rels.push(e.path.clone());
                     DestKind::File(None)
                 }
@@ -281,7 +283,7 @@ impl Receiver {
             t0.elapsed()
         );
         let mut index = ChunkIndex::default();
-        let (ids, errs) = index.add_files(&file_paths, opts.params, &cache);
+        let (ids, errs) = index.add_scanned(&file_paths, &file_keys, opts.params, &cache);
         errors.extend(errs);
         let mut dest_files = HashMap::new();
         for (rel, id) in file_rels.into_iter().zip(ids) {
@@ -296,13 +298,13 @@ impl Receiver {
         for b in &opts.basis {
             let bs = scan(b, None);
             errors.extend(bs.errors);
-            let paths: Vec<PathBuf> = bs
+            let (paths, keys): (Vec<PathBuf>, Vec<_>) = bs
                 .entries
                 .iter()
                 .filter(|e| matches!(e.kind, ScanKind::File { .. }))
-                .map(|e| e.path.under(b))
-                .collect();
-            let (_, errs) = index.add_files(&paths, opts.params, &cache);
+                .map(|e| (e.path.under(b), e.key))
+                .unzip();
+            let (_, errs) = index.add_scanned(&paths, &keys, opts.params, &cache);
             errors.extend(errs);
         }
         tracing::debug!(
@@ -571,7 +573,9 @@ impl Receiver {
         }
         report.stats.bytes_literal = literal;
 
-        // 3. Symlinks, 4. metadata of kept files and links.
+        // 3. Symlinks, 4. metadata of kept files and links (those whose metadata changes are
+        // `touched`: their stat is not the one indexed any more).
+        let mut touched: HashSet<&RelPath> = HashSet::new();
         for (e, a) in manifest.iter().zip(&plan.actions) {
             if under_failed(&e.path, &failed_dirs) {
                 continue;
@@ -609,6 +613,7 @@ impl Receiver {
                     if dry || !differs {
                         Ok(())
                     } else {
+                        touched.insert(&e.path);
                         through(&self.dest, &e.path, |abs| {
                             meta::apply(abs, &e.meta, have.as_ref(), *a == Action::KeepLink, owner)
                         })
@@ -692,7 +697,7 @@ impl Receiver {
             .saturating_sub(report.stats.bytes_literal);
         report.stats.errors = report.errors.len() as u64;
         if !dry && !self.opts.no_index_cache {
-            self.save_cache(manifest, plan, &written);
+            self.save_cache(manifest, plan, &written, &touched);
         }
         Ok(report)
     }
@@ -957,11 +962,25 @@ impl Receiver {
         r
     }
 
-    fn save_cache(&self, manifest: &[Entry], plan: &Plan, written: &HashSet<usize>) {
+    /// Save the destination's index cache: the files written by this sync (stat'ed now), and
+    /// the others under the stat they were indexed with (no stat each, unless this sync changed
+    /// their metadata: a tree of 45,000 files took 0.4 s to stat twice over).
+    fn save_cache(
+        &self,
+        manifest: &[Entry],
+        plan: &Plan,
+        written: &HashSet<usize>,
+        touched: &HashSet<&RelPath>,
+    ) {
         let path = Self::cache_path(&self.dest, &self.opts);
         let mut cache = IndexCache::new(self.opts.params);
+        let keep = |cache: &mut IndexCache, f: &crate::index::IndexedFile, stale: bool| match f.stat
+        {
+            Some(key) if !stale => cache.record_known(f.path.clone(), key, f.chunks.clone()),
+            _ => cache.record(&f.path, f.chunks.clone()),
+        };
         for f in &self.index.files[self.first_basis_file as usize..] {
-            cache.record(&f.path, f.chunks.clone());
+            keep(&mut cache, f, false);
         }
         let deleted: HashSet<&RelPath> = plan.delete.iter().collect();
         let mut replaced: HashSet<&RelPath> = HashSet::new();
@@ -979,11 +998,15 @@ impl Receiver {
         }
         for (rel, &n) in &self.dest_files {
             if !replaced.contains(rel) && !deleted.contains(rel) {
-                let f = &self.index.files[n as usize];
-                cache.record(&f.path, f.chunks.clone());
+                keep(
+                    &mut cache,
+                    &self.index.files[n as usize],
+                    touched.contains(rel),
+                );
             }
         }
-        if let Err(e) = cache.save(&path) {
+        // Made from the files there now: nothing to prune.
+        if let Err(e) = cache.save_with(&path, false) {
             tracing::warn!("could not save the index cache: {e}");
         }
     }

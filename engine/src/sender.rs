@@ -267,6 +267,13 @@ impl Sender {
         let cache = self.own_cache();
         let caches: Vec<&IndexCache> = opts.known.as_deref().into_iter().chain([&*cache]).collect();
         let fresh: Fresh = Default::default();
+        // The files of this tree now: what the cache keeps when it is saved.
+        let files_now: std::collections::HashSet<PathBuf> = s
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, ScanKind::File { .. }))
+            .map(|e| e.path.under(root))
+            .collect();
         let mut entries = s.entries.into_iter().peekable();
         let mut window = Vec::new();
         while entries.peek().is_some() {
@@ -321,6 +328,7 @@ impl Sender {
                 };
                 let got = chunk_cached(
                     &e.path.under(root),
+                    e.key,
                     opts.params,
                     &caches,
                     &fresh,
@@ -368,6 +376,7 @@ impl Sender {
                             };
                             match chunk_cached(
                                 &e.path.under(root),
+                                e.key,
                                 opts.params,
                                 &caches,
                                 &fresh,
@@ -403,11 +412,13 @@ impl Sender {
             }
         }
         if let Some(p) = &opts.cache {
-            let mut cache = (*cache).clone();
-            for (path, md, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                cache.record_read(&path, &md, fc);
+            // Files of this tree only (no stat of every cached file to find those still there),
+            // the ones read in this run under the stat they were read with.
+            let mut cache = cache.subset(&files_now);
+            for (path, before, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                cache.record_read_key(&path, before, fc);
             }
-            if let Err(e) = cache.save(p) {
+            if let Err(e) = cache.save_with(p, false) {
                 tracing::warn!("could not save the source chunk cache: {e}");
             }
         }
@@ -812,26 +823,32 @@ impl Squeeze {
     }
 }
 
-/// Chunk lists of files chunked in this run, with the stat they were read under.
-type Fresh = std::sync::Mutex<Vec<(PathBuf, std::fs::Metadata, FileChunks)>>;
+/// Chunk lists of files chunked in this run, with the stat key they were read under.
+type Fresh = std::sync::Mutex<Vec<(PathBuf, crate::index::StatKey, FileChunks)>>;
 
 /// The chunks of `path`, from the cache when its stat is unchanged, else read (and remembered in
 /// `fresh` for the next run). A file that is read, with `stream` given and no `like`, has its
 /// list handed to `stream` piece by piece as it is cut (see
 /// [`crate::chunk::chunk_file_streamed`]); from a cache, `stream` is not called.
+#[allow(clippy::too_many_arguments)]
 fn chunk_cached(
     path: &Path,
+    key: Option<crate::index::StatKey>,
     params: ChunkParams,
     caches: &[&IndexCache],
     fresh: &Fresh,
     like: Option<&Basis>,
     stream: Option<&mut dyn FnMut(&[crate::manifest::ChunkSpec]) -> Result<()>>,
 ) -> Result<FileChunks> {
-    let md = std::fs::symlink_metadata(path).ctx("stat", path)?;
+    // The scan's stat when there is one (taken before anything is read, as a stat here would).
+    let md = match key {
+        Some(k) => k,
+        None => crate::index::StatKey::of(&std::fs::symlink_metadata(path).ctx("stat", path)?),
+    };
     if let Some((k, fc)) = caches
         .iter()
         .enumerate()
-        .find_map(|(k, c)| c.lookup(path, &md).map(|fc| (k, fc)))
+        .find_map(|(k, c)| c.lookup_key(path, &md).map(|fc| (k, fc)))
     {
         if k + 1 < caches.len() {
             // Known from the caller, not from the cache yet: recorded for the next run.
