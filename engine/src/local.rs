@@ -284,6 +284,21 @@ mod tests {
         }
     }
 
+    /// `src` synced onto `dst` with the plain sender and `ropts`, every error checked.
+    fn sync_plain(src: &Path, dst: &Path, ropts: &ReceiverOptions) -> Report {
+        let r = sync_local(
+            src,
+            dst,
+            None,
+            plain_sender(),
+            ropts.clone(),
+            &Progress::default(),
+        )
+        .unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        r
+    }
+
     /// Apply `src`'s manifest to a receiver prepared earlier.
     fn apply_prepared(receiver: Receiver, src: &Path, sopts: SenderOptions) -> Report {
         let progress = Progress::default();
@@ -347,15 +362,7 @@ mod tests {
             no_index_cache: true,
             ..Default::default()
         };
-        sync_local(
-            &src,
-            &dst,
-            None,
-            plain_sender(),
-            ropts.clone(),
-            &Progress::default(),
-        )
-        .unwrap();
+        sync_plain(&src, &dst, &ropts);
         let mut new = old.clone();
         new[1 << 20..(1 << 20) + 4096].copy_from_slice(&noise(22, 4096));
         std::fs::write(src.join("f"), &new).unwrap();
@@ -390,29 +397,15 @@ mod tests {
             std::fs::write(src.join(name), noise(30 + i as u64, 300_000)).unwrap();
         }
         let ropts = ReceiverOptions::default();
-        let sync = || {
-            let r = sync_local(
-                &src,
-                &dst,
-                None,
-                plain_sender(),
-                ropts.clone(),
-                &Progress::default(),
-            )
-            .unwrap();
-            assert!(r.errors.is_empty(), "{:?}", r.errors);
-            r
-        };
+        let sync = || sync_plain(&src, &dst, &ropts);
         sync();
         // b's mode changes (metadata only), c's content changes, a and d stay as they are.
         std::fs::set_permissions(src.join("b"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(src.join("c"), noise(99, 300_000)).unwrap();
         let r = sync();
         assert_eq!(r.stats.files_written, 1, "{:?}", r.stats);
-        let cache = crate::index::IndexCache::load(
-            &crate::index::cache_path_for(&dst),
-            ropts.params,
-        );
+        let cache =
+            crate::index::IndexCache::load(&crate::index::cache_path_for(&dst), ropts.params);
         for name in ["a", "b", "c", "sub/d"] {
             let f = dst.join(name);
             let md = std::fs::symlink_metadata(&f).unwrap();
@@ -453,16 +446,7 @@ mod tests {
             no_index_cache: true,
             ..Default::default()
         };
-        let r = sync_local(
-            &src,
-            &dst,
-            None,
-            sopts.clone(),
-            ropts.clone(),
-            &Progress::default(),
-        )
-        .unwrap();
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        sync_plain(&src, &dst, &ropts);
 
         // New content for the file below, a file to delete, a new top-level file.
         std::fs::write(src.join("a/b/f"), noise(2, 100_000)).unwrap();

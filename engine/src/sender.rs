@@ -826,6 +826,9 @@ impl Squeeze {
 /// Chunk lists of files chunked in this run, with the stat key they were read under.
 type Fresh = std::sync::Mutex<Vec<(PathBuf, crate::index::StatKey, FileChunks)>>;
 
+/// Takes each piece of a file's chunk list as it is cut (see [`crate::chunk::chunk_file_streamed`]).
+type ListParts<'a> = &'a mut dyn FnMut(&[crate::manifest::ChunkSpec]) -> Result<()>;
+
 /// The chunks of `path`, from the cache when its stat is unchanged, else read (and remembered in
 /// `fresh` for the next run). A file that is read, with `stream` given and no `like`, has its
 /// list handed to `stream` piece by piece as it is cut (see
@@ -838,7 +841,7 @@ fn chunk_cached(
     caches: &[&IndexCache],
     fresh: &Fresh,
     like: Option<&Basis>,
-    stream: Option<&mut dyn FnMut(&[crate::manifest::ChunkSpec]) -> Result<()>>,
+    stream: Option<ListParts<'_>>,
 ) -> Result<FileChunks> {
     // The scan's stat when there is one (taken before anything is read, as a stat here would).
     let md = match key {
