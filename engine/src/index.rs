@@ -136,10 +136,7 @@ impl ChunkIndex {
             .par_iter()
             .zip(keys.par_iter())
             .map(|(p, key)| {
-                let stat = match key {
-                    Some(k) => *k,
-                    None => StatKey::of(&std::fs::symlink_metadata(p).ctx("stat", p)?),
-                };
+                let stat = StatKey::known_or_stat(*key, p)?;
                 if let Some(hit) = cache.lookup_key(p, &stat) {
                     return Ok((hit.clone(), stat));
                 }
@@ -180,6 +177,16 @@ impl StatKey {
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
             ino: md.ino(),
+        }
+    }
+
+    /// `known` (a key a scan took) or, without one, the key of `path` stat'ed now.
+    pub fn known_or_stat(known: Option<StatKey>, path: &Path) -> Result<Self> {
+        match known {
+            Some(k) => Ok(k),
+            None => Ok(StatKey::of(
+                &std::fs::symlink_metadata(path).ctx("stat", path)?,
+            )),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! receiver asks for (optionally zstd-compressed).
 
 use crate::chunk::{chunk_file, ChunkParams, FileChunks};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::index::IndexCache;
 use crate::manifest::{chunk_offsets, Entry, EntryKind};
 use crate::path::RelPath;
@@ -844,10 +844,7 @@ fn chunk_cached(
     stream: Option<ListParts<'_>>,
 ) -> Result<FileChunks> {
     // The scan's stat when there is one (taken before anything is read, as a stat here would).
-    let md = match key {
-        Some(k) => k,
-        None => crate::index::StatKey::of(&std::fs::symlink_metadata(path).ctx("stat", path)?),
-    };
+    let md = crate::index::StatKey::known_or_stat(key, path)?;
     if let Some((k, fc)) = caches
         .iter()
         .enumerate()
