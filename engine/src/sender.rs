@@ -267,13 +267,14 @@ impl Sender {
         let cache = self.own_cache();
         let caches: Vec<&IndexCache> = opts.known.as_deref().into_iter().chain([&*cache]).collect();
         let fresh: Fresh = Default::default();
-        // The files of this tree now: what the cache keeps when it is saved.
-        let files_now: std::collections::HashSet<PathBuf> = s
-            .entries
-            .iter()
-            .filter(|e| matches!(e.kind, ScanKind::File { .. }))
-            .map(|e| e.path.under(root))
-            .collect();
+        // The files of this tree now: what the cache keeps when it is saved (if it is).
+        let files_now: Option<std::collections::HashSet<PathBuf>> = opts.cache.as_ref().map(|_| {
+            s.entries
+                .iter()
+                .filter(|e| matches!(e.kind, ScanKind::File { .. }))
+                .map(|e| e.path.under(root))
+                .collect()
+        });
         let mut entries = s.entries.into_iter().peekable();
         let mut window = Vec::new();
         while entries.peek().is_some() {
@@ -411,10 +412,10 @@ impl Sender {
                 self.hand_out(e, err, false, &mut notes, emit)?;
             }
         }
-        if let Some(p) = &opts.cache {
+        if let (Some(p), Some(files_now)) = (&opts.cache, &files_now) {
             // Files of this tree only (no stat of every cached file to find those still there),
             // the ones read in this run under the stat they were read with.
-            let mut cache = cache.subset(&files_now);
+            let mut cache = cache.subset(files_now);
             for (path, before, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
                 cache.record_read_key(&path, before, fc);
             }
