@@ -313,14 +313,11 @@ impl IndexCache {
         self.entries.is_empty()
     }
 
-    /// Write the cache atomically to `path`, leaving out files that no longer exist.
+    /// Write the cache atomically to `path`, every entry as it is. Callers save a cache made
+    /// from the files there now (the receiver's index, the sender's files of this tree), so a
+    /// file that is gone (a migration's earlier rounds) is not in it and the cache does not
+    /// grow by a chunk list per round.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.save_with(path, true)
-    }
-
-    /// Write the cache atomically to `path`; `prune`: look up every file and leave out those
-    /// that no longer exist (not needed for a cache just made from the files there).
-    pub fn save_with(&self, path: &Path, prune: bool) -> Result<()> {
         let Some(params) = self.params else {
             return Ok(());
         };
@@ -330,12 +327,9 @@ impl IndexCache {
         let file = CacheFile {
             magic: CACHE_MAGIC,
             params,
-            // Entries of files that are gone are dropped (a migration's earlier rounds), so the
-            // cache does not grow by a chunk list per round.
             entries: self
                 .entries
                 .iter()
-                .filter(|(p, _)| !prune || std::fs::symlink_metadata(p).is_ok())
                 .map(|(p, (stat, chunks))| CacheEntry {
                     path: p.as_os_str().as_bytes().to_vec(),
                     stat: *stat,

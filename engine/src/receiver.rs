@@ -1005,8 +1005,7 @@ impl Receiver {
                 );
             }
         }
-        // Made from the files there now: nothing to prune.
-        if let Err(e) = cache.save_with(&path, false) {
+        if let Err(e) = cache.save(&path) {
             tracing::warn!("could not save the index cache: {e}");
         }
     }

@@ -419,7 +419,7 @@ impl Sender {
             for (path, before, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
                 cache.record_read_key(&path, before, fc);
             }
-            if let Err(e) = cache.save_with(p, false) {
+            if let Err(e) = cache.save(p) {
                 tracing::warn!("could not save the source chunk cache: {e}");
             }
         }
