@@ -111,20 +111,10 @@ impl ChunkIndex {
     }
 
     /// Index `paths` (absolute paths of regular files), reusing `cache` for files whose stat
-    /// matches and chunking the others in parallel. Returns the file number of each path (None
-    /// where it could not be read) and the read errors.
-    pub fn add_files(
-        &mut self,
-        paths: &[PathBuf],
-        params: ChunkParams,
-        cache: &IndexCache,
-    ) -> (Vec<Option<u32>>, Vec<Error>) {
-        self.add_scanned(paths, &vec![None; paths.len()], params, cache)
-    }
-
-    /// [`ChunkIndex::add_files`], where `keys` are the files' stat keys as a scan saw them
-    /// (`None`: stat the file here). A file changed since its key was taken is found changed
-    /// by the key's ctime, like one changed while it is read.
+    /// matches and chunking the others in parallel. `keys` are the files' stat keys as a scan
+    /// saw them (`None`: stat the file here); a file changed since its key was taken is found
+    /// changed by the key's ctime, like one changed while it is read. Returns the file number of
+    /// each path (None where it could not be read) and the read errors.
     pub fn add_scanned(
         &mut self,
         paths: &[PathBuf],
