@@ -281,7 +281,7 @@ pub fn chunk_pages(data: &[u8]) -> FileChunks {
 }
 
 /// The chunk spec of `c`, hashed.
-fn spec_of(c: &[u8]) -> ChunkSpec {
+pub(crate) fn spec_of(c: &[u8]) -> ChunkSpec {
     ChunkSpec {
         len: c.len() as u32,
         id: ChunkId::of(c),
@@ -290,7 +290,7 @@ fn spec_of(c: &[u8]) -> ChunkSpec {
 }
 
 /// `data` cut into `chunks`, with its file hash.
-fn file_chunks(data: &[u8], chunks: Vec<ChunkSpec>) -> FileChunks {
+pub(crate) fn file_chunks(data: &[u8], chunks: Vec<ChunkSpec>) -> FileChunks {
     FileChunks {
         size: data.len() as u64,
         hash: file_hash(data.len() as u64, &chunks),
@@ -446,7 +446,7 @@ impl PageFollower {
 }
 
 /// Files up to this size are read into memory; larger ones are memory-mapped.
-const MMAP_MIN: u64 = 256 * 1024;
+pub(crate) const MMAP_MIN: u64 = 256 * 1024;
 
 /// Chunk a file on disk (memory-mapped when large). Fails with [`Error::SourceChanged`] when the
 /// file's size changes while it is read.
@@ -485,6 +485,9 @@ pub fn chunk_file_like(
         chunk_pages_like(data, &bmap, base_chunks)
     })
 }
+
+/// Takes each piece of a file's chunk list as it is cut (see [`chunk_file_streamed`]).
+pub type ListParts<'a> = &'a mut dyn FnMut(&[ChunkSpec]) -> Result<()>;
 
 /// Bytes [`chunk_file_streamed`] cuts at once (on all cores) before handing their chunks on.
 pub const STREAM_WINDOW: usize = 32 << 20;
@@ -552,23 +555,30 @@ fn chunk_file_streamed_by(
 /// Run `cut` over the content of `path` (read, or memory-mapped when large); fails with
 /// [`Error::SourceChanged`] when the file's size changes meanwhile.
 fn map_file(path: &Path, cut: &(dyn Fn(&[u8]) -> FileChunks + Sync)) -> Result<FileChunks> {
-    let mut f = File::open(path).ctx("open", path)?;
-    let len = f.metadata().ctx("stat", path)?.len();
+    with_file_bytes(path, |data| Ok(cut(data)))
+}
+
+/// Run `f` over the content of `path`: read into memory when small, memory-mapped (read
+/// sequentially) when large. Fails with [`Error::SourceChanged`] when the file's size changes
+/// meanwhile, and with `f`'s error.
+pub(crate) fn with_file_bytes<T>(path: &Path, f: impl FnOnce(&[u8]) -> Result<T>) -> Result<T> {
+    let mut file = File::open(path).ctx("open", path)?;
+    let len = file.metadata().ctx("stat", path)?.len();
     if len < MMAP_MIN {
         let mut buf = Vec::with_capacity(len as usize);
-        f.read_to_end(&mut buf).ctx("read", path)?;
+        file.read_to_end(&mut buf).ctx("read", path)?;
         if buf.len() as u64 != len {
             return Err(Error::SourceChanged { path: path.into() });
         }
-        return Ok(cut(&buf));
+        return f(&buf);
     }
     // SAFETY: the map is read-only and private to this call. A concurrent truncation by another
     // process could fault; the size is re-checked below to report concurrent changes.
-    let map = unsafe { memmap2::MmapOptions::new().map(&f) }.ctx("mmap", path)?;
+    let map = unsafe { memmap2::MmapOptions::new().map(&file) }.ctx("mmap", path)?;
     #[cfg(unix)]
     let _ = map.advise(memmap2::Advice::Sequential);
-    let out = cut(&map);
-    if f.metadata().ctx("stat", path)?.len() != len {
+    let out = f(&map)?;
+    if file.metadata().ctx("stat", path)?.len() != len {
         return Err(Error::SourceChanged { path: path.into() });
     }
     Ok(out)

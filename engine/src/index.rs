@@ -5,6 +5,7 @@
 use crate::chunk::{chunk_file, ChunkParams, FileChunks};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ChunkId;
+use crate::rechunk::{Fingerprint, Prior};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -186,6 +187,8 @@ struct CacheEntry {
     path: Vec<u8>,
     stat: StatKey,
     chunks: FileChunks,
+    /// One per chunk, or none (see [`crate::rechunk`]).
+    fps: Vec<Fingerprint>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -195,14 +198,25 @@ struct CacheFile {
     entries: Vec<CacheEntry>,
 }
 
-const CACHE_MAGIC: [u8; 8] = *b"HOPIDX03";
+const CACHE_MAGIC: [u8; 8] = *b"HOPIDX04";
 
 /// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
 /// file's size, mtime, ctime and inode are unchanged.
 #[derive(Clone, Debug, Default)]
 pub struct IndexCache {
     params: Option<ChunkParams>,
-    entries: HashMap<PathBuf, (StatKey, FileChunks)>,
+    entries: HashMap<PathBuf, Cached>,
+}
+
+/// A cached chunk list.
+#[derive(Clone, Debug)]
+struct Cached {
+    stat: StatKey,
+    chunks: FileChunks,
+    /// The chunks' fingerprints when the list was made with them (a sender's cache), else
+    /// empty: they let the file be chunked again after a change without hashing what did not
+    /// change ([`crate::rechunk`]).
+    fps: Vec<Fingerprint>,
 }
 
 impl IndexCache {
@@ -230,7 +244,14 @@ impl IndexCache {
         }
         for e in file.entries {
             let p = PathBuf::from(std::ffi::OsStr::from_bytes(&e.path));
-            c.entries.insert(p, (e.stat, e.chunks));
+            c.entries.insert(
+                p,
+                Cached {
+                    stat: e.stat,
+                    chunks: e.chunks,
+                    fps: e.fps,
+                },
+            );
         }
         c
     }
@@ -242,8 +263,24 @@ impl IndexCache {
 
     /// The cached chunk list of `path` if it was recorded under stat key `key`.
     pub fn lookup_key(&self, path: &Path, key: &StatKey) -> Option<&FileChunks> {
-        let (k, fc) = self.entries.get(path)?;
-        (k == key).then_some(fc)
+        let e = self.entries.get(path)?;
+        (e.stat == *key).then_some(&e.chunks)
+    }
+
+    /// [`IndexCache::lookup_key`], with the fingerprints of the chunks (empty when not kept).
+    pub fn lookup_fps(&self, path: &Path, key: &StatKey) -> Option<(&FileChunks, &[Fingerprint])> {
+        let e = self.entries.get(path)?;
+        (e.stat == *key).then_some((&e.chunks, &e.fps[..]))
+    }
+
+    /// The cached chunk list of `path` with its fingerprints, whatever the file's stat is now:
+    /// what [`crate::rechunk`] starts from when the file changed. `None` without fingerprints.
+    pub fn prior(&self, path: &Path) -> Option<Prior<'_>> {
+        let e = self.entries.get(path)?;
+        (!e.fps.is_empty() && e.fps.len() == e.chunks.chunks.len()).then_some(Prior {
+            chunks: &e.chunks.chunks,
+            fps: &e.fps,
+        })
     }
 
     /// Record the chunk list of a file whose stat key is known to be `key` (taken before its
@@ -251,7 +288,8 @@ impl IndexCache {
     /// changed meanwhile by someone else has another key now, so the entry is never used.
     pub fn record_known(&mut self, path: PathBuf, key: StatKey, chunks: FileChunks) {
         if key.size == chunks.size {
-            self.entries.insert(path, (key, chunks));
+            self.entries
+                .insert(path, Cached::new(key, chunks, Vec::new()));
         }
     }
 
@@ -259,8 +297,10 @@ impl IndexCache {
     pub fn record(&mut self, path: &Path, chunks: FileChunks) {
         if let Ok(md) = std::fs::symlink_metadata(path) {
             if md.is_file() && md.len() == chunks.size {
-                self.entries
-                    .insert(path.to_path_buf(), (StatKey::of(&md), chunks));
+                self.entries.insert(
+                    path.to_path_buf(),
+                    Cached::new(StatKey::of(&md), chunks, Vec::new()),
+                );
             }
         }
     }
@@ -268,14 +308,22 @@ impl IndexCache {
     /// Record a chunk list computed from the file as `md` described it before it was read; if
     /// the file's stat changed meanwhile, nothing is recorded.
     pub fn record_read(&mut self, path: &Path, before: &std::fs::Metadata, chunks: FileChunks) {
-        self.record_read_key(path, StatKey::of(before), chunks)
+        self.record_read_key(path, StatKey::of(before), chunks, Vec::new())
     }
 
-    /// [`IndexCache::record_read`] with the stat key taken before the read.
-    pub fn record_read_key(&mut self, path: &Path, before: StatKey, chunks: FileChunks) {
+    /// [`IndexCache::record_read`] with the stat key taken before the read, and the chunks'
+    /// fingerprints (one per chunk, or none).
+    pub fn record_read_key(
+        &mut self,
+        path: &Path,
+        before: StatKey,
+        chunks: FileChunks,
+        fps: Vec<Fingerprint>,
+    ) {
         if let Ok(after) = std::fs::symlink_metadata(path) {
             if StatKey::of(&after) == before && before.size == chunks.size {
-                self.entries.insert(path.to_path_buf(), (before, chunks));
+                self.entries
+                    .insert(path.to_path_buf(), Cached::new(before, chunks, fps));
             }
         }
     }
@@ -320,10 +368,11 @@ impl IndexCache {
             entries: self
                 .entries
                 .iter()
-                .map(|(p, (stat, chunks))| CacheEntry {
+                .map(|(p, e)| CacheEntry {
                     path: p.as_os_str().as_bytes().to_vec(),
-                    stat: *stat,
-                    chunks: chunks.clone(),
+                    stat: e.stat,
+                    chunks: e.chunks.clone(),
+                    fps: e.fps.clone(),
                 })
                 .collect(),
         };
@@ -341,6 +390,15 @@ impl IndexCache {
             source: e.error,
         })?;
         Ok(())
+    }
+}
+
+impl Cached {
+    fn new(stat: StatKey, chunks: FileChunks, mut fps: Vec<Fingerprint>) -> Self {
+        if fps.len() != chunks.chunks.len() {
+            fps = Vec::new();
+        }
+        Cached { stat, chunks, fps }
     }
 }
 

@@ -4,7 +4,7 @@
 //! moving only the data the destination does not already hold.
 //!
 //! Data flows one way, and the modules are named after the steps:
-//! [`scan`] → [`chunk`] → [`index`] → [`plan`] → transfer ([`protocol`], [`sender`]) →
+//! [`scan`] → [`chunk`] (or [`rechunk`], from a file's previous list) → [`index`] → [`plan`] → transfer ([`protocol`], [`sender`]) →
 //! [`assemble`] (which verifies) → [`receiver`] applies the rest. [`local`] wires the two halves
 //! together in one process.
 #![warn(missing_docs)]
@@ -27,6 +27,7 @@ pub mod path;
 pub mod plan;
 pub mod protocol;
 pub mod receiver;
+pub mod rechunk;
 pub mod report;
 pub mod scan;
 pub mod sender;

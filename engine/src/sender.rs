@@ -1,7 +1,7 @@
 //! The sending half: scan and chunk the source tree into a manifest, then supply the chunks the
 //! receiver asks for (optionally zstd-compressed).
 
-use crate::chunk::{chunk_file, ChunkParams, FileChunks};
+use crate::chunk::{chunk_file, ChunkParams, FileChunks, ListParts};
 use crate::error::{Error, Result};
 use crate::index::IndexCache;
 use crate::manifest::{chunk_offsets, Entry, EntryKind};
@@ -267,6 +267,11 @@ impl Sender {
         let cache = self.own_cache();
         let caches: Vec<&IndexCache> = opts.known.as_deref().into_iter().chain([&*cache]).collect();
         let fresh: Fresh = Default::default();
+        let known = Known {
+            caches: &caches,
+            fresh: &fresh,
+            fingerprints: opts.cache.is_some(),
+        };
         // The files of this tree now: what the cache keeps when it is saved (if it is).
         let files_now: Option<std::collections::HashSet<PathBuf>> = opts.cache.as_ref().map(|_| {
             s.entries
@@ -331,8 +336,7 @@ impl Sender {
                     &e.path.under(root),
                     e.key,
                     opts.params,
-                    &caches,
-                    &fresh,
+                    &known,
                     None,
                     Some(&mut part),
                 );
@@ -379,8 +383,7 @@ impl Sender {
                                 &e.path.under(root),
                                 e.key,
                                 opts.params,
-                                &caches,
-                                &fresh,
+                                &known,
                                 like.as_deref(),
                                 None,
                             ) {
@@ -416,8 +419,8 @@ impl Sender {
             // Files of this tree only (no stat of every cached file to find those still there),
             // the ones read in this run under the stat they were read with.
             let mut cache = cache.subset(files_now);
-            for (path, before, fc) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                cache.record_read_key(&path, before, fc);
+            for (path, before, fc, fps) in fresh.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                cache.record_read_key(&path, before, fc, fps);
             }
             if let Err(e) = cache.save(p) {
                 tracing::warn!("could not save the source chunk cache: {e}");
@@ -824,52 +827,82 @@ impl Squeeze {
     }
 }
 
-/// Chunk lists of files chunked in this run, with the stat key they were read under.
-type Fresh = std::sync::Mutex<Vec<(PathBuf, crate::index::StatKey, FileChunks)>>;
+/// Chunk lists of files chunked in this run, with the stat key they were read under and their
+/// fingerprints (empty when not taken).
+type Fresh = std::sync::Mutex<
+    Vec<(
+        PathBuf,
+        crate::index::StatKey,
+        FileChunks,
+        Vec<crate::rechunk::Fingerprint>,
+    )>,
+>;
 
-/// Takes each piece of a file's chunk list as it is cut (see [`crate::chunk::chunk_file_streamed`]).
-type ListParts<'a> = &'a mut dyn FnMut(&[crate::manifest::ChunkSpec]) -> Result<()>;
+/// Where [`chunk_cached`] looks for what it knows, and where it notes what it learns.
+struct Known<'a> {
+    /// Caches to look in, the caller's first, the sender's own last.
+    caches: &'a [&'a IndexCache],
+    /// What this run chunked.
+    fresh: &'a Fresh,
+    /// Whether a cache is kept: then files are chunked with fingerprints, and a file changed
+    /// since its cached list is chunked again from it ([`crate::rechunk`]).
+    fingerprints: bool,
+}
 
 /// The chunks of `path`, from the cache when its stat is unchanged, else read (and remembered in
 /// `fresh` for the next run). A file that is read, with `stream` given and no `like`, has its
 /// list handed to `stream` piece by piece as it is cut (see
 /// [`crate::chunk::chunk_file_streamed`]); from a cache, `stream` is not called.
-#[allow(clippy::too_many_arguments)]
 fn chunk_cached(
     path: &Path,
     key: Option<crate::index::StatKey>,
     params: ChunkParams,
-    caches: &[&IndexCache],
-    fresh: &Fresh,
+    known: &Known<'_>,
     like: Option<&Basis>,
     stream: Option<ListParts<'_>>,
 ) -> Result<FileChunks> {
+    let remember = |fc: &FileChunks, md, fps| {
+        known.fresh.lock().unwrap_or_else(|e| e.into_inner()).push((
+            path.to_path_buf(),
+            md,
+            fc.clone(),
+            fps,
+        ));
+    };
     // The scan's stat when there is one (taken before anything is read, as a stat here would).
     let md = crate::index::StatKey::known_or_stat(key, path)?;
-    if let Some((k, fc)) = caches
+    let caches = known.caches;
+    if let Some((k, (fc, fps))) = caches
         .iter()
         .enumerate()
-        .find_map(|(k, c)| c.lookup_key(path, &md).map(|fc| (k, fc)))
+        .find_map(|(k, c)| c.lookup_fps(path, &md).map(|hit| (k, hit)))
     {
         if k + 1 < caches.len() {
             // Known from the caller, not from the cache yet: recorded for the next run.
-            fresh.lock().unwrap_or_else(|e| e.into_inner()).push((
-                path.to_path_buf(),
-                md,
-                fc.clone(),
-            ));
+            remember(fc, md, fps.to_vec());
         }
         return Ok(fc.clone());
+    }
+    if known.fingerprints && like.is_none() {
+        let prior = caches.iter().find_map(|c| c.prior(path));
+        let got = crate::rechunk::chunk_file_fp(path, params, prior, stream)?;
+        if prior.is_some() {
+            tracing::debug!(
+                "{}: {} of {} bytes unchanged since the cached list",
+                path.display(),
+                got.reused,
+                got.chunks.size
+            );
+        }
+        remember(&got.chunks, md, got.fps);
+        return Ok(got.chunks);
     }
     let fc = match (like, stream) {
         (Some(b), _) => crate::chunk::chunk_file_like(path, params, &b.path, &b.chunks)?,
         (None, Some(part)) => crate::chunk::chunk_file_streamed(path, params, part)?,
         (None, None) => chunk_file(path, params)?,
     };
-    fresh
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((path.to_path_buf(), md, fc.clone()));
+    remember(&fc, md, Vec::new());
     Ok(fc)
 }
 
@@ -969,6 +1002,76 @@ mod tests {
             })
             .unwrap();
         assert!(outs.iter().all(|o| o.entry.is_some()));
+    }
+
+    /// With a cache, files are listed with fingerprints; a file changed since is listed again
+    /// from its cached list (streamed when large) and the list is the one chunking it afresh
+    /// gives, for a large file and a small one.
+    #[test]
+    fn a_changed_file_is_listed_again_from_its_cached_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let mut big = crate::chunk::tests_support::noise(21, (STREAM_MIN + 3000) as usize);
+        std::fs::write(src.join("big.bin"), &big).unwrap();
+        let mut small = crate::chunk::tests_support::noise(22, 300_000);
+        std::fs::write(src.join("small.bin"), &small).unwrap();
+        let cache = dir.path().join("cache.hopidx");
+        let opts = || SenderOptions {
+            cache: Some(cache.clone()),
+            ..SenderOptions::default()
+        };
+        let entries = |sender: Sender| {
+            let mut outs = Vec::new();
+            sender
+                .run_frames(None, &mut |o| {
+                    outs.push(o);
+                    Ok(())
+                })
+                .unwrap();
+            let mut asm = crate::chunklist::Assembler::default();
+            let mut got = Vec::new();
+            for f in outs.into_iter().flat_map(|o| o.frames) {
+                if let Some(crate::chunklist::Incoming::Entry(e)) = asm.feed(f).unwrap() {
+                    got.push(e);
+                }
+            }
+            got
+        };
+        entries(Sender::new(&src, opts()));
+        let params = SenderOptions::default().params;
+        let saved = IndexCache::load(&cache, params);
+        for name in ["big.bin", "small.bin"] {
+            assert!(
+                saved.prior(&src.join(name)).is_some(),
+                "{name}: no fingerprints"
+            );
+        }
+        // Pages rewritten and bytes inserted in both.
+        for data in [&mut big, &mut small] {
+            for at in (4096..data.len() - 8192).step_by(200_000) {
+                data[at..at + 4096].fill(7);
+            }
+            data.splice(10_000..10_000, *b"inserted");
+        }
+        std::fs::write(src.join("big.bin"), &big).unwrap();
+        std::fs::write(src.join("small.bin"), &small).unwrap();
+        let got = entries(Sender::new(&src, opts()));
+        let (whole, _) = Sender::new(&src, SenderOptions::default())
+            .manifest_of(None)
+            .unwrap();
+        assert_eq!(got, whole);
+        for (name, data) in [("big.bin", &big), ("small.bin", &small)] {
+            let e = got.iter().find(|e| e.path.as_bytes() == name.as_bytes());
+            let Some(Entry {
+                kind: EntryKind::File { chunks, .. },
+                ..
+            }) = e
+            else {
+                panic!("{name} not listed as a file");
+            };
+            assert_eq!(chunks, &crate::chunk::chunk_bytes(data, params).chunks);
+        }
     }
 
     /// Compressed whole chunks in a row go in groups to a receiver that reads them, each
