@@ -77,6 +77,7 @@ fn sync_in(link: &Link, c: &Client, args: &[&OsStr]) -> Command {
         env!("CARGO_BIN_EXE_hop"),
         "sync",
     ])
+    .env("XDG_CACHE_HOME", test_cache_home())
     .arg("--identity")
     .arg(&c.identity)
     .arg("--known-hosts")

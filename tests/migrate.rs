@@ -335,7 +335,8 @@ fn a_link_that_dies_during_the_final_sync_rolls_back_and_a_second_migration_work
     {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{a}"))
-            .arg(env!("CARGO_BIN_EXE_hop"));
+            .arg(env!("CARGO_BIN_EXE_hop"))
+            .env("XDG_CACHE_HOME", util::test_cache_home());
         migrate_args(
             &mut cmd,
             &d,
@@ -410,7 +411,8 @@ fn a_link_that_dies_during_the_final_sync_rolls_back_and_a_second_migration_work
     let before = value(&file).unwrap();
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{a}"))
-        .arg(env!("CARGO_BIN_EXE_hop"));
+        .arg(env!("CARGO_BIN_EXE_hop"))
+        .env("XDG_CACHE_HOME", util::test_cache_home());
     migrate_args(&mut cmd, &d, &c, &srv.url(""), &["--pid", &pid.to_string()]);
     ok(cmd);
     assert!(alive(pid));
@@ -540,6 +542,7 @@ fn hop_in(ns: &str, c: &Client, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{ns}"))
         .arg(env!("CARGO_BIN_EXE_hop"))
+        .env("XDG_CACHE_HOME", util::test_cache_home())
         .args(args)
         .arg("--identity")
         .arg(&c.identity)
@@ -658,7 +661,9 @@ fn haproxy_holds_clients_during_the_move_and_none_fails() {
     );
     std::thread::sleep(Duration::from_millis(1500));
     let mut cmd = Command::new(&in_a[0]);
-    cmd.arg(&in_a[1]).arg(env!("CARGO_BIN_EXE_hop"));
+    cmd.arg(&in_a[1])
+        .arg(env!("CARGO_BIN_EXE_hop"))
+        .env("XDG_CACHE_HOME", util::test_cache_home());
     let sock_s = sock.display().to_string();
     let addr = format!("10.201.0.2:{app_port}");
     migrate_args(

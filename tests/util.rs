@@ -56,9 +56,18 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// The `hop` binary under test.
+/// The `hop` binary under test. Its chunk caches (the source's, and a server's for its
+/// destinations, normally under `~/.cache/hop`) go under the target directory, so that tests
+/// leave nothing behind in the home directory.
 pub fn hop() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hop"))
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hop"));
+    c.env("XDG_CACHE_HOME", test_cache_home());
+    c
+}
+
+/// Where tests' `hop` processes keep their caches.
+pub fn test_cache_home() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache")
 }
 
 /// `hop` with these arguments (anything `Command::arg` takes).
@@ -308,6 +317,7 @@ impl Server {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
                 c.args(rest).arg(env!("CARGO_BIN_EXE_hop"));
+                c.env("XDG_CACHE_HOME", test_cache_home());
                 c
             }
             None => hop(),

@@ -364,7 +364,11 @@ mod tests {
     fn fingerprints_are_xxh3_128() {
         for n in [0usize, 1, 16, 17, 128, 129, 240, 241, 4096, 70_000] {
             let b = noise(n as u64, n);
-            assert_eq!(fingerprint(&b), xxhash_rust::xxh3::xxh3_128(&b), "{n} bytes");
+            assert_eq!(
+                fingerprint(&b),
+                xxhash_rust::xxh3::xxh3_128(&b),
+                "{n} bytes"
+            );
         }
     }
 
