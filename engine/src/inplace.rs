@@ -22,9 +22,12 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// Most bytes rewritten in place (their old content is kept in memory while the file is
-/// updated, for copies and delta bases that still need it); more, and in-place is not used.
-pub const MAX_REWRITE: u64 = 256 << 20;
+/// Most old bytes kept in memory while a file is updated in place (old content that a copy or
+/// a delta base still has to read when its place is overwritten); a plan that needs more is
+/// not done in place. The pieces are written in the order that keeps the fewest (see
+/// [`local_order`]): data that moved towards the start of the file is copied first-to-last,
+/// data that moved towards its end last-to-first, like `memmove`.
+pub const MAX_SAVED: u64 = 256 << 20;
 
 /// Smaller files are rebuilt the staged way: cheap, and their content-defined chunks shift
 /// more than they stay in place.
@@ -40,16 +43,16 @@ pub enum Outcome {
     Done,
 }
 
-/// The old content of the file while it is rewritten. Ranges the plan reads later (copies to
-/// other offsets, delta bases) keep their old bytes in memory before they are overwritten;
-/// other overwritten ranges are marked, and a read that meets one fails (the caller then
-/// rebuilds the file whole) rather than return new bytes for old.
+/// The old content of the file while it is rewritten. Ranges that pieces not done yet still read
+/// (copies to other offsets, delta bases) keep their old bytes in memory before they are
+/// overwritten; other overwritten ranges are marked, and a read that meets one fails (the
+/// caller then fetches those chunks) rather than return new bytes for old.
 struct OldView<'f> {
     file: &'f File,
     dest: &'f Path,
     old_len: u64,
-    /// Ranges (start -> end) the plan reads from this file, merged.
-    needed: BTreeMap<u64, u64>,
+    /// What the pieces not done yet will read from this file.
+    pending: Pending,
     saved: BTreeMap<u64, Vec<u8>>,
     /// Overwritten ranges whose old bytes were not kept (start -> end).
     lost: BTreeMap<u64, u64>,
@@ -64,20 +67,27 @@ fn meets(ranges: &BTreeMap<u64, u64>, start: u64, end: u64) -> bool {
 }
 
 impl OldView<'_> {
-    /// About to overwrite `[pos, pos + len)`: keep its old bytes if the plan reads them later.
+    /// About to overwrite `[pos, pos + len)`: keep the old bytes of it that pieces not done yet
+    /// read; mark the rest lost.
     fn save(&mut self, pos: u64, len: u64) -> Result<()> {
         let end = (pos + len).min(self.old_len);
         if end <= pos {
             return Ok(());
         }
-        if meets(&self.needed, pos, end) {
-            let mut buf = vec![0u8; (end - pos) as usize];
+        let mut at = pos;
+        for (s, e) in self.pending.overlaps(pos, end) {
+            if s > at {
+                self.lost.insert(at, s);
+            }
+            let mut buf = vec![0u8; (e - s) as usize];
             self.file
-                .read_exact_at(&mut buf, pos)
+                .read_exact_at(&mut buf, s)
                 .ctx("read", self.dest)?;
-            self.saved.insert(pos, buf);
-        } else {
-            self.lost.insert(pos, end);
+            self.saved.insert(s, buf);
+            at = e;
+        }
+        if at < end {
+            self.lost.insert(at, end);
         }
         Ok(())
     }
@@ -140,6 +150,7 @@ pub fn update(
     if !suitable(me, size, chunks, plan) {
         return Ok(Outcome::NotSuitable);
     }
+    let reads = readers(me, chunks, plan);
     let starts = chunk_starts(chunks);
     let chunk_at = |pos: u64| starts.binary_search(&pos).ok();
 
@@ -155,7 +166,7 @@ pub fn update(
         file: &file,
         dest,
         old_len,
-        needed: needed_ranges(me, chunks, plan),
+        pending: Pending::new(&reads),
         saved: BTreeMap::new(),
         lost: BTreeMap::new(),
     };
@@ -172,25 +183,20 @@ pub fn update(
     // Chunks whose local bytes did not match, fetched again after the passes.
     let mut deferred: Vec<u32> = Vec::new();
     let mut fetched = 0usize;
-    let mut positions = Vec::with_capacity(plan.pieces.len());
-    let mut end = 0u64;
-    for piece in &plan.pieces {
-        positions.push(end);
-        end += piece_len(piece, chunks);
-    }
+    let positions = piece_positions(chunks, plan);
+    let (order, _) = local_order(me, chunks, plan, &reads);
     // Two passes over the pieces: first everything this side holds (copies and zeros), while
     // the fetched chunks are still on their way; then the fetched chunks (and repeats of them)
     // in the order they arrive. One pass in file order made the copies wait for the network,
     // so most of them were left for after the last chunk had come (a 660 MB image: 0.25 s of
     // copying after the transfer). The passes write disjoint ranges, every read is of old
-    // bytes (kept in memory where an earlier write covered them), so the order does not
-    // change the result.
-    for local_pass in [true, false] {
-        for (piece, &pos) in plan.pieces.iter().zip(&positions) {
-            let is_local = matches!(piece, Piece::Local { .. } | Piece::Zero(_));
-            if is_local != local_pass {
-                continue;
-            }
+    // bytes (kept in memory where an earlier write covered them, while a piece not done yet
+    // reads them), so the order does not change the result; the first pass goes in the order
+    // that keeps the fewest old bytes (`local_order`).
+    let fetch_order = (0..plan.pieces.len()).filter(|&i| !is_local(&plan.pieces[i]));
+    {
+        for idx in order.iter().copied().chain(fetch_order) {
+            let (piece, pos) = (&plan.pieces[idx], positions[idx]);
             let k = chunk_at(pos).unwrap_or(0);
             let len = piece_len(piece, chunks);
             let bytes = match *piece {
@@ -288,6 +294,7 @@ pub fn update(
                         }
                         Err(Error::Integrity { .. } | Error::SourceChanged { .. }) => {
                             deferred.push(n);
+                            old.pending.release(reads[idx]);
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -310,6 +317,8 @@ pub fn update(
                     Some(bytes.clone())
                 }
             };
+            // Read (or given up): what it read is no longer needed by it.
+            old.pending.release(reads[idx]);
             if let Some(bytes) = bytes {
                 old.save(pos, len)?;
                 file.write_all_at(&bytes, pos).ctx("write", dest)?;
@@ -336,48 +345,204 @@ pub fn update(
     Ok(Outcome::Done)
 }
 
-/// The ranges of file `me` that `plan` reads: copies from other offsets and delta bases.
-fn needed_ranges(me: u32, chunks: &[ChunkSpec], plan: &FilePlan) -> BTreeMap<u64, u64> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
+/// Whether a piece is written in the first pass, from what this side holds.
+fn is_local(p: &Piece) -> bool {
+    matches!(p, Piece::Local { .. } | Piece::Zero(_))
+}
+
+/// Where each piece starts in the new file.
+fn piece_positions(chunks: &[ChunkSpec], plan: &FilePlan) -> Vec<u64> {
+    let mut positions = Vec::with_capacity(plan.pieces.len());
+    let mut end = 0u64;
+    for piece in &plan.pieces {
+        positions.push(end);
+        end += piece_len(piece, chunks);
+    }
+    positions
+}
+
+/// For each piece, the range of file `me` it reads at another offset than its own (a copy from
+/// elsewhere in the file, or a delta base there), if any.
+fn readers(me: u32, chunks: &[ChunkSpec], plan: &FilePlan) -> Vec<Option<(u64, u64)>> {
+    let mut out = Vec::with_capacity(plan.pieces.len());
     let mut pos = 0u64;
     let mut fetched = 0usize;
     for piece in &plan.pieces {
-        match *piece {
+        out.push(match *piece {
             Piece::Local { file, offset, len } if file == me && offset != pos => {
-                ranges.push((offset, offset + len));
+                Some((offset, offset + len))
             }
             Piece::Fetch(n) => {
-                // A base at the chunk's own place is read before that place is overwritten.
-                if let (Some(Some((file, offset))), Some(c)) =
-                    (plan.bases.get(fetched), chunks.get(n as usize))
-                {
-                    if *file == me && *offset != pos {
-                        ranges.push((*offset, offset + c.len as u64));
-                    }
-                }
                 fetched += 1;
+                // A base at the chunk's own place is read before that place is overwritten.
+                match (plan.bases.get(fetched - 1), chunks.get(n as usize)) {
+                    (Some(Some((file, offset))), Some(c)) if *file == me && *offset != pos => {
+                        Some((*offset, offset + c.len as u64))
+                    }
+                    _ => None,
+                }
             }
-            _ => {}
-        }
+            _ => None,
+        });
         pos += piece_len(piece, chunks);
     }
-    ranges.sort_unstable();
-    let mut merged: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut cur: Option<(u64, u64)> = None;
-    for (s, e) in ranges {
-        match cur {
-            Some((cs, ce)) if s <= ce => cur = Some((cs, ce.max(e))),
-            Some((cs, ce)) => {
-                merged.insert(cs, ce);
-                cur = Some((s, e));
+    out
+}
+
+/// The old bytes of the file that pieces not done yet will read, counted per elementary range
+/// (between the ends of the read ranges).
+#[derive(Clone, Debug)]
+struct Pending {
+    /// Sorted ends of the read ranges: range `k` is `bounds[k]..bounds[k + 1]`.
+    bounds: Vec<u64>,
+    /// Readers not done yet of each range.
+    count: Vec<u32>,
+}
+
+impl Pending {
+    fn new(reads: &[Option<(u64, u64)>]) -> Pending {
+        let mut bounds: Vec<u64> = reads.iter().flatten().flat_map(|&(s, e)| [s, e]).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut p = Pending {
+            count: vec![0; bounds.len().saturating_sub(1)],
+            bounds,
+        };
+        for r in reads.iter().flatten() {
+            for k in p.ranges(r.0, r.1) {
+                p.count[k] += 1;
             }
-            None => cur = Some((s, e)),
+        }
+        p
+    }
+
+    /// The elementary ranges that meet `[start, end)`.
+    fn ranges(&self, start: u64, end: u64) -> std::ops::Range<usize> {
+        let first = self
+            .bounds
+            .partition_point(|&b| b <= start)
+            .saturating_sub(1);
+        let last = self
+            .bounds
+            .partition_point(|&b| b < end)
+            .min(self.count.len());
+        first..last.max(first)
+    }
+
+    /// The parts of `[start, end)` that pieces not done yet read, in order, merged.
+    fn overlaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for k in self.ranges(start, end) {
+            let (s, e) = (self.bounds[k].max(start), self.bounds[k + 1].min(end));
+            if self.count[k] == 0 || s >= e {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.1 == s => last.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+
+    /// A reader of `range` is done.
+    fn release(&mut self, range: Option<(u64, u64)>) {
+        if let Some((s, e)) = range {
+            for k in self.ranges(s, e) {
+                if self.bounds[k] < e && self.bounds[k + 1] > s {
+                    self.count[k] = self.count[k].saturating_sub(1);
+                }
+            }
         }
     }
-    if let Some((cs, ce)) = cur {
-        merged.insert(cs, ce);
+}
+
+/// The order of the first pass (the local pieces, by index) that keeps the fewest old bytes in
+/// memory, and how many it keeps (the fetched pieces following in file order). A piece whose
+/// data moved towards the start of the file reads bytes that pieces after it overwrite, so
+/// first-to-last order keeps nothing for it; one whose data moved towards the end needs
+/// last-to-first. Tried: either order, and either kind of move first in its own order with the
+/// rest after in the other; a plan with both kinds interleaved may keep some bytes whatever
+/// the order.
+fn local_order(
+    me: u32,
+    chunks: &[ChunkSpec],
+    plan: &FilePlan,
+    reads: &[Option<(u64, u64)>],
+) -> (Vec<usize>, u64) {
+    let positions = piece_positions(chunks, plan);
+    let local: Vec<usize> = (0..plan.pieces.len())
+        .filter(|&i| is_local(&plan.pieces[i]))
+        .collect();
+    let moved = |i: usize, up: bool| match plan.pieces[i] {
+        Piece::Local { file, offset, .. } if file == me => {
+            if up {
+                offset < positions[i]
+            } else {
+                offset > positions[i]
+            }
+        }
+        _ => false,
+    };
+    let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<_>>();
+    let up: Vec<usize> = local.iter().copied().filter(|&i| moved(i, true)).collect();
+    let down: Vec<usize> = local.iter().copied().filter(|&i| moved(i, false)).collect();
+    let not_up: Vec<usize> = local.iter().copied().filter(|&i| !moved(i, true)).collect();
+    let not_down: Vec<usize> = local
+        .iter()
+        .copied()
+        .filter(|&i| !moved(i, false))
+        .collect();
+    let candidates = [
+        local.clone(),
+        rev(&local),
+        [rev(&up), not_up].concat(),
+        [down, rev(&not_down)].concat(),
+    ];
+    let fetched: Vec<usize> = (0..plan.pieces.len())
+        .filter(|&i| !is_local(&plan.pieces[i]))
+        .collect();
+    let mut best: Option<(Vec<usize>, u64)> = None;
+    for order in candidates {
+        let kept = kept_by(me, &order, &fetched, chunks, plan, &positions, reads);
+        if best.as_ref().is_none_or(|(_, b)| kept < *b) {
+            best = Some((order, kept));
+        }
+        if kept == 0 {
+            break;
+        }
     }
-    merged
+    best.unwrap_or_default()
+}
+
+/// The old bytes kept in memory when the pieces are done in `order`, then `fetched`.
+fn kept_by(
+    me: u32,
+    order: &[usize],
+    fetched: &[usize],
+    chunks: &[ChunkSpec],
+    plan: &FilePlan,
+    positions: &[u64],
+    reads: &[Option<(u64, u64)>],
+) -> u64 {
+    let mut pending = Pending::new(reads);
+    let mut kept = 0u64;
+    for &i in order.iter().chain(fetched) {
+        pending.release(reads[i]);
+        let piece = &plan.pieces[i];
+        let pos = positions[i];
+        let len = piece_len(piece, chunks);
+        let in_place =
+            matches!(*piece, Piece::Local { file, offset, .. } if file == me && offset == pos);
+        if !in_place {
+            kept += pending
+                .overlaps(pos, pos + len)
+                .iter()
+                .map(|(s, e)| e - s)
+                .sum::<u64>();
+        }
+    }
+    kept
 }
 
 /// Where each chunk starts, and the total length last.
@@ -405,26 +570,25 @@ fn chunks_in(starts: &[u64], pos: u64, len: u64) -> Vec<u32> {
 }
 
 /// Whether `plan` can update index file `me` in place: every piece starts on a chunk, the pieces
-/// add up to the file, it has at least [`MIN_SIZE`] bytes and at most [`MAX_REWRITE`] of them are
-/// rewritten.
+/// add up to the file, it has at least [`MIN_SIZE`] bytes, and in the best order at most
+/// [`MAX_SAVED`] old bytes have to be kept in memory.
 pub fn suitable(me: u32, size: u64, chunks: &[ChunkSpec], plan: &FilePlan) -> bool {
     if size < MIN_SIZE {
         return false;
     }
     let starts = chunk_starts(chunks);
     let mut pos = 0u64;
-    let mut rewrite = 0u64;
     for piece in &plan.pieces {
         if starts.binary_search(&pos).is_err() {
             return false;
         }
-        let len = piece_len(piece, chunks);
-        if !matches!(*piece, Piece::Local { file, offset, .. } if file == me && offset == pos) {
-            rewrite += len;
-        }
-        pos += len;
+        pos += piece_len(piece, chunks);
     }
-    pos == size && starts.last() == Some(&size) && rewrite <= MAX_REWRITE
+    if pos != size || starts.last() != Some(&size) {
+        return false;
+    }
+    let reads = readers(me, chunks, plan);
+    local_order(me, chunks, plan, &reads).1 <= MAX_SAVED
 }
 
 /// Bytes a piece produces.
@@ -699,6 +863,105 @@ mod tests {
         let (out, got) = run(&old, &new, &by_ref);
         assert_eq!(out, Outcome::Done);
         assert!(got == new, "content differs after the in-place update");
+    }
+
+    /// Old bytes the best order keeps in memory to update `old` into `new`.
+    fn kept(old: &[u8], new: &[u8]) -> u64 {
+        let d = tempfile::tempdir().unwrap();
+        let p = ChunkParams::default().with_pages(true);
+        let path = d.path().join("pages-1.img");
+        std::fs::write(&path, old).unwrap();
+        let mut idx = ChunkIndex::default();
+        let me = idx.add(path.clone(), chunk_file(&path, p).unwrap());
+        let fc = crate::chunk::chunk_pages(new);
+        let plan = plan_file(&fc.chunks, &idx);
+        let reads = readers(me, &fc.chunks, &plan);
+        local_order(me, &fc.chunks, &plan, &reads).1
+    }
+
+    /// Pages cut out of `v` at `at` (whole pages) and put back at `to` (of what is left).
+    fn move_pages(v: &[u8], at: usize, n: usize, to: usize) -> Vec<u8> {
+        let mut v = v.to_vec();
+        let run: Vec<u8> = v.drain(at * PAGE..(at + n) * PAGE).collect();
+        v.splice(to * PAGE..to * PAGE, run);
+        v
+    }
+
+    /// Data that moved towards the end of the file (pages inserted before it), towards its
+    /// start (pages removed before it), or both in different parts of the file, is updated in
+    /// place without keeping old bytes in memory (`memmove` order), and comes out right.
+    #[test]
+    fn moved_data_is_copied_in_an_order_that_keeps_nothing() {
+        let old = noise(11, 2048 * PAGE);
+        let mut up = old.clone();
+        up.splice(5 * PAGE..5 * PAGE, noise(12, 3 * PAGE));
+        let mut down = old.clone();
+        down.drain(3 * PAGE..7 * PAGE);
+        let mut both = old.clone();
+        both.drain(100 * PAGE..110 * PAGE);
+        both.splice(1500 * PAGE..1500 * PAGE, noise(13, 20 * PAGE));
+        // With both, the 20 inserted pages are fetched with the old pages at their chunk
+        // numbers as delta bases, which the moved data after them has overwritten by then:
+        // those 20 pages are kept (not the 2.2 MB the moved run covers).
+        for (name, new, limit) in [
+            ("up", &up, 0),
+            ("down", &down, 0),
+            ("both", &both, 20 * PAGE),
+        ] {
+            let k = kept(&old, new);
+            assert!(k <= limit as u64, "{name}: {k} old bytes kept");
+            let (out, got) = run(&old, new, &raw);
+            assert_eq!(out, Outcome::Done, "{name}");
+            assert!(
+                got == *new,
+                "{name}: content differs after the in-place update"
+            );
+        }
+    }
+
+    /// Regions that trade places cannot all be copied before they are overwritten: some old
+    /// bytes are kept, and the result is right.
+    #[test]
+    fn swapped_regions_keep_some_old_bytes_and_come_out_right() {
+        let old = noise(14, 2048 * PAGE);
+        let new = move_pages(&old, 0, 1024, 1024);
+        let k = kept(&old, &new);
+        assert!(k > 0 && k <= 1024 * PAGE as u64, "kept {k}");
+        let (out, got) = run(&old, &new, &raw);
+        assert_eq!(out, Outcome::Done);
+        assert!(got == new, "content differs after the in-place update");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+        /// Runs of pages moved about, pages rewritten, inserted and removed: the file comes
+        /// out as the new version, whatever order the pieces were written in.
+        #[test]
+        fn page_moves_come_out_byte_identical(
+            seed in 0u64..1000,
+            moves in proptest::collection::vec((0usize..1200, 1usize..300, 0usize..1200), 1..5),
+            rewrites in proptest::collection::vec(0usize..1200, 0..20),
+        ) {
+            let old = noise(seed, 1200 * PAGE);
+            let mut new = old.clone();
+            for (k, (at, n, to)) in moves.into_iter().enumerate() {
+                let pages = new.len() / PAGE;
+                let at = at % pages;
+                let n = n.min(pages - at);
+                let to = to % (pages - n + 1);
+                new = move_pages(&new, at, n, to);
+                if k % 2 == 1 {
+                    new.splice(to * PAGE..to * PAGE, noise(seed + k as u64, PAGE));
+                }
+            }
+            for (k, p) in rewrites.into_iter().enumerate() {
+                let p = p % (new.len() / PAGE);
+                new[p * PAGE..(p + 1) * PAGE].copy_from_slice(&noise(9000 + k as u64, PAGE));
+            }
+            let (out, got) = run(&old, &new, &raw);
+            proptest::prop_assert_eq!(out, Outcome::Done);
+            proptest::prop_assert!(got == new, "content differs after the in-place update");
+        }
     }
 
     #[test]
