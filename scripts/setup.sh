@@ -4,7 +4,7 @@
 set -euo pipefail
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-PKGS=(rsync python3 util-linux iproute2 diffutils openssh-server openssh-client ethtool time redis-server redis-tools runc busybox-static iptables haproxy wireguard-go wireguard-tools strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping fonts-dejavu-core)
+PKGS=(rsync xfsprogs python3 util-linux iproute2 diffutils openssh-server openssh-client ethtool time redis-server redis-tools runc busybox-static iptables haproxy wireguard-go wireguard-tools strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins iputils-ping fonts-dejavu-core)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -715,3 +715,108 @@ fn inplace_updates_a_large_memory_image_without_a_new_copy_and_small_files_the_u
         "sent too much: {st}"
     );
 }
+
+/// An XFS file system with reflinks on a loop file, mounted under the test's directory for as
+/// long as it lives.
+struct XfsMount {
+    mnt: std::path::PathBuf,
+}
+
+impl XfsMount {
+    fn new(d: &Dir) -> XfsMount {
+        let img = d.path("xfs.img");
+        let mnt = d.path("xfs");
+        fs::create_dir_all(&mnt).unwrap();
+        let run = |args: &[&OsStr]| {
+            let out = std::process::Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            OsStr::new("truncate"),
+            OsStr::new("-s"),
+            OsStr::new("320M"),
+            s(&img),
+        ]);
+        // mkfs.xfs comes from xfsprogs, which scripts/setup.sh installs.
+        run(&[
+            OsStr::new("mkfs.xfs"),
+            OsStr::new("-q"),
+            OsStr::new("-m"),
+            OsStr::new("reflink=1"),
+            s(&img),
+        ]);
+        run(&[
+            OsStr::new("mount"),
+            OsStr::new("-o"),
+            OsStr::new("loop"),
+            s(&img),
+            s(&mnt),
+        ]);
+        XfsMount { mnt }
+    }
+}
+
+impl Drop for XfsMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// On a file system with reflinks, a large file with a few changed pages is rebuilt from a
+/// clone of its old version: only the changed pages are written (the unchanged extents stay
+/// shared with a reflink copy taken before the sync), and the result is the new content.
+#[test]
+fn a_changed_large_file_is_rebuilt_from_a_reflink_clone() {
+    let d = Dir::new();
+    let xfs = XfsMount::new(&d);
+    let mut data = noise(31, 16 << 20);
+    let src = d.write("src/big.bin", &data);
+    let dst = xfs.mnt.join("dst");
+    ok(hop_cmd!["sync", "-a", d.path("src/"), &dst]);
+    // A reflink copy of the destination's version: extents the rebuilt file still shares with
+    // it were not written again.
+    let keep = xfs.mnt.join("keep.bin");
+    let out = std::process::Command::new("cp")
+        .args(["--reflink=always"])
+        .arg(dst.join("big.bin"))
+        .arg(&keep)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cp --reflink: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for k in (7..4000).step_by(401) {
+        data[k * 4096..(k + 1) * 4096].copy_from_slice(&noise(100 + k as u64, 4096));
+    }
+    fs::write(&src, &data).unwrap();
+    let st = sync_stats(&[OsStr::new("-a"), s(&d.path("src/")), s(&dst)]);
+    assert!(
+        fs::read(dst.join("big.bin")).unwrap() == data,
+        "content differs"
+    );
+    assert!(st["bytes_literal"].as_u64().unwrap() < 1 << 20);
+    let frag = std::process::Command::new("filefrag")
+        .arg("-v")
+        .arg(dst.join("big.bin"))
+        .output()
+        .unwrap();
+    let frag = String::from_utf8_lossy(&frag.stdout);
+    assert!(
+        frag.contains("shared"),
+        "no extent shared with the old version:\n{frag}"
+    );
+    // The old version's copy is untouched.
+    assert!(
+        fs::read(&keep).unwrap() == noise(31, 16 << 20),
+        "the reflink copy changed"
+    );
+}

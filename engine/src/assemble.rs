@@ -192,6 +192,15 @@ pub(crate) fn open_nofollow(path: &Path) -> Result<File> {
         .ctx("open", path)
 }
 
+/// Why [`Staged::clone_of`] made no clone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoClone {
+    /// The file system has no reflinks.
+    Unsupported,
+    /// This file could not be cloned (gone, unreadable, no space...).
+    Other,
+}
+
 /// A block of zeros to write or hash zero runs from, without allocating.
 static ZEROS: [u8; 65536] = [0; 65536];
 
@@ -377,6 +386,35 @@ impl Staged {
             dir: dir.to_path_buf(),
             named: Some(path),
         })
+    }
+
+    /// A staged file in the directory of `dest` that shares the blocks of `dest` (a reflink
+    /// clone, `FICLONE`): on XFS, Btrfs and other file systems that have them, updating the clone
+    /// in place and renaming it over `dest` writes only what changed and keeps the replacement
+    /// atomic. Fails where the file system cannot clone (ext4: [`NoClone::Unsupported`]) or
+    /// `dest` cannot be read.
+    pub fn clone_of(dest: &Path) -> std::result::Result<Staged, NoClone> {
+        use std::os::unix::io::AsRawFd;
+        let old = open_nofollow(dest).map_err(|_| NoClone::Other)?;
+        if !old.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(NoClone::Other);
+        }
+        let staged = Staged::create(dest).map_err(|_| NoClone::Other)?;
+        // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are
+        // open files owned by this function.
+        let rc = unsafe { libc::ioctl(staged.file.as_raw_fd(), libc::FICLONE, old.as_raw_fd()) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::debug!("{}: no reflink clone ({e})", dest.display());
+            // Dropping `staged` removes it.
+            return Err(match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY) => {
+                    NoClone::Unsupported
+                }
+                _ => NoClone::Other,
+            });
+        }
+        Ok(staged)
     }
 
     /// The open file.

@@ -48,7 +48,10 @@ pub enum Outcome {
 /// overwritten; other overwritten ranges are marked, and a read that meets one fails (the
 /// caller then fetches those chunks) rather than return new bytes for old.
 struct OldView<'f> {
+    /// Where the old content is read: the file being rewritten, or an unchanged original.
     file: &'f File,
+    /// The old content is read from another file than the one written: nothing is ever lost.
+    apart: bool,
     dest: &'f Path,
     old_len: u64,
     /// What the pieces not done yet will read from this file.
@@ -71,7 +74,7 @@ impl OldView<'_> {
     /// read; mark the rest lost.
     fn save(&mut self, pos: u64, len: u64) -> Result<()> {
         let end = (pos + len).min(self.old_len);
-        if end <= pos {
+        if end <= pos || self.apart {
             return Ok(());
         }
         let mut at = pos;
@@ -150,10 +153,6 @@ pub fn update(
     if !suitable(me, size, chunks, plan) {
         return Ok(Outcome::NotSuitable);
     }
-    let reads = readers(me, chunks, plan);
-    let starts = chunk_starts(chunks);
-    let chunk_at = |pos: u64| starts.binary_search(&pos).ok();
-
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -161,9 +160,41 @@ pub fn update(
         .custom_flags(libc::O_NOFOLLOW)
         .open(dest)
         .ctx("open for update", dest)?;
+    update_open(
+        &file, None, dest, me, size, hash, chunks, plan, files, next, refetch, sparse,
+    )
+}
+
+/// [`update`] of an open `file` that holds the content of index file `me`: that file itself, or
+/// a copy of it (a reflink clone to update and then rename over the original) with the
+/// `original` to read old content from (unchanged meanwhile, and in the page cache where the
+/// fresh clone is not). `dest` names the file in messages.
+#[allow(clippy::too_many_arguments)]
+pub fn update_open(
+    file: &File,
+    original: Option<&File>,
+    dest: &Path,
+    me: u32,
+    size: u64,
+    hash: &ChunkId,
+    chunks: &[ChunkSpec],
+    plan: &FilePlan,
+    files: &FileTable<'_>,
+    next: &mut dyn FnMut() -> Result<Fetched>,
+    refetch: &mut Refetch<'_>,
+    sparse: bool,
+) -> Result<Outcome> {
+    crate::assemble::check_listed(dest, size, hash, chunks)?;
+    if !suitable(me, size, chunks, plan) {
+        return Ok(Outcome::NotSuitable);
+    }
+    let reads = readers(me, chunks, plan);
+    let starts = chunk_starts(chunks);
+    let chunk_at = |pos: u64| starts.binary_search(&pos).ok();
     let old_len = file.metadata().ctx("stat", dest)?.len();
     let mut old = OldView {
-        file: &file,
+        file: original.unwrap_or(file),
+        apart: original.is_some(),
         dest,
         old_len,
         pending: Pending::new(&reads),
@@ -242,7 +273,7 @@ pub fn update(
                 }
                 Piece::Zero(len) => {
                     old.save(pos, len)?;
-                    zero(&file, dest, pos, len, sparse)?;
+                    zero(file, dest, pos, len, sparse)?;
                     None
                 }
                 Piece::Fetch(n) => {
@@ -591,6 +622,21 @@ pub fn suitable(me: u32, size: u64, chunks: &[ChunkSpec], plan: &FilePlan) -> bo
     local_order(me, chunks, plan, &reads).1 <= MAX_SAVED
 }
 
+/// Bytes of the new file that an in-place update of index file `me` writes (everything but the
+/// chunks already at their place).
+pub fn rewritten(me: u32, chunks: &[ChunkSpec], plan: &FilePlan) -> u64 {
+    let mut pos = 0u64;
+    let mut rewrite = 0u64;
+    for piece in &plan.pieces {
+        let len = piece_len(piece, chunks);
+        if !matches!(*piece, Piece::Local { file, offset, .. } if file == me && offset == pos) {
+            rewrite += len;
+        }
+        pos += len;
+    }
+    rewrite
+}
+
 /// Bytes a piece produces.
 fn piece_len(p: &Piece, chunks: &[ChunkSpec]) -> u64 {
     match *p {
@@ -673,6 +719,12 @@ mod tests {
     /// Write `old` as `pages-1.img`, update it in place to `new` (chunks fetched as `codec`
     /// produces them), and return the outcome and the file's content afterwards.
     fn run(old: &[u8], new: &[u8], codec: &Encode) -> (Outcome, Vec<u8>) {
+        run_in(old, new, codec, false)
+    }
+
+    /// [`run`], updating a copy of the old file (read from the original, as for a reflink
+    /// clone) when `apart`.
+    fn run_in(old: &[u8], new: &[u8], codec: &Encode, apart: bool) -> (Outcome, Vec<u8>) {
         let d = tempfile::tempdir().unwrap();
         let p = ChunkParams::default().with_pages(true);
         let path = d.path().join("pages-1.img");
@@ -705,6 +757,33 @@ mod tests {
                 })
                 .collect())
         };
+        if apart {
+            let copy = d.path().join("copy");
+            std::fs::write(&copy, old).unwrap();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&copy)
+                .unwrap();
+            let original = File::open(&path).unwrap();
+            let out = update_open(
+                &file,
+                Some(&original),
+                &copy,
+                me,
+                fc.size,
+                &fc.hash,
+                &fc.chunks,
+                &plan,
+                &table,
+                &mut next,
+                &mut refetch,
+                true,
+            )
+            .unwrap();
+            assert!(std::fs::read(&path).unwrap() == old, "the original changed");
+            return (out, std::fs::read(&copy).unwrap());
+        }
         let out = update(
             &path,
             me,
@@ -719,6 +798,20 @@ mod tests {
         )
         .unwrap();
         (out, std::fs::read(&path).unwrap())
+    }
+
+    /// A copy updated with the old content read from the unchanged original (the reflink
+    /// clone's way) comes out as the new version, and the original is left alone.
+    #[test]
+    fn a_copy_updated_from_its_original_comes_out_right() {
+        let (old, new) = images();
+        let (out, got) = run_in(&old, &new, &raw, true);
+        assert_eq!(out, Outcome::Done);
+        assert!(got == new, "content differs after the update of the copy");
+        let swapped = move_pages(&old, 0, 1024, 1024);
+        let (out, got) = run_in(&old, &swapped, &raw, true);
+        assert_eq!(out, Outcome::Done);
+        assert!(got == swapped, "content differs after the update of the copy");
     }
 
     /// Two memory images, `pages-1.img` (a) and `pages-2.img` (b), of 1100 pages each; b's new

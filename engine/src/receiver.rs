@@ -177,6 +177,9 @@ pub struct Receiver {
     dest_files: HashMap<RelPath, u32>,
     first_basis_file: u32,
     errors: Vec<Error>,
+    /// A reflink clone failed here once (the destination's file system has none): not tried
+    /// again.
+    no_clones: std::sync::atomic::AtomicBool,
     /// Held while this receiver exists: one sync at a time per destination.
     _lock: Option<std::fs::File>,
 }
@@ -321,6 +324,7 @@ impl Receiver {
             dest_files,
             first_basis_file,
             errors,
+            no_clones: Default::default(),
             _lock: held,
         })
     }
@@ -917,6 +921,72 @@ impl Receiver {
                 }
             }
         }
+        // Where the file system clones files, the staged copy starts as a clone of the old
+        // version and is updated in place: only changed data is written, the replacement stays
+        // atomic.
+        // Only where little is rewritten: rewriting much of a clone (the shifted tail after an
+        // insertion early in the file) costs XFS a copy-on-write of every extent written, more
+        // than writing a new file (1 GiB tree on XFS, local, 1 % of pages rewritten: with 5
+        // insertions 0.65-0.83 s cloning every file, 0.52-0.57 s with this limit, 0.51-0.56 s
+        // never cloning; without insertions 0.43-0.52 s against 0.60-0.97 s never cloning). The
+        // old content is read from the original, which is in the page cache; the clone is not.
+        if let Some(me) = table.number_of(&abs) {
+            if crate::inplace::suitable(me, *size, chunks, fp)
+                && crate::inplace::rewritten(me, chunks, fp) <= *size / CLONE_MAX_REWRITE_DIV
+                && !self.no_clones.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                let clone = crate::assemble::Staged::clone_of(io);
+                if clone.as_ref().err() == Some(&crate::assemble::NoClone::Unsupported) {
+                    self.no_clones
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let (Ok(tmp), Ok(original)) = (clone, crate::assemble::open_nofollow(io)) {
+                    let named = tmp.display_path();
+                    let r = fetching(source, lane, i, fp, req, progress, &mut |next| {
+                        let mut refetch = |want: &[u32]| refetch(source, i, chunks, want, progress);
+                        crate::inplace::update_open(
+                            tmp.file(),
+                            Some(&original),
+                            &named,
+                            me,
+                            *size,
+                            hash,
+                            chunks,
+                            fp,
+                            table,
+                            next,
+                            &mut refetch,
+                            opts.sparse,
+                        )
+                    });
+                    let sent = match r {
+                        Ok(crate::inplace::Outcome::Done) => Some((tmp, fp.literal)),
+                        Ok(crate::inplace::Outcome::NotSuitable) => None,
+                        Err(err) => {
+                            // Chunks may have been taken from the stream: fetch the file whole.
+                            tracing::warn!(
+                                "{}: update of a clone failed ({err}); rebuilding it whole",
+                                abs.display()
+                            );
+                            drop(tmp);
+                            let full = plan_file(chunks, &ChunkIndex::default());
+                            Some((attempt(&full, None)?, full.literal))
+                        }
+                    };
+                    if let Some((tmp, sent)) = sent {
+                        if opts.fsync {
+                            tmp.file().sync_all().ctx("fsync", &named)?;
+                        }
+                        meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
+                        self.make_way(io, &e.path, false, table)?;
+                        tmp.commit(io, &abs, table)?;
+                        Progress::add(&progress.bytes_done, *size);
+                        Progress::add(&progress.files_done, 1);
+                        return Ok(sent);
+                    }
+                }
+            }
+        }
         let (tmp, sent) = match attempt(fp, req) {
             Ok(t) => (t, fp.literal),
             Err(Error::Integrity { .. }) => {
@@ -1013,6 +1083,10 @@ impl Receiver {
 
 /// Bytes available to this process on the file system holding `path` (or its nearest existing
 /// ancestor).
+/// A file is rebuilt from a reflink clone of its old version only when at most this fraction
+/// (1/N) of it is rewritten.
+const CLONE_MAX_REWRITE_DIV: u64 = 4;
+
 fn free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let existing = path.ancestors().find(|p| p.exists())?;
