@@ -198,7 +198,7 @@ struct CacheFile {
     entries: Vec<CacheEntry>,
 }
 
-const CACHE_MAGIC: [u8; 8] = *b"HOPIDX04";
+const CACHE_MAGIC: [u8; 8] = *b"HOPIDX05";
 
 /// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
 /// file's size, mtime, ctime and inode are unchanged.

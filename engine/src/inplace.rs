@@ -811,7 +811,10 @@ mod tests {
         let swapped = move_pages(&old, 0, 1024, 1024);
         let (out, got) = run_in(&old, &swapped, &raw, true);
         assert_eq!(out, Outcome::Done);
-        assert!(got == swapped, "content differs after the update of the copy");
+        assert!(
+            got == swapped,
+            "content differs after the update of the copy"
+        );
     }
 
     /// Two memory images, `pages-1.img` (a) and `pages-2.img` (b), of 1100 pages each; b's new
