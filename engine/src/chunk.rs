@@ -4,8 +4,9 @@
 //! the chunks there. Files larger than two segments are cut in parallel: every segment is chunked
 //! on its own, then the sequential chunking is continued from each boundary until it lands on one
 //! of the next segment's cut points, after which the two agree by construction (a FastCDC cut
-//! depends only on the bytes since the previous cut). The result is identical to chunking the
-//! whole file on one core, which a property test checks.
+//! depends only on the bytes from the previous cut to the byte after it, all inside a segment
+//! for every cut but a segment's last, which is dropped). The result is identical to chunking
+//! the whole file on one core, which a property test checks.
 
 use crate::error::{Error, IoContext, Result};
 use crate::id::{is_zero, ChunkId};
@@ -497,7 +498,8 @@ pub const STREAM_WINDOW: usize = 32 << 20;
 /// reads the file: a 660 MB memory image has a 3 MB list, a quarter of a second at 100 Mbit/s.
 /// The pieces add up to exactly the list [`chunk_file`] gives: a window's last chunk is cut by
 /// the window's end, not by the content, so it is cut again as the start of the next window
-/// (a FastCDC cut depends only on the bytes since the previous cut). Stops with `part`'s error.
+/// (a FastCDC cut depends only on the bytes from the previous cut to the byte after it; see
+/// [`crate::rechunk`]). Stops with `part`'s error.
 pub fn chunk_file_streamed(
     path: &Path,
     p: ChunkParams,
