@@ -25,7 +25,7 @@ use std::path::Path;
 /// Most old bytes kept in memory while a file is updated in place (old content that a copy or
 /// a delta base still has to read when its place is overwritten); a plan that needs more is
 /// not done in place. The pieces are written in the order that keeps the fewest (see
-/// [`local_order`]): data that moved towards the start of the file is copied first-to-last,
+/// `local_order`): data that moved towards the start of the file is copied first-to-last,
 /// data that moved towards its end last-to-first, like `memmove`.
 pub const MAX_SAVED: u64 = 256 << 20;
 
