@@ -874,6 +874,15 @@ impl Receiver {
                 assemble(io, *size, hash, chunks, fp, table, next, opts)
             })
         };
+        // A staged file that holds the new content: its metadata, then renamed into place.
+        let install = |tmp: crate::assemble::Staged, sent: u64| -> Result<u64> {
+            meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
+            self.make_way(io, &e.path, false, table)?;
+            tmp.commit(io, &abs, table)?;
+            Progress::add(&progress.bytes_done, *size);
+            Progress::add(&progress.files_done, 1);
+            Ok(sent)
+        };
         if self.opts.inplace {
             if let Some(me) = table.number_of(&abs) {
                 if crate::inplace::suitable(me, *size, chunks, fp) {
@@ -911,13 +920,7 @@ impl Receiver {
                     }
                     // Partly updated (or never started): rebuild it from what the sender has.
                     let full = plan_file(chunks, &ChunkIndex::default());
-                    let tmp = attempt(&full, None)?;
-                    meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-                    self.make_way(io, &e.path, false, table)?;
-                    tmp.commit(io, &abs, table)?;
-                    Progress::add(&progress.bytes_done, *size);
-                    Progress::add(&progress.files_done, 1);
-                    return Ok(full.literal);
+                    return install(attempt(&full, None)?, full.literal);
                 }
             }
         }
@@ -977,12 +980,7 @@ impl Receiver {
                         if opts.fsync {
                             tmp.file().sync_all().ctx("fsync", &named)?;
                         }
-                        meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-                        self.make_way(io, &e.path, false, table)?;
-                        tmp.commit(io, &abs, table)?;
-                        Progress::add(&progress.bytes_done, *size);
-                        Progress::add(&progress.files_done, 1);
-                        return Ok(sent);
+                        return install(tmp, sent);
                     }
                 }
             }
@@ -1001,12 +999,7 @@ impl Receiver {
             }
             Err(err) => return Err(err),
         };
-        meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-        self.make_way(io, &e.path, false, table)?;
-        tmp.commit(io, &abs, table)?;
-        Progress::add(&progress.bytes_done, *size);
-        Progress::add(&progress.files_done, 1);
-        Ok(sent)
+        install(tmp, sent)
     }
 
     #[allow(clippy::too_many_arguments)]
