@@ -149,20 +149,21 @@ pub fn update(
     refetch: &mut Refetch<'_>,
     sparse: bool,
 ) -> Result<Outcome> {
-    crate::assemble::check_listed(dest, size, hash, chunks)?;
-    if !suitable(me, size, chunks, plan) {
-        return Ok(Outcome::NotSuitable);
-    }
+    let file = open_for_update(dest)?;
+    update_open(
+        &file, None, dest, me, size, hash, chunks, plan, files, next, refetch, sparse,
+    )
+}
+
+/// `dest` opened to be updated in place (never through a symbolic link).
+pub fn open_for_update(dest: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(dest)
-        .ctx("open for update", dest)?;
-    update_open(
-        &file, None, dest, me, size, hash, chunks, plan, files, next, refetch, sparse,
-    )
+        .ctx("open for update", dest)
 }
 
 /// [`update`] of an open `file` that holds the content of index file `me`: that file itself, or

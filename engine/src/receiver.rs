@@ -874,6 +874,36 @@ impl Receiver {
                 assemble(io, *size, hash, chunks, fp, table, next, opts)
             })
         };
+        // Update a file in place with the chunks of `fp`: a clone of this file reading old
+        // content from `original`, or (`None`) this file itself, opened here (an error then
+        // still ends the fetch of its chunks the way any failed update does).
+        let update = |clone: Option<(&std::fs::File, &std::fs::File)>, named: &Path, me| {
+            fetching(source, lane, i, fp, req, progress, &mut |next| {
+                let mut refetch = |want: &[u32]| refetch(source, i, chunks, want, progress);
+                let opened;
+                let (file, original) = match clone {
+                    Some((file, original)) => (file, Some(original)),
+                    None => {
+                        opened = crate::inplace::open_for_update(io)?;
+                        (&opened, None)
+                    }
+                };
+                crate::inplace::update_open(
+                    file,
+                    original,
+                    named,
+                    me,
+                    *size,
+                    hash,
+                    chunks,
+                    fp,
+                    table,
+                    next,
+                    &mut refetch,
+                    opts.sparse,
+                )
+            })
+        };
         // A staged file that holds the new content: its metadata, then renamed into place.
         let install = |tmp: crate::assemble::Staged, sent: u64| -> Result<u64> {
             meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
@@ -886,21 +916,7 @@ impl Receiver {
         if self.opts.inplace {
             if let Some(me) = table.number_of(&abs) {
                 if crate::inplace::suitable(me, *size, chunks, fp) {
-                    let r = fetching(source, lane, i, fp, req, progress, &mut |next| {
-                        let mut refetch = |want: &[u32]| refetch(source, i, chunks, want, progress);
-                        crate::inplace::update(
-                            io,
-                            me,
-                            *size,
-                            hash,
-                            chunks,
-                            fp,
-                            table,
-                            next,
-                            &mut refetch,
-                            opts.sparse,
-                        )
-                    });
+                    let r = update(None, io, me);
                     match r {
                         Ok(crate::inplace::Outcome::Done) => {
                             let f = crate::assemble::open_nofollow(io)?;
@@ -945,23 +961,7 @@ impl Receiver {
                 }
                 if let (Ok(tmp), Ok(original)) = (clone, crate::assemble::open_nofollow(io)) {
                     let named = tmp.display_path();
-                    let r = fetching(source, lane, i, fp, req, progress, &mut |next| {
-                        let mut refetch = |want: &[u32]| refetch(source, i, chunks, want, progress);
-                        crate::inplace::update_open(
-                            tmp.file(),
-                            Some(&original),
-                            &named,
-                            me,
-                            *size,
-                            hash,
-                            chunks,
-                            fp,
-                            table,
-                            next,
-                            &mut refetch,
-                            opts.sparse,
-                        )
-                    });
+                    let r = update(Some((tmp.file(), &original)), &named, me);
                     let sent = match r {
                         Ok(crate::inplace::Outcome::Done) => Some((tmp, fp.literal)),
                         Ok(crate::inplace::Outcome::NotSuitable) => None,

@@ -326,6 +326,9 @@ impl Sender {
                             base: None,
                         })?;
                     }
+                    // Read so far: the progress shows a large file's scan as it goes.
+                    let read: u64 = c.iter().map(|c| c.len as u64).sum();
+                    Progress::add(&self.progress.bytes_scanned, read);
                     sink(Frame::FileList {
                         part: crate::chunklist::ListPart::Chunks(c.to_vec()),
                         last: false,
@@ -448,7 +451,8 @@ impl Sender {
             })),
             _ => None,
         };
-        if let EntryKind::File { size, .. } = &e.kind {
+        // A streamed file's parts counted as they were cut.
+        if let (EntryKind::File { size, .. }, false) = (&e.kind, streamed) {
             Progress::add(&self.progress.bytes_scanned, *size);
         }
         self.files
