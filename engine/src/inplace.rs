@@ -134,27 +134,6 @@ impl OldView<'_> {
     }
 }
 
-/// Update `dest` (index file `me` of `files`) to the content described by `chunks`, following
-/// `plan`. An error after the first write leaves `dest` partly updated.
-#[allow(clippy::too_many_arguments)]
-pub fn update(
-    dest: &Path,
-    me: u32,
-    size: u64,
-    hash: &ChunkId,
-    chunks: &[ChunkSpec],
-    plan: &FilePlan,
-    files: &FileTable<'_>,
-    next: &mut dyn FnMut() -> Result<Fetched>,
-    refetch: &mut Refetch<'_>,
-    sparse: bool,
-) -> Result<Outcome> {
-    let file = open_for_update(dest)?;
-    update_open(
-        &file, None, dest, me, size, hash, chunks, plan, files, next, refetch, sparse,
-    )
-}
-
 /// `dest` opened to be updated in place (never through a symbolic link).
 pub fn open_for_update(dest: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -166,8 +145,9 @@ pub fn open_for_update(dest: &Path) -> Result<File> {
         .ctx("open for update", dest)
 }
 
-/// [`update`] of an open `file` that holds the content of index file `me`: that file itself, or
-/// a copy of it (a reflink clone to update and then rename over the original) with the
+/// Update an open `file` that holds the content of index file `me` (of `files`) to the content
+/// described by `chunks`, following `plan`; an error after the first write leaves it partly
+/// updated. `file` is that index file itself (see [`open_for_update`]), or a copy of it (a reflink clone to update and then rename over the original) with the
 /// `original` to read old content from (unchanged meanwhile, and in the page cache where the
 /// fresh clone is not). `dest` names the file in messages.
 #[allow(clippy::too_many_arguments)]
@@ -186,10 +166,14 @@ pub fn update_open(
     sparse: bool,
 ) -> Result<Outcome> {
     crate::assemble::check_listed(dest, size, hash, chunks)?;
-    if !suitable(me, size, chunks, plan) {
+    if !pieces_fit(size, chunks, plan) {
         return Ok(Outcome::NotSuitable);
     }
     let reads = readers(me, chunks, plan);
+    let (order, kept) = local_order(me, chunks, plan, &reads);
+    if kept > MAX_SAVED {
+        return Ok(Outcome::NotSuitable);
+    }
     let starts = chunk_starts(chunks);
     let chunk_at = |pos: u64| starts.binary_search(&pos).ok();
     let old_len = file.metadata().ctx("stat", dest)?.len();
@@ -216,7 +200,6 @@ pub fn update_open(
     let mut deferred: Vec<u32> = Vec::new();
     let mut fetched = 0usize;
     let positions = piece_positions(chunks, plan);
-    let (order, _) = local_order(me, chunks, plan, &reads);
     // Two passes over the pieces: first everything this side holds (copies and zeros), while
     // the fetched chunks are still on their way; then the fetched chunks (and repeats of them)
     // in the order they arrive. One pass in file order made the copies wait for the network,
@@ -605,6 +588,16 @@ fn chunks_in(starts: &[u64], pos: u64, len: u64) -> Vec<u32> {
 /// add up to the file, it has at least [`MIN_SIZE`] bytes, and in the best order at most
 /// [`MAX_SAVED`] old bytes have to be kept in memory.
 pub fn suitable(me: u32, size: u64, chunks: &[ChunkSpec], plan: &FilePlan) -> bool {
+    if !pieces_fit(size, chunks, plan) {
+        return false;
+    }
+    let reads = readers(me, chunks, plan);
+    local_order(me, chunks, plan, &reads).1 <= MAX_SAVED
+}
+
+/// The checks of [`suitable`] that do not depend on the order: at least [`MIN_SIZE`] bytes,
+/// every piece starting on a chunk, the pieces adding up to the file.
+fn pieces_fit(size: u64, chunks: &[ChunkSpec], plan: &FilePlan) -> bool {
     if size < MIN_SIZE {
         return false;
     }
@@ -616,11 +609,7 @@ pub fn suitable(me: u32, size: u64, chunks: &[ChunkSpec], plan: &FilePlan) -> bo
         }
         pos += piece_len(piece, chunks);
     }
-    if pos != size || starts.last() != Some(&size) {
-        return false;
-    }
-    let reads = readers(me, chunks, plan);
-    local_order(me, chunks, plan, &reads).1 <= MAX_SAVED
+    pos == size && starts.last() == Some(&size)
 }
 
 /// Bytes of the new file that an in-place update of index file `me` writes (everything but the
@@ -758,35 +747,20 @@ mod tests {
                 })
                 .collect())
         };
-        if apart {
+        // The file written: the old one itself, or a copy of it updated from the original.
+        let written = if apart {
             let copy = d.path().join("copy");
             std::fs::write(&copy, old).unwrap();
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&copy)
-                .unwrap();
-            let original = File::open(&path).unwrap();
-            let out = update_open(
-                &file,
-                Some(&original),
-                &copy,
-                me,
-                fc.size,
-                &fc.hash,
-                &fc.chunks,
-                &plan,
-                &table,
-                &mut next,
-                &mut refetch,
-                true,
-            )
-            .unwrap();
-            assert!(std::fs::read(&path).unwrap() == old, "the original changed");
-            return (out, std::fs::read(&copy).unwrap());
-        }
-        let out = update(
-            &path,
+            copy
+        } else {
+            path.clone()
+        };
+        let file = open_for_update(&written).unwrap();
+        let original = apart.then(|| File::open(&path).unwrap());
+        let out = update_open(
+            &file,
+            original.as_ref(),
+            &written,
             me,
             fc.size,
             &fc.hash,
@@ -798,7 +772,10 @@ mod tests {
             true,
         )
         .unwrap();
-        (out, std::fs::read(&path).unwrap())
+        if apart {
+            assert!(std::fs::read(&path).unwrap() == old, "the original changed");
+        }
+        (out, std::fs::read(&written).unwrap())
     }
 
     /// A copy updated with the old content read from the unchanged original (the reflink
@@ -863,7 +840,9 @@ mod tests {
                 .map(|&n| newb[offs[n as usize] as usize..][..PAGE].to_vec())
                 .collect())
         };
-        let out = update(
+        let out = update_open(
+            &open_for_update(&pb).unwrap(),
+            None,
             &pb,
             ib,
             fcb.size,
