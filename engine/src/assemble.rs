@@ -391,9 +391,10 @@ impl Staged {
     /// A staged file in the directory of `dest` that shares the blocks of `dest` (a reflink
     /// clone, `FICLONE`): on XFS, Btrfs and other file systems that have them, updating the clone
     /// in place and renaming it over `dest` writes only what changed and keeps the replacement
-    /// atomic. Fails where the file system cannot clone (ext4: [`NoClone::Unsupported`]) or
-    /// `dest` cannot be read.
-    pub fn clone_of(dest: &Path) -> std::result::Result<Staged, NoClone> {
+    /// atomic. Returns the clone and `dest` opened for reading (the original it was made from).
+    /// Fails where the file system cannot clone (ext4: [`NoClone::Unsupported`]) or `dest`
+    /// cannot be read.
+    pub fn clone_of(dest: &Path) -> std::result::Result<(Staged, File), NoClone> {
         use std::os::unix::io::AsRawFd;
         let old = open_nofollow(dest).map_err(|_| NoClone::Other)?;
         if !old.metadata().is_ok_and(|m| m.is_file()) {
@@ -414,7 +415,7 @@ impl Staged {
                 _ => NoClone::Other,
             });
         }
-        Ok(staged)
+        Ok((staged, old))
     }
 
     /// The open file.

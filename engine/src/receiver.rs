@@ -949,17 +949,17 @@ impl Receiver {
         // insertions 0.65-0.83 s cloning every file, 0.52-0.57 s with this limit, 0.51-0.56 s
         // never cloning; without insertions 0.43-0.52 s against 0.60-0.97 s never cloning). The
         // old content is read from the original, which is in the page cache; the clone is not.
-        if let Some(me) = table.number_of(&abs) {
-            if crate::inplace::suitable(me, *size, chunks, fp)
-                && crate::inplace::rewritten(me, chunks, fp) <= *size / CLONE_MAX_REWRITE_DIV
-                && !self.no_clones.load(std::sync::atomic::Ordering::Relaxed)
+        let clones = !self.no_clones.load(std::sync::atomic::Ordering::Relaxed);
+        if let (Some(me), true) = (table.number_of(&abs), clones) {
+            if crate::inplace::rewritten(me, chunks, fp) <= *size / CLONE_MAX_REWRITE_DIV
+                && crate::inplace::suitable(me, *size, chunks, fp)
             {
                 let clone = crate::assemble::Staged::clone_of(io);
                 if clone.as_ref().err() == Some(&crate::assemble::NoClone::Unsupported) {
                     self.no_clones
                         .store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                if let (Ok(tmp), Ok(original)) = (clone, crate::assemble::open_nofollow(io)) {
+                if let Ok((tmp, original)) = clone {
                     let named = tmp.display_path();
                     let r = update(Some((tmp.file(), &original)), &named, me);
                     let sent = match r {
