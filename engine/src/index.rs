@@ -263,8 +263,7 @@ impl IndexCache {
 
     /// The cached chunk list of `path` if it was recorded under stat key `key`.
     pub fn lookup_key(&self, path: &Path, key: &StatKey) -> Option<&FileChunks> {
-        let e = self.entries.get(path)?;
-        (e.stat == *key).then_some(&e.chunks)
+        self.lookup_fps(path, key).map(|(chunks, _)| chunks)
     }
 
     /// [`IndexCache::lookup_key`], with the fingerprints of the chunks (empty when not kept).

@@ -15,7 +15,7 @@
 use crate::assemble::{decode_fetched, read_base, Fetched, FileTable};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ChunkId;
-use crate::manifest::ChunkSpec;
+use crate::manifest::{chunk_starts, ChunkSpec};
 use crate::plan::{FilePlan, Piece};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -558,18 +558,6 @@ fn kept_by(
         }
     }
     kept
-}
-
-/// Where each chunk starts, and the total length last.
-fn chunk_starts(chunks: &[ChunkSpec]) -> Vec<u64> {
-    let mut starts = Vec::with_capacity(chunks.len() + 1);
-    let mut at = 0u64;
-    for c in chunks {
-        starts.push(at);
-        at += c.len as u64;
-    }
-    starts.push(at);
-    starts
 }
 
 /// Fetches chunks of the file being updated again, by number, plainly (no references or patches

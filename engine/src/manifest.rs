@@ -89,6 +89,13 @@ pub fn chunk_offsets(chunks: &[ChunkSpec]) -> Vec<u64> {
         .collect()
 }
 
+/// [`chunk_offsets`] with the total length appended: chunk `i` is `starts[i]..starts[i + 1]`.
+pub fn chunk_starts(chunks: &[ChunkSpec]) -> Vec<u64> {
+    let mut starts = chunk_offsets(chunks);
+    starts.push(chunks.iter().map(|c| c.len as u64).sum());
+    starts
+}
+
 /// Most entries a manifest may hold (a limit against a hostile sender).
 pub const MAX_ENTRIES: usize = 1 << 24;
 

@@ -28,7 +28,6 @@ use crate::chunk::{
     ListParts, PAGE,
 };
 use crate::error::Result;
-use crate::id::{is_zero, ChunkId};
 use crate::manifest::ChunkSpec;
 use fastcdc::v2020::FastCDC;
 use rayon::prelude::*;
@@ -92,20 +91,6 @@ pub fn chunk_file_fp(
     with_file_bytes(path, |data| chunk_data(data, p, paged, prior, WINDOW, part))
 }
 
-/// [`chunk_file_fp`] over bytes in memory, cut on every page when `paged`.
-pub fn chunk_bytes_fp(
-    data: &[u8],
-    p: ChunkParams,
-    paged: bool,
-    prior: Option<Prior<'_>>,
-) -> Chunked {
-    // Nothing to hand on: no error to expect.
-    match chunk_data(data, p, paged, prior, WINDOW, None) {
-        Ok(c) => c,
-        Err(_) => unreachable!("chunking bytes in memory does not fail"),
-    }
-}
-
 /// The previous list, indexed: chunk start offsets, and chunks by fingerprint.
 struct Known<'a> {
     prior: Prior<'a>,
@@ -119,13 +104,7 @@ impl<'a> Known<'a> {
         if prior.fps.len() != prior.chunks.len() || prior.chunks.is_empty() {
             return None;
         }
-        let mut offs = Vec::with_capacity(prior.chunks.len() + 1);
-        let mut o = 0u64;
-        for c in prior.chunks {
-            offs.push(o);
-            o += c.len as u64;
-        }
-        offs.push(o);
+        let offs = crate::manifest::chunk_starts(prior.chunks);
         let mut by_fp = HashMap::with_capacity(prior.fps.len());
         for (i, fp) in prior.fps.iter().enumerate() {
             by_fp.entry(*fp).or_insert(i as u32);
@@ -353,15 +332,7 @@ fn scan_window(
         .par_iter()
         .map(|piece| match *piece {
             Piece::Old(i) => (k.prior.chunks[i as usize], k.prior.fps[i as usize]),
-            Piece::New(off, len, fp) => {
-                let c = &data[off..off + len as usize];
-                let spec = ChunkSpec {
-                    len,
-                    id: ChunkId::of(c),
-                    zero: is_zero(c),
-                };
-                (spec, fp)
-            }
+            Piece::New(off, len, fp) => (spec_of(&data[off..off + len as usize]), fp),
         })
         .unzip();
     (specs, fps, pos - start, reused)
@@ -372,6 +343,16 @@ mod tests {
     use super::*;
     use crate::chunk::{chunk_bytes, chunk_pages, tests_support::noise};
     use proptest::prelude::*;
+
+    /// [`chunk_file_fp`] over bytes in memory, cut on every page when `paged`.
+    fn chunk_bytes_fp(
+        data: &[u8],
+        p: ChunkParams,
+        paged: bool,
+        prior: Option<Prior<'_>>,
+    ) -> Chunked {
+        chunk_data(data, p, paged, prior, WINDOW, None).unwrap()
+    }
 
     fn prior_of(c: &Chunked) -> Prior<'_> {
         Prior {
