@@ -606,3 +606,50 @@ fn odd_file_names_cross_byte_for_byte() {
         );
     }
 }
+
+/// With zstd, the chunks a stream carries form one zstd stream: a file compresses with the files
+/// sent before it. 300 small files share most of their (random, so alone incompressible) bytes
+/// but differ every 1,000 bytes, so no chunk of one is a chunk of another: only the stream's
+/// history can make them small. Pushed and pulled, byte for byte.
+#[test]
+fn small_files_compress_with_the_ones_sent_before_them() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    let base = noise(77, 12_000);
+    for i in 0..300u32 {
+        let mut f = base.clone();
+        for k in (0..f.len()).step_by(1000) {
+            f[k..k + 4].copy_from_slice(&i.to_le_bytes());
+        }
+        fs::write(src.join(format!("f{i:03}")), f).unwrap();
+    }
+    let total = 300 * base.len() as u64;
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    let push = stats(c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new("--compress"),
+        OsStr::new("zstd"),
+        OsStr::new(&format!("{}/", src.display())),
+        OsStr::new(&srv.url("small")),
+    ]));
+    assert_same_tree(&src, &srv.root.join("small"));
+    assert_eq!(push["files_written"], 300, "{push}");
+    assert_eq!(push["bytes_literal"].as_u64(), Some(total), "{push}");
+    let pull = stats(c.sync(&[
+        OsStr::new("--compress"),
+        OsStr::new("zstd"),
+        OsStr::new(&srv.url("small/")),
+        s(&d.path("back")),
+    ]));
+    assert_same_tree(&src, &d.path("back"));
+    for st in [push, pull] {
+        // Alone, each file would cost its 12,000 bytes (3.6 MB); in the stream a few dozen
+        // streams' first files cost that, the rest a few hundred bytes each.
+        let wire = st["bytes_wire"].as_u64().unwrap();
+        assert!(
+            wire < total / 4,
+            "{wire} bytes on the wire for {total}: {st}"
+        );
+    }
+}

@@ -31,7 +31,7 @@ pub mod rechunk;
 pub mod report;
 pub mod scan;
 pub mod sender;
-mod zstd_ctx;
+pub mod zstd_ctx;
 
 pub use chunk::ChunkParams;
 pub use error::{Error, Result};

@@ -81,7 +81,7 @@ impl ChunkSource for LocalSource<'_> {
             &want,
             &hints,
             no_refs,
-            false,
+            crate::sender::Packing::Alone,
             &mut |frame| match self.wire.pass(&frame)? {
                 Frame::Data {
                     chunk,

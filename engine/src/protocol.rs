@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in the handshake.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Largest encoded frame accepted: one maximum-size chunk (16 MiB) plus headers.
 pub const MAX_FRAME: usize = (16 << 20) + 4096;
@@ -177,7 +177,26 @@ pub enum Frame {
         #[serde(with = "serde_bytes_compat")]
         bytes: Vec<u8>,
     },
+    /// The payloads of the next `lens.len()` (1 to [`GROUP_CHUNKS`]) wanted chunks, from chunk
+    /// `first` on, compressed as the next piece of the zstd stream of the chunk stream they
+    /// travel on (see [`crate::zstd_ctx::StreamCompressor`]): decoded in the order the frames
+    /// came, each with what came before it on that stream. Several chunks add up to at most
+    /// [`GROUP_MAX`] bytes; one chunk may be as long as a chunk may be.
+    DataStream {
+        /// Manifest entry number.
+        entry: u32,
+        /// Chunk number of the first chunk.
+        first: u32,
+        /// Each chunk's length, in want order.
+        lens: Vec<u32>,
+        /// The stream's next flushed piece.
+        #[serde(with = "serde_bytes_compat")]
+        bytes: Vec<u8>,
+    },
 }
+
+/// Longest chunk a [`Frame::DataStream`] may carry alone (the largest chunk size).
+pub const STREAM_CHUNK_MAX: usize = 16 << 20;
 
 /// Most uncompressed bytes a [`Frame::DataGroup`] may carry.
 pub const GROUP_MAX: usize = 256 << 10;
@@ -205,13 +224,45 @@ pub fn split_group(lens: &[u32], frame: &[u8]) -> Result<Vec<Vec<u8>>> {
             all.len()
         )));
     }
+    Ok(cut(&all, lens))
+}
+
+/// The chunks of a [`Frame::DataStream`]: the next piece of the stream decoded by `stream`
+/// (never beyond the sum of `lens`) and cut at `lens`. Refused when the frame is out of bounds
+/// or does not decode to exactly that many bytes, after which the stream is out of step. Each
+/// chunk is still to be checked against its id by the receiver.
+pub fn split_stream(
+    stream: &mut crate::zstd_ctx::StreamDecompressor,
+    lens: &[u32],
+    bytes: &[u8],
+) -> Result<Vec<Vec<u8>>> {
+    let total: u64 = lens.iter().map(|&l| l as u64).sum();
+    let cap = if lens.len() == 1 {
+        STREAM_CHUNK_MAX
+    } else {
+        GROUP_MAX
+    };
+    if !(1..=GROUP_CHUNKS).contains(&lens.len()) || total > cap as u64 || lens.contains(&0) {
+        return Err(Error::Protocol(format!(
+            "a chunk stream frame of {} chunks and {total} bytes",
+            lens.len()
+        )));
+    }
+    let all = stream
+        .decompress(bytes, total as usize)
+        .map_err(|e| Error::Compression(format!("chunk stream does not decompress: {e}")))?;
+    Ok(cut(&all, lens))
+}
+
+/// `all` cut into pieces of `lens` (which add up to its length).
+fn cut(all: &[u8], lens: &[u32]) -> Vec<Vec<u8>> {
     let mut out = Vec::with_capacity(lens.len());
     let mut at = 0usize;
     for &l in lens {
         out.push(all[at..at + l as usize].to_vec());
         at += l as usize;
     }
-    Ok(out)
+    out
 }
 
 /// Serialize `Vec<u8>` as one byte string (postcard already does; kept explicit for clarity).

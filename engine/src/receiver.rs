@@ -134,6 +134,8 @@ pub struct Request {
     /// Ask the sender not to answer with references to chunks it believes the receiver holds
     /// (set on the retry after such a chunk turned out to be missing).
     pub no_refs: bool,
+    /// The bytes the wanted chunks hold (what a source weighs when it spreads requests).
+    pub bytes: u64,
 }
 
 /// The request for a file's fetches, with delta hints read from each chunk's base.
@@ -164,6 +166,7 @@ fn request(
         want: fp.fetch.clone(),
         hints,
         no_refs: false,
+        bytes: fp.literal,
     }
 }
 
@@ -1117,6 +1120,11 @@ fn refetch(
         want: want.to_vec(),
         hints: Vec::new(),
         no_refs: true,
+        bytes: want
+            .iter()
+            .filter_map(|&n| chunks.get(n as usize))
+            .map(|c| c.len as u64)
+            .sum(),
     };
     let mut out = Vec::with_capacity(want.len());
     source.fetch_alone(&req, &mut |(n, codec, bytes)| {
@@ -1190,6 +1198,7 @@ fn fetch_and_build<T: Send>(
                 want: fp.fetch.clone(),
                 hints: Vec::new(),
                 no_refs: true,
+                bytes: fp.literal,
             };
             &fallback
         }

@@ -4,6 +4,19 @@
 //! that costs more than the compression itself (a profile of a checkpoint delta put 0.4 CPU-s of
 //! each side in `ZSTD_createCCtx` / `ZSTD_createDCtx`). Chunks are compressed one by one on the
 //! sender's and receiver's worker threads, so a context per thread is reused for all of them.
+//!
+//! A chunk stream compresses its data as one zstd stream instead ([`StreamCompressor`] at the
+//! sender, [`StreamDecompressor`] at the receiver, one of each per QUIC stream): every frame is
+//! flushed, so it decodes as soon as it arrives, and later frames refer back to earlier ones.
+//! Files of a tree share much (headers, licences, the same library in two packages): a 1.2 GB
+//! container root file system of 45,701 files took 515 MB as zstd 1 frames of a file (or 1 MiB)
+//! each, 491 MB as a zstd 1 stream and 464 MB at level 2 (rsync -z: 461 MB).
+
+use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter, InBuffer, OutBuffer};
+
+/// Window of a chunk stream's zstd stream: 2 MiB, so 16 streams at a receiver (2 lanes of 8)
+/// hold 32 MiB of history; level 1's own window is 512 KiB.
+pub const STREAM_WINDOW_LOG: u32 = 21;
 
 thread_local! {
     static CCTX: std::cell::RefCell<zstd::zstd_safe::CCtx<'static>> =
@@ -33,9 +46,160 @@ pub fn decompress(frame: &[u8], cap: usize) -> Result<Vec<u8>, String> {
     })
 }
 
+/// The compressing end of a chunk stream's zstd stream.
+pub struct StreamCompressor {
+    cctx: CCtx<'static>,
+}
+
+impl StreamCompressor {
+    /// A stream compressing at `level`; `None` if zstd refuses the settings.
+    pub fn new(level: i32) -> Option<Self> {
+        let mut cctx = CCtx::try_create()?;
+        cctx.set_parameter(CParameter::CompressionLevel(level))
+            .ok()?;
+        cctx.set_parameter(CParameter::WindowLog(STREAM_WINDOW_LOG))
+            .ok()?;
+        Some(StreamCompressor { cctx })
+    }
+
+    /// `data` as the next piece of the stream, flushed: the receiver decodes it with what came
+    /// before. `None` if zstd fails; the stream is then out of step and must not be used again.
+    pub fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
+        let mut out: Vec<u8> = Vec::with_capacity(zstd_safe::compress_bound(data.len()) + 64);
+        let mut input = InBuffer::around(data);
+        loop {
+            let at = out.len();
+            let mut output = OutBuffer::around_pos(&mut out, at);
+            let left = self
+                .cctx
+                .compress_stream2(
+                    &mut output,
+                    &mut input,
+                    zstd_safe::zstd_sys::ZSTD_EndDirective::ZSTD_e_flush,
+                )
+                .ok()?;
+            if left == 0 && input.pos() == data.len() {
+                return Some(out);
+            }
+            out.reserve(left.max(4096));
+        }
+    }
+}
+
+/// The decompressing end of a chunk stream's zstd stream; its context is made on first use.
+#[derive(Default)]
+pub struct StreamDecompressor {
+    dctx: Option<DCtx<'static>>,
+}
+
+impl StreamDecompressor {
+    /// Decode the next piece of the stream, `frame`, which must give exactly `len` bytes:
+    /// nothing beyond `len` is ever written, and a window larger than the sender's is refused,
+    /// so a hostile peer cannot make it allocate more.
+    pub fn decompress(&mut self, frame: &[u8], len: usize) -> Result<Vec<u8>, String> {
+        let dctx = match &mut self.dctx {
+            Some(d) => d,
+            None => {
+                let mut d = DCtx::try_create().ok_or("no zstd context")?;
+                d.set_parameter(DParameter::WindowLogMax(STREAM_WINDOW_LOG))
+                    .map_err(|e| zstd_safe::get_error_name(e).to_string())?;
+                self.dctx.insert(d)
+            }
+        };
+        let mut out: Vec<u8> = Vec::with_capacity(len);
+        let mut input = InBuffer::around(frame);
+        loop {
+            let (read, written) = (input.pos(), out.len());
+            let mut output = OutBuffer::around_pos(&mut out, written);
+            dctx.decompress_stream(&mut output, &mut input)
+                .map_err(|e| zstd_safe::get_error_name(e).to_string())?;
+            if input.pos() == frame.len() && out.len() == len {
+                // All read and all room used: anything the context still holds is more than
+                // was announced (the stream would be out of step).
+                let mut probe = [0u8; 1];
+                let mut spill = OutBuffer::around(&mut probe);
+                let mut nothing = InBuffer::around(&[]);
+                dctx.decompress_stream(&mut spill, &mut nothing)
+                    .map_err(|e| zstd_safe::get_error_name(e).to_string())?;
+                if spill.pos() > 0 {
+                    return Err(format!("more than the {len} bytes announced"));
+                }
+                return Ok(out);
+            }
+            if (input.pos(), out.len()) == (read, written) {
+                return Err(if out.len() == len {
+                    format!("more than the {len} bytes announced")
+                } else {
+                    format!("{} bytes, not the {len} announced", out.len())
+                });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_decodes_piece_by_piece_and_refers_back() {
+        let text: Vec<u8> = (0..50_000u32)
+            .flat_map(|i| format!("line {} of a log\n", i % 977).into_bytes())
+            .collect();
+        let pieces: Vec<&[u8]> = text.chunks(20_000).collect();
+        let mut c = StreamCompressor::new(1).unwrap();
+        let mut d = StreamDecompressor::default();
+        let mut total = 0;
+        for (i, p) in pieces.iter().enumerate() {
+            let z = c.compress(p).unwrap();
+            total += z.len();
+            if i > 0 {
+                // History helps: a piece costs less than compressed alone.
+                assert!(z.len() < compress(p, 1).unwrap().len(), "piece {i}");
+            }
+            assert_eq!(d.decompress(&z, p.len()).unwrap(), *p, "piece {i}");
+        }
+        assert!(total < text.len() / 20);
+        // Incompressible data grows by a few bytes only (raw blocks), never to the bound.
+        let noise: Vec<u8> = (0..300_000u64)
+            .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as u8)
+            .collect();
+        let z = c.compress(&noise).unwrap();
+        assert!(z.len() <= noise.len() + 64, "{}", z.len());
+        assert_eq!(d.decompress(&z, noise.len()).unwrap(), noise);
+    }
+
+    #[test]
+    fn a_stream_piece_must_have_its_announced_length() {
+        let data = vec![42u8; 100_000];
+        let mut c = StreamCompressor::new(3).unwrap();
+        let z = c.compress(&data).unwrap();
+        // Announced shorter: refused, never written past.
+        assert!(StreamDecompressor::default()
+            .decompress(&z, data.len() - 1)
+            .is_err());
+        // Announced longer: refused.
+        assert!(StreamDecompressor::default()
+            .decompress(&z, data.len() + 1)
+            .is_err());
+        assert!(StreamDecompressor::default()
+            .decompress(b"not zstd at all", 10)
+            .is_err());
+        // A later piece cannot be read without the ones before it.
+        let z2 = c.compress(&data).unwrap();
+        assert!(StreamDecompressor::default()
+            .decompress(&z2, data.len())
+            .is_err());
+        // A window larger than agreed is refused.
+        let mut big = CCtx::create();
+        big.set_parameter(CParameter::WindowLog(STREAM_WINDOW_LOG + 2))
+            .unwrap();
+        let mut wide = StreamCompressor { cctx: big };
+        let z = wide.compress(&data).unwrap();
+        assert!(StreamDecompressor::default()
+            .decompress(&z, data.len())
+            .is_err());
+    }
 
     #[test]
     fn round_trip_and_bound() {

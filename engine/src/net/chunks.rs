@@ -1,12 +1,14 @@
 //! The sender's side of chunk transfer: every stream the receiver opens carries want-lists one
 //! way and chunk data the other. Reading and compressing run on a blocking thread per stream
 //! while the async side reads want-lists and writes data, so disk, CPU and network overlap;
-//! bounded channels keep memory bounded.
+//! bounded channels keep memory bounded. With compression on, a stream's data is one zstd
+//! stream ([`Frame::DataStream`]), so each file compresses with those sent before it.
 
 use super::wire::{read_msg, write_chunks};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame};
-use crate::sender::Sender;
+use crate::sender::{Packing, Sender};
+use crate::zstd_ctx::StreamCompressor;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -50,8 +52,20 @@ async fn serve_stream(
     let lists = out_tx.clone();
     let worker_sender = sender.clone();
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
+        // The stream's zstd stream: what it carries compresses with what it carried before.
+        let mut stream = worker_sender
+            .compress_level()
+            .map(|level| {
+                StreamCompressor::new(level)
+                    .ok_or_else(|| Error::Compression(format!("zstd level {level} refused")))
+            })
+            .transpose()?;
         while let Some((entry, want, hints, no_refs)) = want_rx.blocking_recv() {
-            worker_sender.serve(entry, &want, &hints, no_refs, true, &mut |frame| {
+            let packing = match &mut stream {
+                Some(s) => Packing::Stream(s),
+                None => Packing::Groups,
+            };
+            worker_sender.serve(entry, &want, &hints, no_refs, packing, &mut |frame| {
                 out_tx
                     .blocking_send(frame_parts(frame)?)
                     .map_err(|_| Error::Transport("chunk stream closed".into()))

@@ -12,7 +12,7 @@ use crate::manifest::MAX_ENTRIES;
 use crate::protocol::{self, Frame};
 use crate::receiver::Receiver;
 use crate::report::{Progress, Report};
-use crate::sender::Sender;
+use crate::sender::{Packing, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -232,7 +232,7 @@ impl Push {
         let (out, mut frames) = tokio::sync::mpsc::channel::<[bytes::Bytes; 2]>(64);
         let worker = tokio::task::spawn_blocking(move || {
             while let Some((entry, want)) = rx.blocking_recv() {
-                let r = sender.serve(entry, &want, &[], false, false, &mut |frame| {
+                let r = sender.serve(entry, &want, &[], false, Packing::Alone, &mut |frame| {
                     out.blocking_send(super::chunks::frame_parts(frame)?)
                         .map_err(|_| Error::Transport("push stream closed".into()))
                 });

@@ -2,11 +2,14 @@
 //!
 //! Each lane of the receiver gets a few streams (*strands*, see
 //! [`super::endpoint::NetOptions::strands`]). Every request announced for a lane is written at
-//! once, split into parts of at most [`PART_CHUNKS`] chunks that go to the lane's strands in
-//! turn, so the sender answers while earlier files are still being assembled and while the
-//! manifest is still arriving, and one large file is in flight on every strand. The strands'
-//! flow-control windows (and a small bounded queue each) are the only buffering; the lane reads
-//! the parts back in order. A fetch that was not announced (a retry) gets a stream of its own.
+//! once, split into parts of at most [`PART_CHUNKS`] chunks; parts go to one strand until it
+//! was given [`STRAND_RUN`] bytes, then to the next, so the sender answers while earlier files
+//! are still being assembled and while the manifest is still arriving, one large file is in
+//! flight on every strand, and small files that follow each other share a strand (and its zstd
+//! stream, see [`crate::zstd_ctx`]). The strands' flow-control windows (and a small bounded
+//! queue each) are the only buffering; the lane reads the parts back in order, decoding each
+//! strand's stream as it goes. A fetch that was not announced (a retry) gets a stream of its
+//! own.
 
 use super::pushed::Pushed;
 use super::wire::{read_msg, write_msg};
@@ -14,6 +17,7 @@ use crate::assemble::Fetched;
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame};
 use crate::receiver::{ChunkSource, Request};
+use crate::zstd_ctx::StreamDecompressor;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
@@ -22,8 +26,12 @@ use tokio::sync::mpsc;
 /// Frames read from one stream, ahead of use.
 const QUEUE: usize = 16;
 
-/// Chunks per part: a request for more is split into parts on successive strands.
+/// Chunks per part: a request for more is split into parts.
 pub const PART_CHUNKS: usize = 16;
+
+/// Bytes of parts a strand is given before the next strand's turn: half a stream window, so
+/// each strand keeps a few runs in flight; a few dozen small files share a stream's context.
+pub const STRAND_RUN: u64 = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -35,7 +43,22 @@ struct Strand {
     pending: Mutex<VecDeque<(u32, Vec<u32>)>>,
     more: mpsc::UnboundedSender<Request>,
     /// The answers; `None` once the stream failed or lost step.
-    frames: Mutex<Option<mpsc::Receiver<Result<Frame>>>>,
+    frames: Mutex<Option<Answers>>,
+}
+
+/// The frames that come back on a stream, and the state of its zstd stream.
+struct Answers {
+    frames: mpsc::Receiver<Result<Frame>>,
+    unstream: StreamDecompressor,
+}
+
+impl Answers {
+    fn new(frames: mpsc::Receiver<Result<Frame>>) -> Self {
+        Answers {
+            frames,
+            unstream: StreamDecompressor::default(),
+        }
+    }
 }
 
 /// One lane: its strands, and where the parts of each announced request went.
@@ -49,8 +72,24 @@ struct Lane {
 struct Announced {
     /// The strand the next part goes to.
     next: usize,
+    /// Bytes of the parts given to that strand in its current run.
+    run: u64,
     /// Entry -> its parts, as (strand, chunk numbers), in order.
     parts: HashMap<u32, Vec<(usize, Vec<u32>)>>,
+}
+
+impl Announced {
+    /// The strand (of `strands`) a part of `bytes` goes to: the current one, which then moves
+    /// on once its run reaches [`STRAND_RUN`].
+    fn assign(&mut self, bytes: u64, strands: usize) -> usize {
+        let s = self.next;
+        self.run += bytes.max(1);
+        if self.run >= STRAND_RUN {
+            self.next = (s + 1) % strands.max(1);
+            self.run = 0;
+        }
+        s
+    }
 }
 
 /// `req` as parts of at most [`PART_CHUNKS`] chunks (hints split along).
@@ -59,6 +98,7 @@ fn split(req: Request) -> Vec<Request> {
         return vec![req];
     }
     let hints = (!req.hints.is_empty()).then_some(&req.hints);
+    let n = req.want.len() as u64;
     req.want
         .chunks(PART_CHUNKS)
         .enumerate()
@@ -69,6 +109,8 @@ fn split(req: Request) -> Vec<Request> {
                 h[i * PART_CHUNKS..(i * PART_CHUNKS + want.len()).min(h.len())].to_vec()
             }),
             no_refs: req.no_refs,
+            // Each part's share, by its number of chunks.
+            bytes: req.bytes * want.len() as u64 / n,
         })
         .collect()
 }
@@ -175,7 +217,7 @@ impl StreamSource {
     /// Read the frames answering one request, passing chunks to `sink` until it fails. Also
     /// returns whether the stream is still in step afterwards.
     fn consume(
-        frames: &mut mpsc::Receiver<Result<Frame>>,
+        answers: &mut Answers,
         entry: u32,
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
@@ -184,7 +226,7 @@ impl StreamSource {
         let mut i = 0usize;
         while let Some(&n) = want.get(i) {
             i += 1;
-            let frame = match frames.blocking_recv() {
+            let frame = match answers.frames.blocking_recv() {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => return (Err(e), false),
                 None => {
@@ -220,17 +262,23 @@ impl StreamSource {
                     let next = &want[i - 1..i - 1 + lens.len()];
                     i += lens.len() - 1;
                     match protocol::split_group(&lens, &bytes) {
-                        Ok(pieces) => {
-                            for (&m, piece) in next.iter().zip(pieces) {
-                                if sink_err.is_none() {
-                                    if let Err(err) = sink((m, protocol::Codec::Raw, piece)) {
-                                        sink_err = Some(err);
-                                    }
-                                }
-                            }
-                        }
+                        Ok(pieces) => pass(next, pieces, sink, &mut sink_err),
                         // A group that does not decode as announced: the stream cannot be
                         // trusted to be in step any more.
+                        Err(e) => return (Err(sink_err.unwrap_or(e)), false),
+                    }
+                }
+                // Decoded even when the part is skipped: the stream's next pieces refer to it.
+                Frame::DataStream {
+                    entry: e,
+                    first,
+                    lens,
+                    bytes,
+                } if e == entry && first == n && i - 1 + lens.len() <= want.len() => {
+                    let next = &want[i - 1..i - 1 + lens.len().max(1)];
+                    i += lens.len().max(1) - 1;
+                    match protocol::split_stream(&mut answers.unstream, &lens, &bytes) {
+                        Ok(pieces) => pass(next, pieces, sink, &mut sink_err),
                         Err(e) => return (Err(sink_err.unwrap_or(e)), false),
                     }
                 }
@@ -275,6 +323,7 @@ impl StreamSource {
                 Self::fetch_part(&lane.strands[s], req.entry, &want, sink).unwrap_or_else(|| {
                     let part = Request {
                         entry: req.entry,
+                        bytes: req.bytes * want.len() as u64 / req.want.len().max(1) as u64,
                         want,
                         hints: Vec::new(),
                         no_refs: req.no_refs,
@@ -327,9 +376,28 @@ impl StreamSource {
     }
 }
 
+/// Hand decoded chunks `pieces` (numbered `numbers`) to `sink`, until it fails.
+fn pass(
+    numbers: &[u32],
+    pieces: Vec<Vec<u8>>,
+    sink: &mut dyn FnMut(Fetched) -> Result<()>,
+    sink_err: &mut Option<Error>,
+) {
+    for (&m, piece) in numbers.iter().zip(pieces) {
+        if sink_err.is_none() {
+            if let Err(err) = sink((m, protocol::Codec::Raw, piece)) {
+                *sink_err = Some(err);
+            }
+        }
+    }
+}
+
 fn describe(f: &Frame) -> String {
     match f {
         Frame::Data { entry, chunk, .. } => format!("chunk {chunk} of entry {entry}"),
+        Frame::DataGroup { entry, first, .. } | Frame::DataStream { entry, first, .. } => {
+            format!("chunks from {first} of entry {entry}")
+        }
         Frame::Failed { entry, .. } => format!("failure of entry {entry}"),
         other => format!("{other:?}"),
     }
@@ -407,7 +475,7 @@ impl ChunkSource for StreamSource {
                     Strand {
                         pending: Mutex::new(VecDeque::new()),
                         more,
-                        frames: Mutex::new(Some(self.open(reqs))),
+                        frames: Mutex::new(Some(Answers::new(self.open(reqs)))),
                     }
                 };
                 Arc::new(Lane {
@@ -427,8 +495,7 @@ impl ChunkSource for StreamSource {
             let entry = r.entry;
             let mut parts = Vec::new();
             for part in split(r) {
-                let s = announced.next;
-                announced.next = (s + 1) % l.strands.len();
+                let s = announced.assign(part.bytes, l.strands.len());
                 let strand = &l.strands[s];
                 lock(&strand.pending).push_back((part.entry, part.want.clone()));
                 parts.push((s, part.want.clone()));
@@ -473,8 +540,8 @@ impl ChunkSource for StreamSource {
         let (more, reqs) = mpsc::unbounded_channel();
         let _ = more.send(req.clone());
         drop(more);
-        let mut frames = self.open(reqs);
-        Self::consume(&mut frames, req.entry, &req.want, sink).0
+        let mut answers = Answers::new(self.open(reqs));
+        Self::consume(&mut answers, req.entry, &req.want, sink).0
     }
 }
 
@@ -489,6 +556,7 @@ mod tests {
             want: vec![3, 4],
             hints: Vec::new(),
             no_refs: false,
+            bytes: 8192,
         };
         assert_eq!(split(small.clone()), vec![small]);
         let want: Vec<u32> = (0..(2 * PART_CHUNKS as u32 + 3)).collect();
@@ -499,10 +567,15 @@ mod tests {
             want: want.clone(),
             hints: hints.clone(),
             no_refs: true,
+            bytes: want.len() as u64 * 1000,
         });
         assert_eq!(
             parts.iter().map(|p| p.want.len()).collect::<Vec<_>>(),
             [PART_CHUNKS, PART_CHUNKS, 3]
+        );
+        assert_eq!(
+            parts.iter().map(|p| p.bytes).collect::<Vec<_>>(),
+            [PART_CHUNKS as u64 * 1000, PART_CHUNKS as u64 * 1000, 3000]
         );
         assert!(parts.iter().all(|p| p.entry == 7 && p.no_refs));
         let (w, h): (Vec<u32>, Vec<_>) = parts
@@ -514,5 +587,22 @@ mod tests {
             (want, hints),
             "parts in order, each chunk with its hint"
         );
+    }
+
+    #[test]
+    fn small_parts_share_a_strand_until_its_run_is_full() {
+        let mut a = Announced::default();
+        // 30 KB files: 35 of them fill a 1 MiB run, then the next strand's turn.
+        let small: Vec<usize> = (0..80).map(|_| a.assign(30_000, 4)).collect();
+        assert!(small[..35].iter().all(|&s| s == 0), "{small:?}");
+        assert!(small[35..70].iter().all(|&s| s == 1), "{small:?}");
+        assert_eq!(small[70], 2);
+        // Parts of 1 MiB or more: each on the next strand, round the strands.
+        let mut a = Announced::default();
+        let big: Vec<usize> = (0..6).map(|_| a.assign(STRAND_RUN, 4)).collect();
+        assert_eq!(big, [0, 1, 2, 3, 0, 1]);
+        // Empty parts still count, so that a strand's run always ends.
+        let mut a = Announced::default();
+        assert!((0..=STRAND_RUN).map(|_| a.assign(0, 2)).any(|s| s == 1));
     }
 }
