@@ -9,6 +9,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+# The API docs build without a broken link (every public item is documented: #![warn(missing_docs)]).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked 2>&1 | tail -n 1
 # A short bounded fuzz run of the decoders a peer reaches (HOP_FUZZ_SECS per target; 0 skips;
 # the longer run is `bash scripts/fuzz.sh 60`).
 secs="${HOP_FUZZ_SECS:-20}"

@@ -3,6 +3,9 @@
 //! Exit codes: 0 success; 1 usage or setup error (nothing was changed); 23 partial transfer
 //! (some entries failed, the rest is correct at the destination), like rsync.
 
+// The argument docs are `--help` text, where `HOST[:PORT]` means an optional port, not a link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod checkpoint;
 mod commands;
 mod config;

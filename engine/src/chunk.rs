@@ -113,7 +113,8 @@ fn cut_sequential(data: &[u8], p: ChunkParams) -> Vec<u32> {
         .collect()
 }
 
-/// Chunk lengths of `data`; identical to [`cut_sequential`], computed in parallel for large data.
+/// Chunk lengths of `data`; identical to cutting them one after the other, computed in
+/// parallel for large data.
 pub fn cut_points(data: &[u8], p: ChunkParams) -> Vec<u32> {
     if data.len() < 2 * SEGMENT {
         return cut_sequential(data, p);

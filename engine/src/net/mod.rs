@@ -5,8 +5,8 @@
 //! authorized client keys, the client a list of known servers. There is no plaintext mode.
 //!
 //! A session is one connection. The client opens a control stream and says what it wants
-//! ([`control::Hello`]); from then on one side is the sender and the other the receiver,
-//! whichever side is the client:
+//! (`Hello`, see [`control::Control`]); from then on one side is the sender and the other the
+//! receiver, whichever side is the client:
 //!
 //! - the sender streams the manifest on the control stream ([`session::send_tree`]) and answers
 //!   want-list streams opened by the receiver ([`chunks::serve_wants`]);
