@@ -88,7 +88,9 @@ pub struct SyncArgs {
     /// or to measure what the push saves.
     #[arg(long, requires = "sender_basis")]
     pub no_push: bool,
-    /// Compress chunk payloads: "zstd" or "zstd:LEVEL" (1-19). Chunks that do not shrink go raw.
+    /// Compress chunk data: "zstd" or "zstd:LEVEL" (-7 to 19; default level 1). Over QUIC each
+    /// stream is one zstd stream, so a file compresses with those sent before it (memory page
+    /// images go in groups of pages); data that does not shrink soon goes raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
     /// Update changed files in place instead of building a new copy beside them, when little of
