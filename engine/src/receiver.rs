@@ -1077,12 +1077,12 @@ impl Receiver {
     }
 }
 
-/// Bytes available to this process on the file system holding `path` (or its nearest existing
-/// ancestor).
 /// A file is rebuilt from a reflink clone of its old version only when at most this fraction
 /// (1/N) of it is rewritten.
 const CLONE_MAX_REWRITE_DIV: u64 = 4;
 
+/// Bytes available to this process on the file system holding `path` (or its nearest existing
+/// ancestor).
 fn free_bytes(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let existing = path.ancestors().find(|p| p.exists())?;

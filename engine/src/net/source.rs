@@ -236,7 +236,8 @@ impl StreamSource {
                     )
                 }
             };
-            match frame {
+            // Several chunks in one frame: how many, and their bytes decoded.
+            let (count, decoded) = match frame {
                 Frame::Data {
                     entry: e,
                     chunk,
@@ -248,6 +249,7 @@ impl StreamSource {
                             sink_err = Some(err);
                         }
                     }
+                    continue;
                 }
                 Frame::DataGroup {
                     entry: e,
@@ -259,14 +261,7 @@ impl StreamSource {
                     && lens.len() >= 2
                     && i - 1 + lens.len() <= want.len() =>
                 {
-                    let next = &want[i - 1..i - 1 + lens.len()];
-                    i += lens.len() - 1;
-                    match protocol::split_group(&lens, &bytes) {
-                        Ok(pieces) => pass(next, pieces, sink, &mut sink_err),
-                        // A group that does not decode as announced: the stream cannot be
-                        // trusted to be in step any more.
-                        Err(e) => return (Err(sink_err.unwrap_or(e)), false),
-                    }
+                    (lens.len(), protocol::split_group(&lens, &bytes))
                 }
                 // Decoded even when the part is skipped: the stream's next pieces refer to it.
                 Frame::DataStream {
@@ -274,13 +269,13 @@ impl StreamSource {
                     first,
                     lens,
                     bytes,
-                } if e == entry && first == n && i - 1 + lens.len() <= want.len() => {
-                    let next = &want[i - 1..i - 1 + lens.len().max(1)];
-                    i += lens.len().max(1) - 1;
-                    match protocol::split_stream(&mut answers.unstream, &lens, &bytes) {
-                        Ok(pieces) => pass(next, pieces, sink, &mut sink_err),
-                        Err(e) => return (Err(sink_err.unwrap_or(e)), false),
-                    }
+                } if e == entry
+                    && first == n
+                    && !lens.is_empty()
+                    && i - 1 + lens.len() <= want.len() =>
+                {
+                    let pieces = protocol::split_stream(&mut answers.unstream, &lens, &bytes);
+                    (lens.len(), pieces)
                 }
                 Frame::Failed { entry: e, reason } if e == entry => {
                     return (Err(sink_err.unwrap_or(Error::Remote(reason))), true);
@@ -294,6 +289,22 @@ impl StreamSource {
                         false,
                     )
                 }
+            };
+            let next = &want[i - 1..i - 1 + count];
+            i += count - 1;
+            match decoded {
+                Ok(pieces) => {
+                    for (&m, piece) in next.iter().zip(pieces) {
+                        if sink_err.is_none() {
+                            if let Err(err) = sink((m, protocol::Codec::Raw, piece)) {
+                                sink_err = Some(err);
+                            }
+                        }
+                    }
+                }
+                // Chunks that do not decode as announced: the stream cannot be trusted to be in
+                // step any more.
+                Err(e) => return (Err(sink_err.unwrap_or(e)), false),
             }
         }
         (sink_err.map_or(Ok(()), Err), true)
@@ -373,22 +384,6 @@ impl StreamSource {
             *frames = None;
         }
         Some(r)
-    }
-}
-
-/// Hand decoded chunks `pieces` (numbered `numbers`) to `sink`, until it fails.
-fn pass(
-    numbers: &[u32],
-    pieces: Vec<Vec<u8>>,
-    sink: &mut dyn FnMut(Fetched) -> Result<()>,
-    sink_err: &mut Option<Error>,
-) {
-    for (&m, piece) in numbers.iter().zip(pieces) {
-        if sink_err.is_none() {
-            if let Err(err) = sink((m, protocol::Codec::Raw, piece)) {
-                *sink_err = Some(err);
-            }
-        }
     }
 }
 
