@@ -653,3 +653,42 @@ fn small_files_compress_with_the_ones_sent_before_them() {
         );
     }
 }
+
+/// A file the sender reads while it sends (at least 64 MiB, no list known beforehand) is
+/// written by the receiver as its chunk list arrives, pushed and pulled, and `--stats` says so;
+/// the copy is byte-identical and no temporary file is left.
+#[test]
+fn a_large_file_is_written_while_the_sender_still_reads_it() {
+    let d = Dir::new();
+    let mut data = noise(91, 40 << 20);
+    data.extend(vec![0u8; 8 << 20]);
+    data.extend(noise(92, 22 << 20));
+    let f = d.write("big.img", &data);
+    let c = Client::new(&d, "client");
+    let srv = Server::start(&d, "server", &[&c], 0);
+    fs::create_dir(srv.root.join("in")).unwrap();
+    let push = stats(c.sync(&[
+        OsStr::new("--accept-new"),
+        s(&f),
+        OsStr::new(&srv.url("in")),
+    ]));
+    assert!(
+        fs::read(srv.root.join("in/big.img")).unwrap() == data,
+        "pushed copy differs"
+    );
+    assert_eq!(push["files_streamed"], 1, "{push}");
+    let pull = stats(c.sync(&[OsStr::new(&srv.url("in/")), s(&d.path("back"))]));
+    assert!(
+        fs::read(d.path("back/big.img")).unwrap() == data,
+        "pulled copy differs"
+    );
+    assert_eq!(pull["files_streamed"], 1, "{pull}");
+    assert!(leftovers(&srv.root).is_empty() && leftovers(&d.path("back")).is_empty());
+    // The text statistics name them too.
+    let again = d.path("again");
+    let out = ok(c.sync(&[OsStr::new("--stats"), s(&f), s(&again)]));
+    assert!(
+        out.contains("Number of files written while the sender read them: "),
+        "{out}"
+    );
+}

@@ -309,6 +309,23 @@ impl<'f> SparseWriter<'f> {
         Ok(())
     }
 
+    /// `len` bytes written earlier at `offset` (holes and blocks not yet on disk read as
+    /// zeros, as they will be).
+    fn read_back(&mut self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.flush()?;
+        let mut out = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match self.file.read_at(&mut out[got..], offset + got as u64) {
+                Ok(0) => break, // past the end: skipped zero blocks
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).ctx("read back", self.path),
+            }
+        }
+        Ok(out)
+    }
+
     fn finish(mut self) -> Result<u64> {
         self.flush()?;
         self.file
@@ -571,9 +588,9 @@ pub(crate) fn decode_fetched(
 
 /// Checks a file's output chunk by chunk against the manifest, so that every byte is hashed
 /// exactly once: bytes copied from local files are hashed here, fetched chunks were checked on
-/// arrival, zero chunks are checked against the id of that many zeros.
+/// arrival, zero chunks are checked against the id of that many zeros. Each call is given the
+/// file's chunk list as known so far (a list that arrives in parts grows between calls).
 struct Verifier<'a> {
-    chunks: &'a [ChunkSpec],
     dest: &'a Path,
     /// The chunk being filled.
     k: usize,
@@ -583,9 +600,8 @@ struct Verifier<'a> {
 }
 
 impl<'a> Verifier<'a> {
-    fn new(chunks: &'a [ChunkSpec], dest: &'a Path) -> Self {
+    fn new(dest: &'a Path) -> Self {
         Verifier {
-            chunks,
             dest,
             k: 0,
             filled: 0,
@@ -594,32 +610,32 @@ impl<'a> Verifier<'a> {
         }
     }
 
-    fn mismatch(&self, k: usize, actual: ChunkId) -> Error {
+    fn mismatch(&self, chunks: &[ChunkSpec], k: usize, actual: ChunkId) -> Error {
         Error::Integrity {
             what: format!("chunk {k} of {}", self.dest.display()),
-            expected: self.chunks[k].id.to_hex(),
+            expected: chunks[k].id.to_hex(),
             actual: actual.to_hex(),
         }
     }
 
-    fn spec(&self) -> Result<&ChunkSpec> {
-        self.chunks.get(self.k).ok_or_else(|| {
+    fn spec<'c>(&self, chunks: &'c [ChunkSpec]) -> Result<&'c ChunkSpec> {
+        chunks.get(self.k).ok_or_else(|| {
             Error::Protocol(format!("more data than chunks for {}", self.dest.display()))
         })
     }
 
     /// Bytes copied from a local file, to be hashed.
-    fn feed(&mut self, mut data: &[u8]) -> Result<()> {
+    fn feed(&mut self, chunks: &[ChunkSpec], mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
-            let len = self.spec()?.len;
+            let len = self.spec(chunks)?.len;
             let take = ((len - self.filled) as usize).min(data.len());
             self.h.update(&data[..take]);
             self.filled += take as u32;
             data = &data[take..];
             if self.filled == len {
                 let actual = ChunkId::from(self.h.finalize());
-                if actual != self.chunks[self.k].id {
-                    return Err(self.mismatch(self.k, actual));
+                if actual != chunks[self.k].id {
+                    return Err(self.mismatch(chunks, self.k, actual));
                 }
                 self.h.reset();
                 self.filled = 0;
@@ -631,9 +647,9 @@ impl<'a> Verifier<'a> {
 
     /// `len` bytes copied from a file unchanged since it was indexed: whole chunks, known to
     /// match their ids.
-    fn indexed(&mut self, mut len: u64) -> Result<()> {
+    fn indexed(&mut self, chunks: &[ChunkSpec], mut len: u64) -> Result<()> {
         while len > 0 {
-            let spec = *self.spec()?;
+            let spec = *self.spec(chunks)?;
             if self.filled != 0 || spec.len as u64 > len {
                 return Err(Error::Protocol(format!(
                     "local run does not match the chunks of {}",
@@ -660,10 +676,10 @@ impl<'a> Verifier<'a> {
 
     /// The next chunk, filled with the bytes of chunk `n` (checked when they arrived): right
     /// when both have the same id.
-    fn repeat_of(&mut self, n: u32) -> Result<()> {
-        let spec = *self.spec()?;
-        let src = self.chunks.get(n as usize).map(|c| c.id);
-        if self.filled != 0 || src != Some(spec.id) {
+    fn repeat_of(&mut self, chunks: &[ChunkSpec], n: u32) -> Result<()> {
+        let spec = *self.spec(chunks)?;
+        let src = chunks.get(n as usize).map(|c| c.id);
+        if self.filled != 0 || n as usize >= self.k || src != Some(spec.id) {
             return Err(Error::Protocol(format!(
                 "repeat of chunk {n} does not fit chunk {} of {}",
                 self.k,
@@ -675,9 +691,9 @@ impl<'a> Verifier<'a> {
     }
 
     /// `len` bytes of zero chunks.
-    fn zeros(&mut self, mut len: u64) -> Result<()> {
+    fn zeros(&mut self, chunks: &[ChunkSpec], mut len: u64) -> Result<()> {
         while len > 0 {
-            let spec = *self.spec()?;
+            let spec = *self.spec(chunks)?;
             if self.filled != 0 || !spec.zero || spec.len as u64 > len {
                 return Err(Error::Protocol(format!(
                     "zero run does not match the chunks of {}",
@@ -696,7 +712,7 @@ impl<'a> Verifier<'a> {
                 h.finalize().into()
             });
             if id != spec.id {
-                return Err(self.mismatch(self.k, id));
+                return Err(self.mismatch(chunks, self.k, id));
             }
             len -= spec.len as u64;
             self.k += 1;
@@ -705,13 +721,13 @@ impl<'a> Verifier<'a> {
     }
 
     /// All chunks were produced.
-    fn finish(&self) -> Result<()> {
-        if self.k != self.chunks.len() || self.filled != 0 {
+    fn finish(&self, chunks: &[ChunkSpec]) -> Result<()> {
+        if self.k != chunks.len() || self.filled != 0 {
             return Err(Error::Protocol(format!(
                 "{} ended after {} of {} chunks",
                 self.dest.display(),
                 self.k,
-                self.chunks.len()
+                chunks.len()
             )));
         }
         Ok(())
@@ -753,119 +769,182 @@ pub fn assemble(
 ) -> Result<Staged> {
     check_listed(dest, size, hash, chunks)?;
     let staged = Staged::create(dest)?;
-    let tmp_path = staged.display_path();
-    let file = staged.file();
-    let mut w = SparseWriter::new(file, &tmp_path, opts.sparse);
-    let mut verify = Verifier::new(chunks, dest);
-    let mut fetched = 0usize;
-    let mut open: HashMap<u32, Arc<File>> = HashMap::new();
-    let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
-    let mut buf = Vec::new();
+    let mut b = Builder::new(dest, &staged, opts);
+    b.part(chunks, plan, files, next)?;
+    b.finish(chunks, size)?;
+    Ok(staged)
+}
 
-    for piece in &plan.pieces {
-        match *piece {
-            Piece::Zero(len) => {
-                verify.zeros(len)?;
-                w.zeros(len)?;
-            }
-            Piece::Local {
-                file: n,
-                offset,
-                len,
-            } => {
-                let f = match open.get(&n) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let f = files.open(n)?;
-                        open.insert(n, f.clone());
-                        f
-                    }
-                };
-                // A run from a file unchanged since it was indexed is what the index says it is:
-                // copied without hashing it again, and the file checked again afterwards.
-                let trusted = files.unchanged(n, &f);
-                let mut left = len;
-                let mut off = offset;
-                while left > 0 {
-                    let step = left.min(WRITE_BUF as u64) as usize;
-                    buf.resize(step, 0);
-                    let src = &files.index.files[n as usize].path;
-                    f.read_exact_at(&mut buf, off).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            Error::SourceChanged { path: src.clone() }
-                        } else {
-                            Error::Io {
-                                op: "read",
-                                path: src.clone(),
-                                source: e,
-                            }
-                        }
-                    })?;
-                    if !trusted {
-                        verify.feed(&buf)?;
-                    }
-                    w.write(&buf)?;
-                    left -= step as u64;
-                    off += step as u64;
-                }
-                if trusted {
-                    if !files.unchanged(n, &f) {
-                        return Err(Error::Integrity {
-                            what: format!(
-                                "{} (changed while it was read)",
-                                files.index.files[n as usize].path.display()
-                            ),
-                            expected: "its indexed content".into(),
-                            actual: "a change".into(),
-                        });
-                    }
-                    verify.indexed(len)?;
-                }
-            }
-            Piece::Fetch(n) => {
-                let (got, codec, payload) = next()?;
-                if got != n {
-                    return Err(Error::Protocol(format!(
-                        "expected chunk {n} of {}, got chunk {got}",
-                        dest.display()
-                    )));
-                }
-                let spec = chunks
-                    .get(n as usize)
-                    .ok_or_else(|| Error::Protocol(format!("chunk {n} out of range")))?;
-                let base = plan.bases.get(fetched).copied().flatten();
-                fetched += 1;
-                let read = |f, o, l| read_base(files, f, o, l);
-                let locate = |id: &ChunkId| files.index.get(id);
-                let bytes = decode_fetched(codec, payload, spec, base, &locate, &read, dest, n)?;
-                verify.checked(n)?;
-                w.write(&bytes)?;
-                if plan.keep.binary_search(&n).is_ok() {
-                    kept.insert(n, bytes);
-                }
-            }
-            Piece::Repeat(n) => {
-                let bytes = kept.get(&n).ok_or_else(|| {
-                    Error::Protocol(format!("repeat of chunk {n} that was not fetched"))
-                })?;
-                verify.repeat_of(n)?;
-                w.write(bytes)?;
-            }
+/// Writes a new file into a staged file, one plan after another: the whole file at once
+/// ([`assemble`]), or a file whose chunk list arrives in parts, each part planned by
+/// [`crate::plan::PartPlanner`] and written as it comes.
+pub struct Builder<'f> {
+    dest: &'f Path,
+    staged: &'f Staged,
+    tmp_path: PathBuf,
+    w: SparseWriter<'f>,
+    verify: Verifier<'f>,
+    /// Where each chunk of the list so far starts, and where the list so far ends.
+    starts: Vec<u64>,
+    listed: u64,
+    opts: AssembleOptions,
+}
+
+impl<'f> Builder<'f> {
+    /// A builder writing into `staged`, the file that will become `dest`.
+    pub fn new(dest: &'f Path, staged: &'f Staged, opts: AssembleOptions) -> Self {
+        Builder {
+            dest,
+            staged,
+            tmp_path: staged.display_path(),
+            w: SparseWriter::new(&staged.file, dest, opts.sparse),
+            verify: Verifier::new(dest),
+            starts: Vec::new(),
+            listed: 0,
+            opts,
         }
     }
-    let written = w.finish()?;
-    verify.finish()?;
-    if written != size {
-        return Err(Error::Integrity {
-            what: dest.display().to_string(),
-            expected: format!("{size} bytes"),
-            actual: format!("{written} bytes"),
-        });
+
+    /// Write the pieces of `plan`, the next chunks of the file; `chunks` is the file's chunk
+    /// list as far as it is known (at least up to the end of this plan). Fetched chunks come
+    /// from `next` in the order of `plan.fetch`, each checked against its id. A repeat of a
+    /// chunk written by an earlier plan is read back from the staged file.
+    pub fn part(
+        &mut self,
+        chunks: &[ChunkSpec],
+        plan: &FilePlan,
+        files: &FileTable<'_>,
+        next: &mut dyn FnMut() -> Result<Fetched>,
+    ) -> Result<()> {
+        let dest = self.dest;
+        for c in chunks.iter().skip(self.starts.len()) {
+            self.starts.push(self.listed);
+            self.listed += c.len as u64;
+        }
+        let mut fetched = 0usize;
+        let mut open: HashMap<u32, Arc<File>> = HashMap::new();
+        let mut kept: HashMap<u32, Vec<u8>> = HashMap::new();
+        let mut buf = Vec::new();
+        let w = &mut self.w;
+        let verify = &mut self.verify;
+        for piece in &plan.pieces {
+            match *piece {
+                Piece::Zero(len) => {
+                    verify.zeros(chunks, len)?;
+                    w.zeros(len)?;
+                }
+                Piece::Local {
+                    file: n,
+                    offset,
+                    len,
+                } => {
+                    let f = match open.get(&n) {
+                        Some(f) => f.clone(),
+                        None => {
+                            let f = files.open(n)?;
+                            open.insert(n, f.clone());
+                            f
+                        }
+                    };
+                    // A run from a file unchanged since it was indexed is what the index says
+                    // it is: copied without hashing it again, and the file checked again
+                    // afterwards.
+                    let trusted = files.unchanged(n, &f);
+                    let mut left = len;
+                    let mut off = offset;
+                    while left > 0 {
+                        let step = left.min(WRITE_BUF as u64) as usize;
+                        buf.resize(step, 0);
+                        let src = &files.index.files[n as usize].path;
+                        f.read_exact_at(&mut buf, off).map_err(|e| {
+                            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                                Error::SourceChanged { path: src.clone() }
+                            } else {
+                                Error::Io {
+                                    op: "read",
+                                    path: src.clone(),
+                                    source: e,
+                                }
+                            }
+                        })?;
+                        if !trusted {
+                            verify.feed(chunks, &buf)?;
+                        }
+                        w.write(&buf)?;
+                        left -= step as u64;
+                        off += step as u64;
+                    }
+                    if trusted {
+                        if !files.unchanged(n, &f) {
+                            return Err(Error::Integrity {
+                                what: format!(
+                                    "{} (changed while it was read)",
+                                    files.index.files[n as usize].path.display()
+                                ),
+                                expected: "its indexed content".into(),
+                                actual: "a change".into(),
+                            });
+                        }
+                        verify.indexed(chunks, len)?;
+                    }
+                }
+                Piece::Fetch(n) => {
+                    let (got, codec, payload) = next()?;
+                    if got != n {
+                        return Err(Error::Protocol(format!(
+                            "expected chunk {n} of {}, got chunk {got}",
+                            dest.display()
+                        )));
+                    }
+                    let spec = chunks
+                        .get(n as usize)
+                        .ok_or_else(|| Error::Protocol(format!("chunk {n} out of range")))?;
+                    let base = plan.bases.get(fetched).copied().flatten();
+                    fetched += 1;
+                    let read = |f, o, l| read_base(files, f, o, l);
+                    let locate = |id: &ChunkId| files.index.get(id);
+                    let bytes =
+                        decode_fetched(codec, payload, spec, base, &locate, &read, dest, n)?;
+                    verify.checked(n)?;
+                    w.write(&bytes)?;
+                    if plan.keep.binary_search(&n).is_ok() {
+                        kept.insert(n, bytes);
+                    }
+                }
+                Piece::Repeat(n) => {
+                    verify.repeat_of(chunks, n)?;
+                    match kept.get(&n) {
+                        Some(bytes) => w.write(bytes)?,
+                        None => {
+                            // Written by an earlier part (and checked then): read it back.
+                            let len = chunks[n as usize].len as usize;
+                            let bytes = w.read_back(self.starts[n as usize], len)?;
+                            w.write(&bytes)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
-    if opts.fsync {
-        file.sync_all().ctx("fsync", &tmp_path)?;
+
+    /// All chunks are written: check that they are all of `chunks` and `size` bytes, and fsync
+    /// if asked. The staged file is then ready to be committed.
+    pub fn finish(self, chunks: &[ChunkSpec], size: u64) -> Result<()> {
+        let written = self.w.finish()?;
+        self.verify.finish(chunks)?;
+        if written != size {
+            return Err(Error::Integrity {
+                what: self.dest.display().to_string(),
+                expected: format!("{size} bytes"),
+                actual: format!("{written} bytes"),
+            });
+        }
+        if self.opts.fsync {
+            self.staged.file.sync_all().ctx("fsync", &self.tmp_path)?;
+        }
+        Ok(())
     }
-    Ok(staged)
 }
 
 #[cfg(test)]

@@ -219,12 +219,27 @@ pub enum Incoming {
         /// The edits.
         edits: Vec<ListEdit>,
     },
+    /// The start of a file the sender sends while it still reads it (its list comes in parts,
+    /// its hash at the end); only from an [`Assembler::growing`]. Its [`Incoming::Part`]s
+    /// follow, then the whole file as an [`Incoming::Entry`] (a file, or unreadable).
+    Begin {
+        /// Its path.
+        path: RelPath,
+        /// Its metadata.
+        meta: Meta,
+        /// Its size.
+        size: u64,
+    },
+    /// The next chunks of the list of the file begun last.
+    Part(Vec<ChunkSpec>),
 }
 
 /// Puts manifest items back together from the frames of [`frames_for`], as they arrive.
 #[derive(Default)]
 pub struct Assembler {
     head: Option<Head>,
+    /// Hand out the parts of a list sent while its file is read (see [`Incoming::Begin`]).
+    growing: bool,
 }
 
 struct Head {
@@ -238,6 +253,16 @@ struct Head {
 }
 
 impl Assembler {
+    /// An assembler that also hands out the start and each part of a file sent while it is
+    /// read ([`Incoming::Begin`], [`Incoming::Part`]), so that the receiver can write the file
+    /// as its list arrives.
+    pub fn growing() -> Assembler {
+        Assembler {
+            head: None,
+            growing: true,
+        }
+    }
+
     /// Take the next manifest frame: `Some` once an item is complete. Frames other than
     /// entries and their parts are refused.
     pub fn feed(&mut self, frame: Frame) -> Result<Option<Incoming>> {
@@ -255,6 +280,11 @@ impl Assembler {
                         "chunk list edits without the file hash they make".into(),
                     ));
                 }
+                let begin = (self.growing && hash.is_none()).then(|| Incoming::Begin {
+                    path: path.clone(),
+                    meta,
+                    size,
+                });
                 self.head = Some(Head {
                     path,
                     meta,
@@ -264,15 +294,22 @@ impl Assembler {
                     chunks: Vec::new(),
                     edits: Vec::new(),
                 });
-                Ok(None)
+                Ok(begin)
             }
             Frame::FileList { part, last, hash } => {
                 let h = self
                     .head
                     .as_mut()
                     .ok_or_else(|| Error::Protocol("a chunk list part without its file".into()))?;
+                let growing = self.growing && h.hash.is_none();
+                let mut handed = None;
                 match (part, h.base.is_some()) {
-                    (ListPart::Chunks(c), false) => h.chunks.extend(c),
+                    (ListPart::Chunks(c), false) => {
+                        if growing && !last && !c.is_empty() {
+                            handed = Some(Incoming::Part(c.clone()));
+                        }
+                        h.chunks.extend(c)
+                    }
                     (ListPart::Edits(e), true) => h.edits.extend(e),
                     _ => {
                         return Err(Error::Protocol(
@@ -291,7 +328,7 @@ impl Assembler {
                     ));
                 }
                 if !last {
-                    return Ok(None);
+                    return Ok(handed);
                 }
                 let Some(h) = self.head.take() else {
                     return Ok(None);
@@ -533,6 +570,38 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A growing assembler hands out the start and each part as well, then the same entry.
+        let mut a = Assembler::growing();
+        assert!(matches!(
+            a.feed(head()).unwrap(),
+            Some(Incoming::Begin { size: 12288, .. })
+        ));
+        match a.feed(part(list[..2].to_vec(), false, None)).unwrap() {
+            Some(Incoming::Part(c)) => assert_eq!(c, list[..2]),
+            other => panic!("{other:?}"),
+        }
+        assert!(a.feed(part(vec![], false, None)).unwrap().is_none());
+        match a.feed(part(list[2..].to_vec(), true, Some(h))).unwrap() {
+            Some(Incoming::Entry(Entry {
+                kind: EntryKind::File { chunks, .. },
+                ..
+            })) => assert_eq!(chunks, list, "the last part's chunks are in the entry"),
+            other => panic!("{other:?}"),
+        }
+        // ...but not for a file whose hash came first (its list was known whole).
+        let mut a = Assembler::growing();
+        let known = Frame::FileHead {
+            path: RelPath::from_bytes(b"f".to_vec()).unwrap(),
+            meta: Meta::default(),
+            size: 3 * 4096,
+            hash: Some(h),
+            base: None,
+        };
+        assert!(a.feed(known).unwrap().is_none());
+        assert!(a
+            .feed(part(list[..2].to_vec(), false, None))
+            .unwrap()
+            .is_none());
         // Abandoned by the sender.
         let mut a = Assembler::default();
         a.feed(head()).unwrap();

@@ -122,6 +122,42 @@ impl Validator {
         }
     }
 
+    /// Check the path of a file whose entry will be the next one, before its chunk list is
+    /// complete (see [`crate::chunklist::Incoming::Begin`]): what [`Validator::check`] will ask
+    /// of its path. Changes nothing.
+    pub fn admits(&self, path: &RelPath) -> crate::Result<()> {
+        let first = self.count == 0;
+        let ok = self.count < MAX_ENTRIES
+            && first == path.is_root()
+            && (first || self.dirs.contains(&path.parent()))
+            && !self.seen.contains(path);
+        if ok {
+            Ok(())
+        } else {
+            Err(crate::Error::Protocol(format!(
+                "malformed manifest at {:?}: a file out of place",
+                path.display()
+            )))
+        }
+    }
+
+    /// Check a part of the chunk list of a file begun with [`Validator::admits`]: its chunks'
+    /// lengths in range, and `listed` (the bytes of the list so far, this part included) within
+    /// the file's `size`.
+    pub fn check_part(&self, chunks: &[ChunkSpec], listed: u64, size: u64) -> crate::Result<()> {
+        if chunks.iter().any(|c| c.len == 0 || c.len > self.max_chunk) {
+            return Err(crate::Error::Protocol(
+                "malformed manifest: chunk length out of range".into(),
+            ));
+        }
+        if listed > size {
+            return Err(crate::Error::Protocol(
+                "malformed manifest: chunk lengths exceed the file size".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Check the next entry.
     pub fn check(&mut self, e: &Entry) -> crate::Result<()> {
         use crate::Error;

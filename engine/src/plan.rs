@@ -110,44 +110,86 @@ impl Plan {
 
 /// Plan how to build a file with `chunks` from what `index` holds.
 pub fn plan_file(chunks: &[crate::manifest::ChunkSpec], index: &ChunkIndex) -> FilePlan {
-    let mut fp = FilePlan::default();
-    let mut fetched: IdMap<u32> = IdMap::default();
-    let mut keep: Vec<u32> = Vec::new();
-    for (n, c) in chunks.iter().enumerate() {
-        let n = n as u32;
-        let len = c.len as u64;
-        if c.zero {
-            fp.reused += len;
-            match fp.pieces.last_mut() {
-                Some(Piece::Zero(l)) => *l += len,
-                _ => fp.pieces.push(Piece::Zero(len)),
-            }
-        } else if let Some(Location { file, offset, .. }) = index.get(&c.id) {
-            fp.reused += len;
-            match fp.pieces.last_mut() {
-                Some(Piece::Local {
-                    file: f,
-                    offset: o,
-                    len: l,
-                }) if *f == file && *o + *l == offset => *l += len,
-                _ => fp.pieces.push(Piece::Local { file, offset, len }),
-            }
-        } else if let Some(&first) = fetched.get(&c.id) {
-            fp.reused += len;
-            keep.push(first);
-            fp.pieces.push(Piece::Repeat(first));
-        } else {
-            fetched.insert(c.id, n);
-            fp.literal += len;
-            fp.fetch.push(n);
-            fp.pieces.push(Piece::Fetch(n));
-        }
-    }
-    keep.sort_unstable();
-    keep.dedup();
-    fp.keep = keep;
+    let mut fp = PartPlanner::default().part(chunks, index);
     fp.bases = bases(&fp.pieces, chunks);
     fp
+}
+
+/// Plans a file whose chunk list arrives in parts (a large file the sender sends while it
+/// still reads it): each part is planned as it comes, against the index and the parts before
+/// it, so that its chunks can be fetched and written before the rest of the list is known.
+/// Chunk numbers in the plans are the file's, counted from its first chunk.
+#[derive(Debug, Default)]
+pub struct PartPlanner {
+    /// Chunks fetched so far (in any part), by id: the first chunk number with that id.
+    fetched: IdMap<u32>,
+    /// Chunks planned so far.
+    planned: u32,
+    /// Bytes to be sent and bytes supplied here, of all parts so far.
+    total: FilePlan,
+}
+
+impl PartPlanner {
+    /// Plan the next `chunks` of the file. A chunk that repeats one fetched in this part is a
+    /// [`Piece::Repeat`] listed in `keep`; one that repeats a chunk fetched in an earlier part
+    /// is a [`Piece::Repeat`] too (its bytes are in the file already, see
+    /// [`crate::assemble::Builder`]). No delta bases are guessed: `bases` is all `None`.
+    pub fn part(&mut self, chunks: &[crate::manifest::ChunkSpec], index: &ChunkIndex) -> FilePlan {
+        let mut fp = FilePlan::default();
+        let first = self.planned;
+        let mut keep: Vec<u32> = Vec::new();
+        for (k, c) in chunks.iter().enumerate() {
+            let n = first + k as u32;
+            let len = c.len as u64;
+            if c.zero {
+                fp.reused += len;
+                match fp.pieces.last_mut() {
+                    Some(Piece::Zero(l)) => *l += len,
+                    _ => fp.pieces.push(Piece::Zero(len)),
+                }
+            } else if let Some(Location { file, offset, .. }) = index.get(&c.id) {
+                fp.reused += len;
+                match fp.pieces.last_mut() {
+                    Some(Piece::Local {
+                        file: f,
+                        offset: o,
+                        len: l,
+                    }) if *f == file && *o + *l == offset => *l += len,
+                    _ => fp.pieces.push(Piece::Local { file, offset, len }),
+                }
+            } else if let Some(&earlier) = self.fetched.get(&c.id) {
+                fp.reused += len;
+                if earlier >= first {
+                    keep.push(earlier);
+                }
+                fp.pieces.push(Piece::Repeat(earlier));
+            } else {
+                self.fetched.insert(c.id, n);
+                fp.literal += len;
+                fp.fetch.push(n);
+                fp.pieces.push(Piece::Fetch(n));
+            }
+        }
+        self.planned = first + chunks.len() as u32;
+        keep.sort_unstable();
+        keep.dedup();
+        fp.keep = keep;
+        fp.bases = vec![None; fp.fetch.len()];
+        self.total.literal += fp.literal;
+        self.total.reused += fp.reused;
+        fp
+    }
+
+    /// Chunks planned so far.
+    pub fn planned(&self) -> u32 {
+        self.planned
+    }
+
+    /// The byte counts of all parts so far (`literal`, `reused`), as a plan without pieces: a
+    /// file of millions of chunks keeps no second copy of its plan.
+    pub fn total(&self) -> FilePlan {
+        self.total.clone()
+    }
 }
 
 /// Guess the base of every fetched chunk: the same distance from the nearest local run before
@@ -273,6 +315,40 @@ mod tests {
                 offset: 0,
                 len: 1 << 20
             }]
+        );
+    }
+
+    /// A list planned in parts fetches what the whole list fetches, numbered as in the file;
+    /// a repeat of a chunk fetched in an earlier part is kept out of the part's `keep`.
+    #[test]
+    fn a_list_planned_in_parts_fetches_what_the_whole_list_does() {
+        let p = ChunkParams::new(1024, 4096, 32768).unwrap();
+        let a = crate::chunk::tests_support::noise(5, 100_000);
+        let mut data = a.clone();
+        data.extend(crate::chunk::tests_support::noise(6, 150_000));
+        data.extend_from_slice(&a);
+        let fc = chunk_bytes(&data, p);
+        let idx = ChunkIndex::default();
+        let whole = plan_file(&fc.chunks, &idx);
+        assert!(!whole.keep.is_empty(), "the data repeats");
+        let mut planner = PartPlanner::default();
+        let parts: Vec<FilePlan> = fc.chunks.chunks(7).map(|c| planner.part(c, &idx)).collect();
+        let fetch: Vec<u32> = parts.iter().flat_map(|f| f.fetch.clone()).collect();
+        assert_eq!(fetch, whole.fetch);
+        let pieces: Vec<Piece> = parts.iter().flat_map(|f| f.pieces.clone()).collect();
+        assert_eq!(pieces, whole.pieces);
+        assert_eq!(planner.planned() as usize, fc.chunks.len());
+        assert_eq!(planner.total().literal, whole.literal);
+        assert_eq!(planner.total().reused, whole.reused);
+        // Every part keeps only chunks it fetches itself.
+        for f in &parts {
+            assert!(f.keep.iter().all(|k| f.fetch.contains(k)), "{f:?}");
+            assert_eq!(f.bases.len(), f.fetch.len());
+        }
+        let kept: usize = parts.iter().map(|f| f.keep.len()).sum();
+        assert!(
+            kept < whole.keep.len(),
+            "repeats across parts are read back"
         );
     }
 

@@ -1,6 +1,7 @@
 //! The receiving half: index what the destination (and any basis directories) already hold,
 //! plan, then apply the manifest: directories, files (in parallel, each built in a temporary file
-//! and renamed into place once verified), symlinks, metadata, deletions.
+//! and renamed into place once verified), symlinks, metadata, deletions. A new file whose chunk
+//! list arrives in parts (the sender still reads it) is planned and written part by part.
 
 use crate::assemble::{assemble, AssembleOptions, Fetched, FileTable};
 use crate::beneath::Parent;
@@ -238,6 +239,48 @@ struct Job {
     entry: Entry,
     fp: crate::plan::FilePlan,
     req: Option<Request>,
+    /// For a file written while its chunk list arrives: the parts of its plan, as they come
+    /// (`entry` then has no chunks yet, `fp` and `req` are unused).
+    parts: Option<std::sync::mpsc::Receiver<PartMsg>>,
+}
+
+/// What the manifest reader tells the writer of a file whose chunk list arrives in parts.
+enum PartMsg {
+    /// The next chunks of its list, their plan and the request for the chunks it fetches
+    /// (announced already).
+    Part {
+        chunks: Vec<crate::manifest::ChunkSpec>,
+        fp: crate::plan::FilePlan,
+        req: Option<Request>,
+    },
+    /// The list is complete: the whole entry, to be checked and put in place.
+    End(Entry),
+    /// The sender could not read the file to its end: nothing is put in place.
+    Abort,
+}
+
+/// A file of the manifest whose chunk list is still arriving (see [`Incoming::Begin`]).
+struct Growing {
+    i: usize,
+    size: u64,
+    /// Bytes of its list so far.
+    listed: u64,
+    how: GrowingHow,
+}
+
+/// How a file whose list arrives in parts is handled.
+enum GrowingHow {
+    /// Written as its list arrives by lane `lane`, which takes its parts from `parts`.
+    Written {
+        lane: usize,
+        parts: std::sync::mpsc::Sender<PartMsg>,
+        planner: crate::plan::PartPlanner,
+    },
+    /// Refused before it started (no room for it): the error is in the report.
+    Refused,
+    /// Planned and written once its whole list is here, like any file (the destination holds
+    /// something at its path, or this is a dry run).
+    Whole,
 }
 
 /// Files with at most this many literal bytes are fetched before assembly instead of streamed.
@@ -429,6 +472,8 @@ impl Receiver {
             |p: &RelPath, failed: &[RelPath]| failed.iter().any(|f| p.starts_with(f) && p != f);
         let results: Mutex<Vec<(usize, Result<u64>)>> = Mutex::new(Vec::new());
         let mut literal = 0u64;
+        // Files written as their lists arrived.
+        let mut streamed: HashSet<usize> = HashSet::new();
 
         // 1. Directories as they arrive, 2. files dispatched to lanes as they arrive.
         let this = &self;
@@ -441,17 +486,33 @@ impl Receiver {
                 let (results, table) = (&results, &table);
                 s.spawn(move || {
                     for job in rx {
-                        let r = this.write_file(
-                            k,
-                            job.i as u32,
-                            &job.entry,
-                            &job.fp,
-                            job.req.as_ref(),
-                            table,
-                            source,
-                            owner,
-                            progress,
-                        );
+                        let r = match job.parts {
+                            Some(parts) => match this.write_growing(
+                                k,
+                                job.i as u32,
+                                &job.entry,
+                                parts,
+                                table,
+                                source,
+                                owner,
+                                progress,
+                            ) {
+                                Ok(None) => continue,
+                                Ok(Some(sent)) => Ok(sent),
+                                Err(err) => Err(err),
+                            },
+                            None => this.write_file(
+                                k,
+                                job.i as u32,
+                                &job.entry,
+                                &job.fp,
+                                job.req.as_ref(),
+                                table,
+                                source,
+                                owner,
+                                progress,
+                            ),
+                        };
                         results
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -463,7 +524,153 @@ impl Receiver {
             let mut planned = 0u64;
             // Entries whose chunk list came as edits of a copy that is not the one held here.
             let mut not_base: HashSet<usize> = HashSet::new();
+            let mut growing: Option<Growing> = None;
             while let Some(item) = next()? {
+                // A file whose list arrives in parts: its start and its parts.
+                let item = match item {
+                    Incoming::Begin { path, meta, size } => {
+                        if growing.is_some() {
+                            return Err(Error::Protocol("a file begun inside another".into()));
+                        }
+                        validator.admits(&path)?;
+                        let i = manifest.len();
+                        let how = if dry
+                            || under_failed(&path, &failed_dirs)
+                            || this.state.contains_key(&path)
+                        {
+                            GrowingHow::Whole
+                        } else {
+                            let e = Entry {
+                                path,
+                                kind: EntryKind::File {
+                                    size,
+                                    hash: crate::id::ChunkId::of(&[]),
+                                    chunks: Vec::new(),
+                                },
+                                meta,
+                            };
+                            let whole = crate::plan::FilePlan {
+                                literal: size,
+                                ..Default::default()
+                            };
+                            match this.room_for(&e, &whole) {
+                                Err(err) => {
+                                    report.errors.push(err);
+                                    GrowingHow::Refused
+                                }
+                                Ok(()) => {
+                                    planned += size;
+                                    progress.bytes_planned.store(planned, Ordering::Relaxed);
+                                    if i == 0 {
+                                        this.make_parent_of_root(&mut report);
+                                    }
+                                    let lane = (0..lanes).min_by_key(|&k| load[k]).unwrap_or(0);
+                                    load[lane] += size + size / 16 + 4096;
+                                    let (tx, rx) = std::sync::mpsc::channel();
+                                    let job = Job {
+                                        i,
+                                        entry: e,
+                                        fp: Default::default(),
+                                        req: None,
+                                        parts: Some(rx),
+                                    };
+                                    if queues[lane].send(job).is_err() {
+                                        return Err(Error::Protocol(
+                                            "a writer lane stopped".into(),
+                                        ));
+                                    }
+                                    GrowingHow::Written {
+                                        lane,
+                                        parts: tx,
+                                        planner: Default::default(),
+                                    }
+                                }
+                            }
+                        };
+                        growing = Some(Growing {
+                            i,
+                            size,
+                            listed: 0,
+                            how,
+                        });
+                        continue;
+                    }
+                    Incoming::Part(chunks) => {
+                        let Some(g) = growing.as_mut() else {
+                            return Err(Error::Protocol(
+                                "a chunk list part without its file".into(),
+                            ));
+                        };
+                        g.listed += chunks.iter().map(|c| c.len as u64).sum::<u64>();
+                        validator.check_part(&chunks, g.listed, g.size)?;
+                        if let GrowingHow::Written {
+                            lane,
+                            parts,
+                            planner,
+                        } = &mut g.how
+                        {
+                            this.plan_part(g.i as u32, *lane, chunks, planner, parts, source);
+                        }
+                        continue;
+                    }
+                    item => item,
+                };
+                // The whole entry of a file begun last, unless it is planned like any other.
+                if let Some(g) = growing
+                    .take()
+                    .filter(|g| !matches!(g.how, GrowingHow::Whole))
+                {
+                    let Incoming::Entry(e) = item else {
+                        return Err(Error::Protocol(
+                            "a file sent while read came as edits".into(),
+                        ));
+                    };
+                    validator.check(&e)?;
+                    if let EntryKind::File { size, .. } = e.kind {
+                        report.stats.files += 1;
+                        report.stats.bytes_total += size;
+                    }
+                    let a = match (g.how, &e.kind) {
+                        (
+                            GrowingHow::Written {
+                                lane,
+                                parts,
+                                mut planner,
+                            },
+                            EntryKind::File { chunks, .. },
+                        ) => {
+                            // Chunks in the list's last frame (a sender may put some there):
+                            // one more part.
+                            let rest = chunks
+                                .get(planner.planned() as usize..)
+                                .unwrap_or_default()
+                                .to_vec();
+                            if !rest.is_empty() {
+                                this.plan_part(
+                                    g.i as u32,
+                                    lane,
+                                    rest,
+                                    &mut planner,
+                                    &parts,
+                                    source,
+                                );
+                            }
+                            let _ = parts.send(PartMsg::End(e.clone()));
+                            streamed.insert(g.i);
+                            Action::Write(planner.total())
+                        }
+                        // Unreadable at the sender part-way: nothing is put in place.
+                        (GrowingHow::Written { parts, .. }, _) => {
+                            let _ = parts.send(PartMsg::Abort);
+                            Action::Skip
+                        }
+                        // Refused for want of room (the error is reported).
+                        _ => Action::Skip,
+                    };
+                    manifest.push(e);
+                    actions.push(a);
+                    continue;
+                }
                 let (e, was_base) = this.resolve(item, manifest.len() as u32, source)?;
                 if !was_base {
                     not_base.insert(manifest.len());
@@ -530,6 +737,7 @@ impl Receiver {
                                 entry: e.clone(),
                                 fp: fp.clone(),
                                 req,
+                                parts: None,
                             };
                             if queues[lane].send(job).is_err() {
                                 return Err(Error::Protocol("a writer lane stopped".into()));
@@ -573,6 +781,7 @@ impl Receiver {
                     literal += sent;
                     written.insert(i);
                     report.stats.files_written += 1;
+                    report.stats.files_streamed += u64::from(streamed.contains(&i));
                     report.changes.push(self.file_change(&e.path, sent));
                 }
                 Err(err) => report.errors.push(err),
@@ -717,6 +926,9 @@ impl Receiver {
         let (mut entry, base, edits) = match item {
             Incoming::Entry(e) => return Ok((e, true)),
             Incoming::Edited { entry, base, edits } => (entry, base, edits),
+            Incoming::Begin { .. } | Incoming::Part(_) => {
+                return Err(Error::Protocol("a chunk list part out of place".into()))
+            }
         };
         let held = self
             .dest_files
@@ -821,6 +1033,156 @@ impl Receiver {
         }
     }
 
+    /// Plan the next `chunks` of the list of file `i` (written by `lane` as its list arrives),
+    /// announce the fetch of what it lacks, and hand both to the file's writer.
+    fn plan_part(
+        &self,
+        i: u32,
+        lane: usize,
+        chunks: Vec<crate::manifest::ChunkSpec>,
+        planner: &mut crate::plan::PartPlanner,
+        parts: &std::sync::mpsc::Sender<PartMsg>,
+        source: &dyn ChunkSource,
+    ) {
+        let fp = planner.part(&chunks, &self.index);
+        let req = (!fp.fetch.is_empty()).then(|| Request {
+            entry: i,
+            want: fp.fetch.clone(),
+            hints: Vec::new(),
+            no_refs: false,
+            bytes: fp.literal,
+        });
+        if let Some(r) = &req {
+            source.announce(lane, vec![r.clone()]);
+        }
+        tracing::debug!(
+            "entry {i}: list part planned, {} of {} chunks to fetch",
+            fp.fetch.len(),
+            chunks.len()
+        );
+        // A writer that stopped (its file failed) no longer reads its parts.
+        let _ = parts.send(PartMsg::Part { chunks, fp, req });
+    }
+
+    /// Write file `i`, whose list arrives in `parts` (`e` has its path and metadata), into a
+    /// staged file part by part; put it in place once the whole list is here and checked.
+    /// `None` when the sender could not read it to its end (nothing is put in place).
+    #[allow(clippy::too_many_arguments)]
+    fn write_growing(
+        &self,
+        lane: usize,
+        i: u32,
+        e: &Entry,
+        parts: std::sync::mpsc::Receiver<PartMsg>,
+        table: &FileTable<'_>,
+        source: &dyn ChunkSource,
+        owner: Apply,
+        progress: &Progress,
+    ) -> Result<Option<u64>> {
+        let at = Parent::of(&self.dest, &e.path)?;
+        self.write_growing_at(lane, i, parts, table, source, owner, progress, &at)
+            .map_err(|err| at.explain(err))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write_growing_at(
+        &self,
+        lane: usize,
+        i: u32,
+        parts: std::sync::mpsc::Receiver<PartMsg>,
+        table: &FileTable<'_>,
+        source: &dyn ChunkSource,
+        owner: Apply,
+        progress: &Progress,
+        at: &Parent,
+    ) -> Result<Option<u64>> {
+        let io = at.path();
+        let opts = AssembleOptions {
+            sparse: self.opts.sparse,
+            fsync: self.opts.fsync,
+        };
+        let staged = crate::assemble::Staged::create(io)?;
+        let mut builder = crate::assemble::Builder::new(io, &staged, opts);
+        let mut chunks: Vec<crate::manifest::ChunkSpec> = Vec::new();
+        let mut literal = 0u64;
+        // Local data that was not what the index said: the file is fetched whole at the end.
+        let mut mismatch = false;
+        for msg in parts {
+            let (fp, req) = match msg {
+                PartMsg::Part { chunks: c, fp, req } => {
+                    chunks.extend(c);
+                    (fp, req)
+                }
+                PartMsg::Abort => return Ok(None),
+                PartMsg::End(whole) => {
+                    let EntryKind::File {
+                        size,
+                        hash,
+                        chunks: all,
+                    } = &whole.kind
+                    else {
+                        return Err(Error::Protocol("write of a non-file".into()));
+                    };
+                    if !mismatch {
+                        crate::assemble::check_listed(io, *size, hash, all)?;
+                        builder.finish(all, *size)?;
+                        return self
+                            .install(staged, io, &whole, owner, table, progress)
+                            .map(|()| Some(literal));
+                    }
+                    drop(builder);
+                    drop(staged);
+                    tracing::warn!(
+                        "{}: local data did not match, fetching the whole file",
+                        whole.path.under(&self.dest).display()
+                    );
+                    let full = plan_file(all, &ChunkIndex::default());
+                    let tmp = fetching(source, lane, i, &full, None, progress, &mut |next| {
+                        assemble(io, *size, hash, all, &full, table, next, opts)
+                    })?;
+                    return self
+                        .install(tmp, io, &whole, owner, table, progress)
+                        .map(|()| Some(full.literal));
+                }
+            };
+            literal += fp.literal;
+            if mismatch {
+                continue;
+            }
+            let r = fetching(source, lane, i, &fp, req.as_ref(), progress, &mut |next| {
+                builder.part(&chunks, &fp, table, next)
+            });
+            match r {
+                Ok(()) => {}
+                Err(Error::Integrity { .. }) => mismatch = true,
+                Err(err) => return Err(err),
+            }
+        }
+        Err(Error::Protocol(
+            "the manifest ended inside a file's chunk list".into(),
+        ))
+    }
+
+    /// Put staged file `tmp`, the new content of file entry `e`, in place (`io`: its path as
+    /// the system calls name it), with its metadata.
+    fn install(
+        &self,
+        tmp: crate::assemble::Staged,
+        io: &Path,
+        e: &Entry,
+        owner: Apply,
+        table: &FileTable<'_>,
+        progress: &Progress,
+    ) -> Result<()> {
+        let abs = e.path.under(&self.dest);
+        meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
+        self.make_way(io, &e.path, false, table)?;
+        tmp.commit(io, &abs, table)?;
+        Progress::add(&progress.bytes_done, e.size());
+        Progress::add(&progress.files_done, 1);
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn write_file(
         &self,
@@ -909,12 +1271,8 @@ impl Receiver {
         };
         // A staged file that holds the new content: its metadata, then renamed into place.
         let install = |tmp: crate::assemble::Staged, sent: u64| -> Result<u64> {
-            meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-            self.make_way(io, &e.path, false, table)?;
-            tmp.commit(io, &abs, table)?;
-            Progress::add(&progress.bytes_done, *size);
-            Progress::add(&progress.files_done, 1);
-            Ok(sent)
+            self.install(tmp, io, e, owner, table, progress)
+                .map(|()| sent)
         };
         if self.opts.inplace {
             if let Some(me) = table.number_of(&abs) {
@@ -1262,4 +1620,202 @@ fn fetch_and_build<T: Send>(
         drop(rx);
         r
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::{chunk_bytes, tests_support::noise};
+    use crate::manifest::ChunkSpec;
+
+    /// Serves chunks of one file from its bytes, counting the chunks asked for.
+    struct Bytes {
+        data: Vec<u8>,
+        offsets: Vec<u64>,
+        chunks: Vec<ChunkSpec>,
+        asked: std::sync::atomic::AtomicU64,
+    }
+
+    impl ChunkSource for Bytes {
+        fn lanes(&self) -> usize {
+            2
+        }
+
+        fn fetch(
+            &self,
+            _lane: usize,
+            req: &Request,
+            sink: &mut dyn FnMut(Fetched) -> Result<()>,
+        ) -> Result<()> {
+            for &n in &req.want {
+                self.asked.fetch_add(1, Ordering::Relaxed);
+                let o = self.offsets[n as usize] as usize;
+                let len = self.chunks[n as usize].len as usize;
+                sink((
+                    n,
+                    crate::protocol::Codec::Raw,
+                    self.data[o..o + len].to_vec(),
+                ))?;
+            }
+            Ok(())
+        }
+    }
+
+    fn path(s: &str) -> RelPath {
+        RelPath::from_bytes(s.as_bytes().to_vec()).unwrap()
+    }
+
+    fn root() -> Incoming {
+        Incoming::Entry(Entry {
+            path: RelPath::root(),
+            kind: EntryKind::Dir,
+            meta: Meta {
+                mode: 0o755,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// The manifest of a tree holding file `f` with `data`, its list in parts of `part` chunks
+    /// as a sender sends a file it is still reading; `unreadable`: the sender fails at the end.
+    fn growing(data: &[u8], part: usize, unreadable: bool) -> (Vec<Incoming>, Bytes) {
+        let fc = chunk_bytes(data, ChunkParams::default());
+        let meta = Meta {
+            mode: 0o640,
+            mtime_sec: 1_700_000_000,
+            ..Default::default()
+        };
+        let mut items = vec![
+            root(),
+            Incoming::Begin {
+                path: path("f"),
+                meta,
+                size: fc.size,
+            },
+        ];
+        items.extend(fc.chunks.chunks(part).map(|c| Incoming::Part(c.to_vec())));
+        let kind = if unreadable {
+            EntryKind::Unreadable
+        } else {
+            EntryKind::File {
+                size: fc.size,
+                hash: fc.hash,
+                chunks: fc.chunks.clone(),
+            }
+        };
+        items.push(Incoming::Entry(Entry {
+            path: path("f"),
+            kind,
+            meta,
+        }));
+        let source = Bytes {
+            data: data.to_vec(),
+            offsets: crate::manifest::chunk_offsets(&fc.chunks),
+            chunks: fc.chunks,
+            asked: Default::default(),
+        };
+        (items, source)
+    }
+
+    fn apply(dest: &Path, items: Vec<Incoming>, source: &Bytes) -> Result<Report> {
+        let opts = ReceiverOptions {
+            no_index_cache: true,
+            ..Default::default()
+        };
+        let mut items = items.into_iter();
+        Receiver::prepare(dest, opts)?.apply(&mut || Ok(items.next()), source, &Progress::default())
+    }
+
+    /// A file whose list arrives in parts is written part by part: byte-identical, holes and
+    /// repeats of chunks from earlier parts included (read back, not fetched again).
+    #[test]
+    fn a_file_is_written_while_its_list_arrives() {
+        let block = noise(1, 1 << 20);
+        let mut data = Vec::new();
+        for k in 0..6u64 {
+            data.extend_from_slice(&block);
+            data.extend(noise(10 + k, 300_000));
+            data.extend(vec![0u8; 200_000]);
+        }
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dst");
+        let (items, source) = growing(&data, 40, false);
+        let parts = items.len() - 3;
+        assert!(parts >= 10, "{parts} parts");
+        let r = apply(&dest, items, &source).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(std::fs::read(dest.join("f")).unwrap(), data);
+        assert_eq!(r.stats.files_streamed, 1, "{:?}", r.stats);
+        assert_eq!(r.stats.files_written, 1);
+        // The 1 MiB block crosses once, not six times.
+        assert!(
+            r.stats.bytes_literal < 4 << 20,
+            "{} of {} bytes sent",
+            r.stats.bytes_literal,
+            data.len()
+        );
+        let asked = source.asked.load(Ordering::Relaxed);
+        assert!(
+            asked < source.chunks.len() as u64 / 2,
+            "{asked} chunks asked for"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(dest.join("f")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(
+            std::fs::read_dir(&dest).unwrap().count(),
+            1,
+            "nothing left over"
+        );
+    }
+
+    /// A file the sender could not read to its end leaves nothing behind; one whose list
+    /// outgrows its announced size is refused as a malformed manifest, with nothing written.
+    #[test]
+    fn a_growing_file_that_fails_leaves_nothing() {
+        let data = noise(2, 3 << 20);
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dst");
+        let (items, source) = growing(&data, 16, true);
+        let r = apply(&dest, items, &source).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(r.stats.files_written, 0);
+        assert_eq!(
+            std::fs::read_dir(&dest).unwrap().count(),
+            0,
+            "nothing written"
+        );
+
+        let (mut items, source) = growing(&data, 16, false);
+        if let Incoming::Begin { size, .. } = &mut items[1] {
+            *size -= 1;
+        }
+        let dest2 = d.path().join("dst2");
+        let err = apply(&dest2, items, &source).unwrap_err();
+        assert!(err.to_string().contains("exceed the file size"), "{err}");
+        assert_eq!(
+            std::fs::read_dir(&dest2).unwrap().count(),
+            0,
+            "nothing written"
+        );
+    }
+
+    /// Where the destination holds something at the path, the file is planned whole once its
+    /// list is complete (an update: reuse of the old copy, in-place and clone updates).
+    #[test]
+    fn a_growing_file_over_an_old_copy_is_planned_whole() {
+        let old = noise(3, 2 << 20);
+        let mut data = old.clone();
+        data[1_000_000..1_004_096].copy_from_slice(&noise(4, 4096));
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("dst");
+        std::fs::create_dir_all(&dest).unwrap();
+        std::fs::write(dest.join("f"), &old).unwrap();
+        let (items, source) = growing(&data, 16, false);
+        let r = apply(&dest, items, &source).unwrap();
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(std::fs::read(dest.join("f")).unwrap(), data);
+        assert_eq!(r.stats.files_streamed, 0);
+        assert!(r.stats.bytes_literal < 200_000, "{:?}", r.stats);
+    }
 }

@@ -33,6 +33,10 @@ pub struct Stats {
     /// that knows what the receiver holds, e.g. a migration's later rounds): their files needed
     /// no want-list round trip.
     pub chunks_pushed: u64,
+    /// Files written while their chunk list was still arriving (large files the sender put on
+    /// the wire as it read them): their data crossed before the sender had read them whole.
+    #[serde(default)]
+    pub files_streamed: u64,
 }
 
 /// What happened (or, in a dry run, would happen) to one path.

@@ -43,21 +43,76 @@ pub struct SenderOptions {
 /// receiver's buffer of pushed chunks stays bounded; later entries go by want-lists.
 pub const PUSH_BUDGET: u64 = 128 << 20;
 
-/// What the sender keeps to serve one file's chunks.
+/// What the sender keeps to serve one file's chunks: its list in segments (one for a file
+/// listed whole; one per list part so far for a file on the wire while it is read, so that a
+/// part is served as soon as it is sent, without copying the list before it).
 struct Served {
     path: PathBuf,
     rel: RelPath,
+    segments: Vec<std::sync::Arc<Segment>>,
+}
+
+/// Consecutive chunks of a served file's list.
+struct Segment {
+    /// The number of its first chunk in the file.
+    first: u32,
     chunks: Vec<crate::manifest::ChunkSpec>,
+    /// Where each chunk starts in the file.
     offsets: Vec<u64>,
+}
+
+impl Segment {
+    /// The segment of `chunks`, numbered from `first`, the first starting at byte `start`.
+    fn new(first: u32, start: u64, chunks: Vec<crate::manifest::ChunkSpec>) -> Segment {
+        let offsets = chunk_offsets(&chunks)
+            .into_iter()
+            .map(|o| o + start)
+            .collect();
+        Segment {
+            first,
+            chunks,
+            offsets,
+        }
+    }
+}
+
+impl Served {
+    /// Chunks listed so far.
+    fn len(&self) -> usize {
+        self.segments
+            .last()
+            .map_or(0, |s| s.first as usize + s.chunks.len())
+    }
+
+    /// Chunk `n` and where it starts.
+    fn get(&self, n: u32) -> Option<(&crate::manifest::ChunkSpec, u64)> {
+        let k = self
+            .segments
+            .partition_point(|s| s.first <= n)
+            .checked_sub(1)?;
+        let s = &self.segments[k];
+        let i = (n - s.first) as usize;
+        Some((s.chunks.get(i)?, s.offsets[i]))
+    }
 }
 
 /// The chunk list of a file the sender handed out (see [`Sender::chunks_of`]).
 pub struct ServedChunks(std::sync::Arc<Served>);
 
-impl std::ops::Deref for ServedChunks {
-    type Target = [crate::manifest::ChunkSpec];
-    fn deref(&self) -> &Self::Target {
-        &self.0.chunks
+impl ServedChunks {
+    /// Chunks listed so far.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+
+    /// Chunk `n`, if listed.
+    pub fn get(&self, n: u32) -> Option<&crate::manifest::ChunkSpec> {
+        self.0.get(n).map(|(c, _)| c)
     }
 }
 
@@ -315,9 +370,20 @@ impl Sender {
                     continue;
                 };
                 let mut started = false;
+                // Chunks and bytes listed so far.
+                let (mut listed, mut at) = (0u32, 0u64);
                 let mut part = |c: &[crate::manifest::ChunkSpec]| -> Result<()> {
                     if !started {
                         started = true;
+                        // Its entry number is taken now: its parts are served as they go.
+                        self.files
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(Some(std::sync::Arc::new(Served {
+                                path: e.path.under(root),
+                                rel: e.path.clone(),
+                                segments: Vec::new(),
+                            })));
                         sink(Frame::FileHead {
                             path: e.path.clone(),
                             meta: e.meta,
@@ -329,6 +395,10 @@ impl Sender {
                     // Read so far: the progress shows a large file's scan as it goes.
                     let read: u64 = c.iter().map(|c| c.len as u64).sum();
                     Progress::add(&self.progress.bytes_scanned, read);
+                    // Served before the receiver can ask: the part's chunks become servable.
+                    self.serve_part(Segment::new(listed, at, c.to_vec()));
+                    listed += c.len() as u32;
+                    at += read;
                     sink(Frame::FileList {
                         part: crate::chunklist::ListPart::Chunks(c.to_vec()),
                         last: false,
@@ -432,6 +502,20 @@ impl Sender {
         Ok(notes)
     }
 
+    /// Add `segment` to the list of the file being read and sent (the last entry registered).
+    fn serve_part(&self, segment: Segment) {
+        let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(Some(last)) = files.last_mut() {
+            let mut segments = last.segments.clone();
+            segments.push(std::sync::Arc::new(segment));
+            *last = std::sync::Arc::new(Served {
+                path: last.path.clone(),
+                rel: last.rel.clone(),
+                segments,
+            });
+        }
+    }
+
     /// Record entry `e` (the next of the manifest) as served, and pass it to `emit`.
     fn hand_out(
         &self,
@@ -446,8 +530,7 @@ impl Sender {
             EntryKind::File { chunks, .. } => Some(std::sync::Arc::new(Served {
                 path: e.path.under(&self.root),
                 rel: e.path.clone(),
-                offsets: chunk_offsets(chunks),
-                chunks: chunks.clone(),
+                segments: vec![std::sync::Arc::new(Segment::new(0, 0, chunks.clone()))],
             })),
             _ => None,
         };
@@ -455,10 +538,21 @@ impl Sender {
         if let (EntryKind::File { size, .. }, false) = (&e.kind, streamed) {
             Progress::add(&self.progress.bytes_scanned, *size);
         }
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(served);
+        {
+            let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
+            match (streamed, served) {
+                // Its parts are served already (see `Sender::serve_part`): the whole list now,
+                // or, if it could not be read to the end, what was sent of it (the receiver may
+                // still ask for those chunks; they are answered, or refused as changed).
+                (true, Some(s)) => {
+                    if let Some(slot) = files.last_mut() {
+                        *slot = Some(s);
+                    }
+                }
+                (true, None) => {}
+                (false, s) => files.push(s),
+            }
+        }
         tracing::debug!("manifest: {:?} ready", e.path);
         emit(e, streamed)
     }
@@ -487,7 +581,12 @@ impl Sender {
 
     /// The whole chunk list of entry `entry`, if it is a file already handed out.
     pub fn chunk_list(&self, entry: u32) -> Option<Vec<crate::manifest::ChunkSpec>> {
-        self.served(entry).map(|s| s.chunks.clone())
+        self.served(entry).map(|s| {
+            s.segments
+                .iter()
+                .flat_map(|g| g.chunks.iter().copied())
+                .collect()
+        })
     }
 
     /// The chunk list of entry `entry`, if it is a file already handed out, without a copy (a
@@ -578,11 +677,10 @@ impl Sender {
         let served = self
             .served(entry)
             .ok_or_else(|| Error::Protocol(format!("entry {entry} is not a file sent so far")))?;
-        let chunks = &served.chunks;
         let wanted: u64 = want
             .iter()
-            .filter_map(|&n| chunks.get(n as usize))
-            .map(|c| c.len as u64)
+            .filter_map(|&n| served.get(n))
+            .map(|(c, _)| c.len as u64)
             .sum();
         Progress::add(&self.progress.bytes_wanted, wanted);
         let grouped = !matches!(packing, Packing::Alone);
@@ -606,7 +704,6 @@ impl Sender {
                 })
             }
         };
-        let offsets = &served.offsets;
         let mut squeeze = Squeeze::default();
         let basis = if no_refs {
             None
@@ -619,11 +716,11 @@ impl Sender {
         // Reading and difference-encoding run on all cores, a batch at a time; the choice of
         // encoding, compression and sending stay in order.
         let prepare = |k: usize, n: u32| -> Result<std::result::Result<Prepared, String>> {
-            let spec = chunks
-                .get(n as usize)
+            let (spec, at) = served
+                .get(n)
                 .ok_or_else(|| Error::Protocol(format!("entry {entry} has no chunk {n}")))?;
             let mut buf = vec![0u8; spec.len as usize];
-            if let Err(err) = file.read_exact_at(&mut buf, offsets[n as usize]) {
+            if let Err(err) = file.read_exact_at(&mut buf, at) {
                 let reason = if err.kind() == std::io::ErrorKind::UnexpectedEof {
                     Error::SourceChanged { path: path.clone() }.to_string()
                 } else {
@@ -633,10 +730,7 @@ impl Sender {
             }
             let reference = basis_file.as_ref().and_then(|(b, f)| {
                 // The basis chunk covering the same offset, if it still holds what was chunked.
-                let j = b
-                    .offsets
-                    .partition_point(|&o| o <= offsets[n as usize])
-                    .checked_sub(1)?;
+                let j = b.offsets.partition_point(|&o| o <= at).checked_sub(1)?;
                 let spec = b.chunks[j];
                 // Zero chunks are holes, not indexed by the receiver: no reference to them.
                 if spec.zero {

@@ -488,6 +488,11 @@ fn print_report(r: &Report, a: &SyncArgs, quiet_stdout: bool, out: Output) -> Re
     if a.stats {
         writeln!(o, "Number of files: {}", s.files)?;
         writeln!(o, "Number of files written: {}", s.files_written)?;
+        writeln!(
+            o,
+            "Number of files written while the sender read them: {}",
+            s.files_streamed
+        )?;
         writeln!(o, "Number of files unchanged: {}", s.files_unchanged)?;
         writeln!(o, "Number of entries deleted: {}", s.entries_deleted)?;
         writeln!(o, "Total file size: {} bytes", s.bytes_total)?;

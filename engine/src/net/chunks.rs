@@ -109,14 +109,16 @@ async fn serve_stream(
                 )));
             };
             let want = protocol::from_runs(&runs, chunks.len())?;
-            if want.iter().any(|&c| c as usize >= chunks.len()) {
+            if want.iter().any(|&c| chunks.get(c).is_none()) {
                 return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
             }
             // Hints: none, or one per wanted chunk, each no longer than the chunk's blocks.
             let hints_fit = hints.is_empty()
                 || (hints.len() == want.len()
                     && want.iter().zip(&hints).all(|(&c, h)| {
-                        h.len() <= (chunks[c as usize].len as usize).div_ceil(crate::delta::BLOCK)
+                        chunks.get(c).is_some_and(|s| {
+                            h.len() <= (s.len as usize).div_ceil(crate::delta::BLOCK)
+                        })
                     }));
             if !hints_fit {
                 return Err(Error::Protocol(format!(

@@ -338,7 +338,9 @@ async fn receive_with(
     });
     let mut count = 0usize;
     let mut complete = false;
-    let mut assembler = crate::chunklist::Assembler::default();
+    // Files the sender sends while it reads them are handed on part by part, to be written as
+    // their lists arrive.
+    let mut assembler = crate::chunklist::Assembler::growing();
     loop {
         let item = match expect_msg::<Frame>(&mut ctl.recv, "end of the manifest").await {
             Ok(Frame::ManifestEnd) if !assembler.in_file() => {
@@ -361,7 +363,9 @@ async fn receive_with(
             Ok(frame) => match assembler.feed(frame) {
                 Ok(None) => continue,
                 Ok(Some(item)) => {
-                    count += 1;
+                    if !matches!(item, Incoming::Begin { .. } | Incoming::Part(_)) {
+                        count += 1;
+                    }
                     Ok(Some(item))
                 }
                 Err(e) => Err(e),

@@ -67,6 +67,9 @@ struct Lane {
     announced: Mutex<Announced>,
 }
 
+/// The parts of one announced request: (strand, chunk numbers), in order.
+type StrandParts = Vec<(usize, Vec<u32>)>;
+
 /// The parts of a lane's announced requests that were not fetched yet.
 #[derive(Default)]
 struct Announced {
@@ -74,8 +77,9 @@ struct Announced {
     next: usize,
     /// Bytes of the parts given to that strand in its current run.
     run: u64,
-    /// Entry -> its parts, as (strand, chunk numbers), in order.
-    parts: HashMap<u32, Vec<(usize, Vec<u32>)>>,
+    /// Entry -> the parts of each request announced for it (one, or one per list part of a
+    /// file written as its list arrives), as (strand, chunk numbers), in order.
+    parts: HashMap<u32, VecDeque<StrandParts>>,
 }
 
 impl Announced {
@@ -320,14 +324,16 @@ impl StreamSource {
     ) -> Option<Result<()>> {
         let parts = {
             let mut a = lock(&lane.announced);
-            let same = a
-                .parts
-                .get(&req.entry)
-                .is_some_and(|p| p.iter().flat_map(|(_, w)| w.iter()).eq(req.want.iter()));
-            if !same {
-                return None;
+            let queue = a.parts.get_mut(&req.entry)?;
+            // Requests of the entry announced before this one were skipped.
+            let pos = queue
+                .iter()
+                .position(|p| p.iter().flat_map(|(_, w)| w.iter()).eq(req.want.iter()))?;
+            let parts = queue.drain(..=pos).next_back();
+            if queue.is_empty() {
+                a.parts.remove(&req.entry);
             }
-            a.parts.remove(&req.entry)?
+            parts?
         };
         for (s, want) in parts {
             let r =
@@ -497,7 +503,7 @@ impl ChunkSource for StreamSource {
                 // A closed channel means the stream failed; fetches will find out and go alone.
                 let _ = strand.more.send(part);
             }
-            announced.parts.insert(entry, parts);
+            announced.parts.entry(entry).or_default().push_back(parts);
         }
     }
 

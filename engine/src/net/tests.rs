@@ -448,6 +448,12 @@ fn a_chunk_list_longer_than_a_frame_goes_in_parts_both_ways() {
         assert!(r.errors.is_empty(), "round {round}: {:?}", r.errors);
         assert_eq!(std::fs::read(f.root.join("big/f")).unwrap(), data);
         assert!(cache.exists());
+        // Read in the first round: the receiver wrote it while its list still arrived.
+        assert_eq!(
+            r.stats.files_streamed,
+            u64::from(round == 0),
+            "round {round}"
+        );
         std::fs::remove_dir_all(f.root.join("big")).unwrap();
     }
     std::fs::create_dir_all(f.root.join("big")).unwrap();
@@ -461,6 +467,7 @@ fn a_chunk_list_longer_than_a_frame_goes_in_parts_both_ways() {
     let r = super::client::pull(&remote("big/"), &back, s, ropts, &f.client, progress).unwrap();
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(std::fs::read(back.join("f")).unwrap(), data);
+    assert_eq!(r.stats.files_streamed, 1, "{:?}", r.stats);
 }
 
 mod trees {
