@@ -234,6 +234,8 @@ struct SparseWriter<'f> {
     buf: Vec<u8>,
     buf_start: u64,
     sparse: bool,
+    /// Where the bytes written so far end (the file's length unless it ends in a hole).
+    written_end: u64,
 }
 
 impl<'f> SparseWriter<'f> {
@@ -245,6 +247,7 @@ impl<'f> SparseWriter<'f> {
             buf: Vec::with_capacity(WRITE_BUF),
             buf_start: 0,
             sparse,
+            written_end: 0,
         }
     }
 
@@ -253,6 +256,7 @@ impl<'f> SparseWriter<'f> {
             self.file
                 .write_all_at(&self.buf, self.buf_start)
                 .ctx("write", self.path)?;
+            self.written_end = self.written_end.max(self.buf_start + self.buf.len() as u64);
             self.buf.clear();
         }
         Ok(())
@@ -328,9 +332,12 @@ impl<'f> SparseWriter<'f> {
 
     fn finish(mut self) -> Result<u64> {
         self.flush()?;
-        self.file
-            .set_len(self.pos)
-            .ctx("set length of", self.path)?;
+        // The file is new: only a hole at its end is not there yet.
+        if self.written_end != self.pos {
+            self.file
+                .set_len(self.pos)
+                .ctx("set length of", self.path)?;
+        }
         Ok(self.pos)
     }
 }
@@ -448,6 +455,26 @@ impl Staged {
             .unwrap_or_else(|| self.dir.join("(unnamed temporary file)"))
     }
 
+    /// [`Staged::commit`] for a file where the destination held nothing before the sync: an
+    /// unnamed staged file is linked under its name directly (one system call, no rename); if
+    /// something stands there meanwhile, it is replaced as by [`Staged::commit`].
+    pub fn commit_new(self, dest: &Path, indexed_as: &Path, table: &FileTable<'_>) -> Result<()> {
+        if self.named.is_none() {
+            match link_fd(&self.file, dest) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => {
+                    return Err(Error::Io {
+                        op: "link new file as",
+                        path: dest.into(),
+                        source: e,
+                    })
+                }
+            }
+        }
+        self.commit(dest, indexed_as, table)
+    }
+
     /// Give the staged file the name `dest`, atomically replacing what is there (via `table`,
     /// which keeps the old version readable; `indexed_as`: the path the index knows it by).
     pub fn commit(self, dest: &Path, indexed_as: &Path, table: &FileTable<'_>) -> Result<()> {
@@ -457,34 +484,40 @@ impl Staged {
             return Ok(());
         }
         // Link the unnamed inode under a temporary name, then rename that over `dest`.
-        use std::os::unix::ffi::OsStrExt;
-        use std::os::unix::io::AsRawFd;
         let tmp = temp_sibling(dest);
-        let proc_path = std::ffi::CString::new(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-        let c_tmp = std::ffi::CString::new(tmp.as_os_str().as_bytes())
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-        // SAFETY: both paths are valid NUL-terminated strings.
-        let rc = unsafe {
-            libc::linkat(
-                libc::AT_FDCWD,
-                proc_path.as_ptr(),
-                libc::AT_FDCWD,
-                c_tmp.as_ptr(),
-                libc::AT_SYMLINK_FOLLOW,
-            )
-        };
-        if rc != 0 {
-            return Err(Error::Io {
-                op: "link temporary file as",
-                path: tmp,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        link_fd(&self.file, &tmp).map_err(|source| Error::Io {
+            op: "link temporary file as",
+            path: tmp.clone(),
+            source,
+        })?;
         table.replace(&tmp, dest, indexed_as).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
     }
+}
+
+/// Give the open (unnamed) file `file` the name `path` (`linkat` through `/proc/self/fd`).
+fn link_fd(file: &File, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::AsRawFd;
+    let invalid = |_| std::io::Error::from_raw_os_error(libc::EINVAL);
+    let proc_path =
+        std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(invalid)?;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(invalid)?;
+    // SAFETY: both paths are valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            proc_path.as_ptr(),
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A fetched chunk as it came: its number in the file, the payload's encoding and the payload.

@@ -184,6 +184,8 @@ pub struct Receiver {
     /// A reflink clone failed here once (the destination's file system has none): not tried
     /// again.
     no_clones: std::sync::atomic::AtomicBool,
+    /// Handles of the destination's directories, reused from entry to entry.
+    dirs: crate::beneath::Dirs,
     /// Held while this receiver exists: one sync at a time per destination.
     _lock: Option<std::fs::File>,
 }
@@ -371,6 +373,7 @@ impl Receiver {
             first_basis_file,
             errors,
             no_clones: Default::default(),
+            dirs: crate::beneath::Dirs::new(dest),
             _lock: held,
         })
     }
@@ -420,6 +423,8 @@ impl Receiver {
         match (&have.kind, want_dir) {
             (DestKind::Dir, true) => Ok(()),
             (DestKind::Dir, false) => {
+                // Handles to it (or below it) must not be used again.
+                self.dirs.forget_all();
                 if std::fs::remove_dir(abs).is_ok() {
                     return Ok(());
                 }
@@ -806,7 +811,7 @@ impl Receiver {
                     if dry {
                         Ok(())
                     } else {
-                        through(&self.dest, &e.path, |abs| {
+                        through(&self.dirs, &e.path, |abs| {
                             self.write_link(abs, &e.path, target, &e.meta, owner, &table)
                         })
                     }
@@ -830,7 +835,7 @@ impl Receiver {
                         Ok(())
                     } else {
                         touched.insert(&e.path);
-                        through(&self.dest, &e.path, |abs| {
+                        through(&self.dirs, &e.path, |abs| {
                             meta::apply(abs, &e.meta, have.as_ref(), *a == Action::KeepLink, owner)
                         })
                     }
@@ -853,11 +858,14 @@ impl Receiver {
                 if dry {
                     continue;
                 }
-                let r = through(&self.dest, p, |abs| {
+                let r = through(&self.dirs, p, |abs| {
                     match self.state.get(p).map(|h| &h.kind) {
-                        Some(DestKind::Dir) => std::fs::remove_dir(abs)
-                            .or_else(|_| std::fs::remove_dir_all(abs))
-                            .ctx("remove directory", abs),
+                        Some(DestKind::Dir) => {
+                            self.dirs.forget_all();
+                            std::fs::remove_dir(abs)
+                                .or_else(|_| std::fs::remove_dir_all(abs))
+                                .ctx("remove directory", abs)
+                        }
                         _ => std::fs::remove_file(abs).ctx("remove", abs),
                     }
                 });
@@ -900,7 +908,7 @@ impl Receiver {
                 }
             }
             // A directory's mtime changes whenever an entry in it changes: always set it.
-            if let Err(err) = through(&self.dest, &e.path, |abs| {
+            if let Err(err) = through(&self.dirs, &e.path, |abs| {
                 meta::apply(abs, &e.meta, None, false, owner)
             }) {
                 report.errors.push(err);
@@ -983,7 +991,7 @@ impl Receiver {
         if dry {
             return;
         }
-        let r = through(&self.dest, &e.path, |abs| {
+        let r = through(&self.dirs, &e.path, |abs| {
             self.make_way(abs, &e.path, true, table)?;
             if e.path.is_root() {
                 std::fs::create_dir_all(abs).ctx("create directory", abs)
@@ -1079,7 +1087,7 @@ impl Receiver {
         owner: Apply,
         progress: &Progress,
     ) -> Result<Option<u64>> {
-        let at = Parent::of(&self.dest, &e.path)?;
+        let at = self.dirs.parent_of(&e.path)?;
         self.write_growing_at(lane, i, parts, table, source, owner, progress, &at)
             .map_err(|err| at.explain(err))
     }
@@ -1176,8 +1184,13 @@ impl Receiver {
     ) -> Result<()> {
         let abs = e.path.under(&self.dest);
         meta::apply_fd(tmp.file(), &abs, &e.meta, owner)?;
-        self.make_way(io, &e.path, false, table)?;
-        tmp.commit(io, &abs, table)?;
+        if self.state.contains_key(&e.path) {
+            self.make_way(io, &e.path, false, table)?;
+            tmp.commit(io, &abs, table)?;
+        } else {
+            // Nothing was there: linked under its name at once.
+            tmp.commit_new(io, &abs, table)?;
+        }
         Progress::add(&progress.bytes_done, e.size());
         Progress::add(&progress.files_done, 1);
         Ok(())
@@ -1198,7 +1211,7 @@ impl Receiver {
     ) -> Result<u64> {
         // Every system call below names the file through its directory, opened without
         // following symlinks (see [`crate::beneath`]); `abs` is for the index and messages.
-        let at = Parent::of(&self.dest, &e.path)?;
+        let at = self.dirs.parent_of(&e.path)?;
         self.write_file_at(lane, i, e, fp, req, table, source, owner, progress, &at)
             .map_err(|err| at.explain(err))
     }
@@ -1453,10 +1466,14 @@ fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-/// Run `op` on the entry `rel` under `dest`, named through its directory opened without
-/// following symlinks (see [`crate::beneath`]); errors name the real path.
-fn through<T>(dest: &Path, rel: &RelPath, op: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    let at = Parent::of(dest, rel)?;
+/// Run `op` on the entry `rel` under the destination, named through its directory opened
+/// without following symlinks (see [`crate::beneath`]); errors name the real path.
+fn through<T>(
+    dirs: &crate::beneath::Dirs,
+    rel: &RelPath,
+    op: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let at = dirs.parent_of(rel)?;
     op(at.path()).map_err(|err| at.explain(err))
 }
 
