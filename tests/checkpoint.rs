@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use util::*;
 
 /// A Python process that writes an increasing counter to `file` every 50 ms; as a session
-/// leader (`setsid`) unless `leader` is false.
+/// leader (`setsid`) unless `leader` is false. Each value is written beside the file and renamed
+/// over it, so that a dump never finds the file truncated and not yet written.
 fn counter(file: &Path, leader: bool) -> Child {
+    let path = file.display().to_string();
     let script = format!(
-        "import time\ni = 0\nwhile True:\n    open({:?}, 'w').write(str(i))\n    i += 1\n    time.sleep(0.05)\n",
-        file.display().to_string()
+        "import os, time\ni = 0\nwhile True:\n    open({tmp:?}, 'w').write(str(i))\n    os.replace({tmp:?}, {path:?})\n    i += 1\n    time.sleep(0.05)\n",
+        tmp = format!("{path}.tmp"),
     );
     let mut c = if leader {
         let mut c = Command::new("setsid");

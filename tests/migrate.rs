@@ -14,7 +14,7 @@ use util::*;
 
 /// A Python counter (`python` binary) holding `mib` MiB of memory, part of which it rewrites
 /// on every tick (`noise`: with random bytes, so nothing compresses), writing its counter to
-/// `file` every 50 ms. Started as a session leader, run through `prefix` (e.g. `ip netns exec
+/// `file` every 50 ms (beside it, then renamed over it: a dump never finds it empty). Started as a session leader, run through `prefix` (e.g. `ip netns exec
 /// NS`), and reaped by a thread as soon as it dies so that its PID is free for a restore.
 fn counter_app(file: &Path, python: &str, mib: usize, noise: bool, prefix: &[&str]) -> u32 {
     let script = format!(
@@ -23,12 +23,14 @@ fn counter_app(file: &Path, python: &str, mib: usize, noise: bool, prefix: &[&st
          for k in range(0, len(buf), 4096): buf[k] = 1\n\
          i = 0\n\
          while True:\n\
-         \x20   open({file:?}, 'w').write(str(i))\n\
+         \x20   open({tmp:?}, 'w').write(str(i))\n\
+         \x20   os.replace({tmp:?}, {file:?})\n\
          \x20   off = (i * 64 * 4096) % len(buf)\n\
          \x20   buf[off:off + 64 * 4096] = {fill}\n\
          \x20   i += 1\n\
          \x20   time.sleep(0.05)\n",
         file = file.display().to_string(),
+        tmp = format!("{}.tmp", file.display()),
         fill = if noise {
             "os.urandom(64 * 4096)"
         } else {

@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in the handshake.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// Largest encoded frame accepted: one maximum-size chunk (16 MiB) plus headers.
 pub const MAX_FRAME: usize = (16 << 20) + 4096;
