@@ -692,3 +692,64 @@ fn a_large_file_is_written_while_the_sender_still_reads_it() {
         "{out}"
     );
 }
+
+/// A new large file written while its list arrives never appears half-written: the server
+/// killed part-way leaves no file at its name and no temporary file; the rerun completes.
+#[test]
+fn killed_server_mid_push_of_a_new_large_file_leaves_no_part_of_it() {
+    let d = Dir::new();
+    let src = d.mkdir("src");
+    let data = noise(12, 160 << 20);
+    d.write("src/new.img", &data);
+    let c = Client::new(&d, "client");
+    let mut srv = Server::start(&d, "server", &[&c], 0);
+    let url = srv.url("dst/");
+    let mut streamed_once = false;
+    for (k, delay) in [150u64, 600].into_iter().enumerate() {
+        let mut cmd = c.sync(&[
+            OsStr::new("--accept-new"),
+            OsStr::new(&format!("{}/", src.display())),
+            OsStr::new(&url),
+        ]);
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        srv.kill();
+        let (st, err) = finish_within(&mut child, Duration::from_secs(20));
+        eprintln!(
+            "server killed at {delay} ms: client exit {st}: {}",
+            err.trim()
+        );
+        match fs::read(srv.root.join("dst/new.img")) {
+            // Finished before the kill: whole.
+            Ok(got) => assert!(got == data, "a part of dst/new.img at {delay} ms"),
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+                assert!(!st.success(), "the client said it succeeded");
+                assert!(err.contains("hop: error"), "no clear error: {err}");
+                streamed_once = true;
+            }
+        }
+        assert!(
+            leftovers(&srv.root).is_empty(),
+            "{:?}",
+            leftovers(&srv.root)
+        );
+        srv = Server::start(&d, "server", &[&c], srv.port);
+        if k == 0 {
+            let _ = fs::remove_dir_all(srv.root.join("dst"));
+        }
+    }
+    assert!(streamed_once, "no kill landed during the transfer");
+    let _ = fs::remove_dir_all(srv.root.join("dst"));
+    // (--accept-new again: a server is recorded only once it has answered a whole push.)
+    let st = stats(c.sync(&[
+        OsStr::new("--accept-new"),
+        OsStr::new(&format!("{}/", src.display())),
+        OsStr::new(&url),
+    ]));
+    assert!(fs::read(srv.root.join("dst/new.img")).unwrap() == data);
+    // (Its list now comes from the sender's cache, filled by the interrupted runs.)
+    assert_eq!(st["files_written"], 1, "{st}");
+}
