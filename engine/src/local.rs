@@ -98,7 +98,8 @@ impl ChunkSource for LocalSource<'_> {
 
 /// Make `dest` identical to `src` (both local paths). The destination is indexed while the
 /// source is scanned; entries stream from the sender's thread to the receiver, which starts
-/// writing files while the sender is still chunking later ones.
+/// writing files while the sender is still chunking later ones (and a new large file while the
+/// sender still reads it).
 pub fn sync_local(
     src: &Path,
     dest: &Path,
@@ -122,8 +123,9 @@ pub fn sync_local(
     let (notes, report) = std::thread::scope(|s| {
         let (sender, wire) = (&sender, &wire);
         let sending = s.spawn(move || {
-            let r = sender.run(filter, &mut |e| {
-                for f in sender.frames_of(e) {
+            // Large files go while they are read, and are written as their lists arrive.
+            let r = sender.run_frames(filter, &mut |out| {
+                for f in out.frames {
                     let f = wire.pass(&f)?;
                     tx.send(Ok(f))
                         .map_err(|_| Error::Protocol("receiver stopped".into()))?;
@@ -140,7 +142,7 @@ pub fn sync_local(
         let report = Receiver::prepare(dest, ropts).and_then(|receiver| {
             tracing::debug!(ms = t0.elapsed().as_millis() as u64, "indexed destination");
             let source = LocalSource { sender, wire };
-            let mut assembler = crate::chunklist::Assembler::default();
+            let mut assembler = crate::chunklist::Assembler::growing();
             let mut next = || loop {
                 match rx.recv() {
                     Ok(Ok(Frame::ManifestEnd)) => return Ok(None),
