@@ -294,6 +294,21 @@ fn remote_paths_are_confined_under_the_root() {
     assert!(!d.path("x").exists() && !d.path("server/x").exists());
 }
 
+/// Start `cmd` (a push to `srv`), kill the server `delay_ms` later, and wait for the client:
+/// its exit status and standard error.
+fn run_killing_server(
+    mut cmd: std::process::Command,
+    srv: &mut Server,
+    delay_ms: u64,
+) -> (std::process::ExitStatus, String) {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(delay_ms));
+    srv.kill();
+    finish_within(&mut child, Duration::from_secs(20))
+}
+
 #[test]
 fn killed_server_mid_push_leaves_old_or_new_and_rerun_completes() {
     let d = Dir::new();
@@ -314,13 +329,8 @@ fn killed_server_mid_push_leaves_old_or_new_and_rerun_completes() {
     let (hold, hnew) = (blake3::hash(&old), blake3::hash(&new));
 
     for delay in [150u64, 600] {
-        let mut cmd = c.sync(&[OsStr::new(&format!("{}/", src.display())), OsStr::new(&url)]);
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
-        srv.kill();
-        let (st, err) = finish_within(&mut child, Duration::from_secs(20));
+        let cmd = c.sync(&[OsStr::new(&format!("{}/", src.display())), OsStr::new(&url)]);
+        let (st, err) = run_killing_server(cmd, &mut srv, delay);
         let got = blake3::hash(&fs::read(srv.root.join("dst/big")).unwrap());
         assert!(
             got == hold || got == hnew,
@@ -709,17 +719,12 @@ fn killed_server_mid_push_of_a_new_large_file_leaves_no_part_of_it() {
     let url = srv.url("dst/");
     let mut streamed_once = false;
     for (k, delay) in [150u64, 600].into_iter().enumerate() {
-        let mut cmd = c.sync(&[
+        let cmd = c.sync(&[
             OsStr::new("--accept-new"),
             OsStr::new(&format!("{}/", src.display())),
             OsStr::new(&url),
         ]);
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(delay));
-        srv.kill();
-        let (st, err) = finish_within(&mut child, Duration::from_secs(20));
+        let (st, err) = run_killing_server(cmd, &mut srv, delay);
         eprintln!(
             "server killed at {delay} ms: client exit {st}: {}",
             err.trim()

@@ -160,7 +160,7 @@ impl Dirs {
         let parent = rel.parent();
         // The nearest kept ancestor (the parent itself, most of the time), and the components
         // still to open below it.
-        let (mut dir, below) = {
+        let (kept, below) = {
             let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
             let mut at = parent.clone();
             loop {
@@ -174,19 +174,20 @@ impl Dirs {
             }
         };
         let mut opened = Vec::new();
-        if dir.is_none() {
-            let d =
-                open_at(None, root.as_os_str().as_bytes(), true).map_err(|source| Error::Io {
-                    op: "open directory",
-                    path: root.into(),
-                    source,
+        let mut dir = match kept {
+            Some(d) => d,
+            None => {
+                let d = open_at(None, root.as_os_str().as_bytes(), true).map_err(|source| {
+                    Error::Io {
+                        op: "open directory",
+                        path: root.into(),
+                        source,
+                    }
                 })?;
-            let d = Arc::new(d);
-            opened.push((RelPath::root(), d.clone()));
-            dir = Some(d);
-        }
-        let Some(mut dir) = dir else {
-            return Err(Error::Protocol("no directory handle".into()));
+                let d = Arc::new(d);
+                opened.push((RelPath::root(), d.clone()));
+                d
+            }
         };
         let rest = &parent.as_bytes()[below.as_bytes().len()..];
         let mut walked = below.under(root);

@@ -246,6 +246,35 @@ struct Job {
     parts: Option<std::sync::mpsc::Receiver<PartMsg>>,
 }
 
+/// The writer lanes' queues, and what each was given so far.
+struct Lanes {
+    queues: Vec<std::sync::mpsc::Sender<Job>>,
+    load: Vec<u64>,
+}
+
+impl Lanes {
+    /// The least loaded lane, charged with a file of `size` bytes of which `literal` are
+    /// fetched: bytes to fetch, a share of the size (local copies) and a fixed cost per file.
+    fn pick(&mut self, literal: u64, size: u64) -> usize {
+        let lane = (0..self.load.len())
+            .min_by_key(|&k| self.load[k])
+            .unwrap_or(0);
+        if let Some(l) = self.load.get_mut(lane) {
+            *l += literal + size / 16 + 4096;
+        }
+        lane
+    }
+
+    /// Hand `job` to lane `lane`.
+    fn send(&self, lane: usize, job: Job) -> Result<()> {
+        self.queues
+            .get(lane)
+            .ok_or_else(|| Error::Protocol("no writer lane".into()))?
+            .send(job)
+            .map_err(|_| Error::Protocol("a writer lane stopped".into()))
+    }
+}
+
 /// What the manifest reader tells the writer of a file whose chunk list arrives in parts.
 enum PartMsg {
     /// The next chunks of its list, their plan and the request for the chunks it fetches
@@ -483,9 +512,9 @@ impl Receiver {
         // 1. Directories as they arrive, 2. files dispatched to lanes as they arrive.
         let this = &self;
         let dispatched = std::thread::scope(|s| -> Result<()> {
-            let lanes = if dry { 0 } else { source.lanes().max(1) };
-            let mut queues = Vec::with_capacity(lanes);
-            for k in 0..lanes {
+            let count = if dry { 0 } else { source.lanes().max(1) };
+            let mut queues = Vec::with_capacity(count);
+            for k in 0..count {
                 let (tx, rx) = std::sync::mpsc::channel::<Job>();
                 queues.push(tx);
                 let (results, table) = (&results, &table);
@@ -525,7 +554,10 @@ impl Receiver {
                     }
                 });
             }
-            let mut load = vec![0u64; lanes];
+            let mut lanes = Lanes {
+                load: vec![0u64; queues.len()],
+                queues,
+            };
             let mut planned = 0u64;
             // Entries whose chunk list came as edits of a copy that is not the one held here.
             let mut not_base: HashSet<usize> = HashSet::new();
@@ -569,8 +601,7 @@ impl Receiver {
                                     if i == 0 {
                                         this.make_parent_of_root(&mut report);
                                     }
-                                    let lane = (0..lanes).min_by_key(|&k| load[k]).unwrap_or(0);
-                                    load[lane] += size + size / 16 + 4096;
+                                    let lane = lanes.pick(size, size);
                                     let (tx, rx) = std::sync::mpsc::channel();
                                     let job = Job {
                                         i,
@@ -579,11 +610,7 @@ impl Receiver {
                                         req: None,
                                         parts: Some(rx),
                                     };
-                                    if queues[lane].send(job).is_err() {
-                                        return Err(Error::Protocol(
-                                            "a writer lane stopped".into(),
-                                        ));
-                                    }
+                                    lanes.send(lane, job)?;
                                     GrowingHow::Written {
                                         lane,
                                         parts: tx,
@@ -730,10 +757,7 @@ impl Receiver {
                                 fp.fetch.len(),
                                 chunks.len()
                             );
-                            // The least loaded lane; cost: bytes to fetch, a share of the size
-                            // (local copies) and a fixed cost per file.
-                            let lane = (0..lanes).min_by_key(|&k| load[k]).unwrap_or(0);
-                            load[lane] += fp.literal + e.size() / 16 + 4096;
+                            let lane = lanes.pick(fp.literal, e.size());
                             if let Some(r) = &req {
                                 source.announce(lane, vec![r.clone()]);
                             }
@@ -744,9 +768,7 @@ impl Receiver {
                                 req,
                                 parts: None,
                             };
-                            if queues[lane].send(job).is_err() {
-                                return Err(Error::Protocol("a writer lane stopped".into()));
-                            }
+                            lanes.send(lane, job)?;
                         }
                     }
                     _ => {}
@@ -1144,13 +1166,13 @@ impl Receiver {
                         "{}: local data did not match, fetching the whole file",
                         whole.path.under(&self.dest).display()
                     );
+                    // Planned and fetched whole, as any file whose local data did not match.
                     let full = plan_file(all, &ChunkIndex::default());
-                    let tmp = fetching(source, lane, i, &full, None, progress, &mut |next| {
-                        assemble(io, *size, hash, all, &full, table, next, opts)
-                    })?;
                     return self
-                        .install(tmp, io, &whole, owner, table, progress)
-                        .map(|()| Some(full.literal));
+                        .write_file_at(
+                            lane, i, &whole, &full, None, table, source, owner, progress, at,
+                        )
+                        .map(Some);
                 }
             };
             literal += fp.literal;

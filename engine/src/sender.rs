@@ -526,32 +526,26 @@ impl Sender {
         emit: &mut dyn FnMut(Entry, bool) -> Result<()>,
     ) -> Result<()> {
         notes.errors.extend(err);
-        let served = match &e.kind {
-            EntryKind::File { chunks, .. } => Some(std::sync::Arc::new(Served {
-                path: e.path.under(&self.root),
-                rel: e.path.clone(),
-                segments: vec![std::sync::Arc::new(Segment::new(0, 0, chunks.clone()))],
-            })),
-            _ => None,
-        };
-        // A streamed file's parts counted as they were cut.
-        if let (EntryKind::File { size, .. }, false) = (&e.kind, streamed) {
-            Progress::add(&self.progress.bytes_scanned, *size);
-        }
-        {
-            let mut files = self.files.write().unwrap_or_else(|p| p.into_inner());
-            match (streamed, served) {
-                // Its parts are served already (see `Sender::serve_part`): the whole list now,
-                // or, if it could not be read to the end, what was sent of it (the receiver may
-                // still ask for those chunks; they are answered, or refused as changed).
-                (true, Some(s)) => {
-                    if let Some(slot) = files.last_mut() {
-                        *slot = Some(s);
-                    }
+        // A streamed file's parts are served already (see `Sender::serve_part`): its whole list,
+        // or, if it could not be read to the end, what was sent of it (the receiver may still
+        // ask for those chunks; they are answered, or refused as changed).
+        if !streamed {
+            // (A streamed file's bytes were counted as they were cut.)
+            let served = match &e.kind {
+                EntryKind::File { chunks, size, .. } => {
+                    Progress::add(&self.progress.bytes_scanned, *size);
+                    Some(std::sync::Arc::new(Served {
+                        path: e.path.under(&self.root),
+                        rel: e.path.clone(),
+                        segments: vec![std::sync::Arc::new(Segment::new(0, 0, chunks.clone()))],
+                    }))
                 }
-                (true, None) => {}
-                (false, s) => files.push(s),
-            }
+                _ => None,
+            };
+            self.files
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(served);
         }
         tracing::debug!("manifest: {:?} ready", e.path);
         emit(e, streamed)
