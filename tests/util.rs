@@ -490,7 +490,8 @@ pub fn kill(pid: u32) {
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }
 
-/// An OCI bundle with a static busybox that counts in /tmp/counter every 100 ms.
+/// An OCI bundle with a static busybox that counts in /tmp/counter every 100 ms (each value
+/// written beside it and renamed over it, so that a checkpoint never finds it empty).
 pub fn busybox_bundle(d: &Dir) -> std::path::PathBuf {
     busybox_bundle_at(d, "bundle")
 }
@@ -503,7 +504,7 @@ pub fn busybox_bundle_at(d: &Dir, name: &str) -> std::path::PathBuf {
         std::fs::create_dir_all(rootfs.join(sub)).unwrap();
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox-static installed");
-    for applet in ["sh", "sleep", "echo"] {
+    for applet in ["sh", "sleep", "echo", "mv"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let st = Command::new("runc")
@@ -521,7 +522,8 @@ pub fn busybox_bundle_at(d: &Dir, name: &str) -> std::path::PathBuf {
     spec["process"]["args"] = serde_json::json!([
         "sh",
         "-c",
-        "i=0; while true; do echo $i > /tmp/counter; i=$((i+1)); sleep 0.1; done"
+        "i=0; while true; do echo $i > /tmp/counter.tmp; mv /tmp/counter.tmp /tmp/counter; \
+         i=$((i+1)); sleep 0.1; done"
     ]);
     std::fs::write(&cfg, serde_json::to_string_pretty(&spec).unwrap()).unwrap();
     b
