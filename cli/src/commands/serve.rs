@@ -78,14 +78,13 @@ pub struct ServeArgs {
 
 /// Run `hop serve`.
 pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
-    // Throwaway identity and fingerprints given on the command line live in a private
-    // temporary directory for the life of the server.
-    let scratch = tempfile::Builder::new()
-        .prefix("hop-serve-")
-        .tempdir()
-        .context("cannot create a temporary directory")?;
     let id = if a.ephemeral {
-        identity::generate(&scratch.path().join("id"), false)?
+        // A throwaway identity lives in memory only: its files go as soon as it is read.
+        let scratch = tempfile::Builder::new()
+            .prefix("hop-serve-")
+            .tempdir()
+            .context("cannot create a temporary directory")?;
+        identity::generate(scratch.path(), false)?
     } else {
         identity::load(
             &a.identity
@@ -93,41 +92,30 @@ pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
                 .unwrap_or_else(identity::default_identity),
         )?
     };
+    let mut admitted = hop_engine::net::trust::Admitted::default();
     for fp in &a.authorize {
         if !hop_engine::net::trust::is_fingerprint(fp) {
             anyhow::bail!("--authorize {fp:?}: not a fingerprint (sha256:<64 hex digits>)");
         }
+        admitted.also.insert(fp.clone());
     }
-    let authorized_keys = if a.ephemeral || !a.authorize.is_empty() {
-        let path = scratch.path().join("authorized_keys");
-        let mut text = String::new();
-        if !a.ephemeral {
-            let file = a
-                .authorized_keys
-                .clone()
-                .unwrap_or_else(|| identity::config_dir().join("authorized_keys"));
-            if file.exists() {
-                text = std::fs::read_to_string(&file)
-                    .with_context(|| format!("cannot read {}", file.display()))?;
-            }
-        }
-        for fp in &a.authorize {
-            text.push_str(&format!("\n{fp}\n"));
-        }
-        std::fs::write(&path, text).context("cannot write the authorized keys")?;
-        path
-    } else {
-        a.authorized_keys
+    if !a.ephemeral {
+        let file = a
+            .authorized_keys
             .clone()
-            .unwrap_or_else(|| identity::config_dir().join("authorized_keys"))
-    };
+            .unwrap_or_else(|| identity::config_dir().join("authorized_keys"));
+        // With keys given on the command line, a missing default file is no error.
+        if a.authorize.is_empty() || a.authorized_keys.is_some() || file.exists() {
+            admitted.file = Some(file);
+        }
+    }
     let root = std::fs::canonicalize(&a.root)
         .with_context(|| format!("cannot use root {}", a.root.display()))?;
     let settings = ServeSettings {
         listen: a.listen,
         root,
         identity: id.credentials(),
-        authorized_keys: authorized_keys.clone(),
+        admitted: admitted.clone(),
         net: NetOptions {
             streams: a.max_streams.clamp(1, 64),
             timeout: Duration::from_secs(a.timeout.max(1)),
@@ -152,6 +140,6 @@ pub fn run(a: ServeArgs, _out: Output) -> Result<ExitCode> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
     })
-    .with_context(|| format!("hop serve (authorized keys: {})", authorized_keys.display()))?;
+    .with_context(|| format!("hop serve ({admitted})"))?;
     Ok(ExitCode::SUCCESS)
 }

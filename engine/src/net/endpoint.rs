@@ -1,13 +1,12 @@
 //! QUIC endpoints: TLS 1.3 configuration with pinned keys, transport settings for long fat
 //! links, and UDP sockets with large buffers.
 
-use super::trust::{AuthorizedClients, PinnedServer};
+use super::trust::{Admitted, AuthorizedClients, PinnedServer};
 use crate::error::{Error, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,17 +206,17 @@ fn endpoint(
 }
 
 /// A server endpoint listening on `listen`, presenting `id`, admitting only clients whose key is
-/// in `authorized_keys`. Must be called inside a tokio runtime.
+/// [`Admitted`]. Must be called inside a tokio runtime.
 pub fn server_endpoint(
     listen: SocketAddr,
     id: &Credentials,
-    authorized_keys: PathBuf,
+    admitted: Admitted,
     o: &NetOptions,
 ) -> Result<quinn::Endpoint> {
     let provider = provider();
     let (certs, key) = id.parse()?;
     let verifier = Arc::new(AuthorizedClients {
-        path: authorized_keys,
+        admitted,
         provider: provider.clone(),
     });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)

@@ -5,7 +5,7 @@ use super::agent::{Agent, CallContext};
 use super::control::{Control, Request, SyncSettings};
 use super::endpoint::{server_endpoint, Credentials, NetOptions};
 use super::session::{receive_tree, send_tree, Control2};
-use super::trust::{fingerprint_of_cert, read_authorized_keys};
+use super::trust::{fingerprint_of_cert, Admitted};
 use super::wire::{conn_error, expect_msg, write_msg};
 use crate::error::{Error, Result};
 use crate::protocol::VERSION;
@@ -27,8 +27,8 @@ pub struct ServeSettings {
     pub root: PathBuf,
     /// The server's identity.
     pub identity: Credentials,
-    /// Fingerprints of the clients allowed in, one per line.
-    pub authorized_keys: PathBuf,
+    /// The client keys allowed in.
+    pub admitted: Admitted,
     /// Transport settings; `streams` is the most streams a pushing client may use.
     pub net: NetOptions,
     /// Sessions served at once; more are refused.
@@ -72,7 +72,7 @@ pub fn confine(root: &Path, rel: &str) -> Result<PathBuf> {
 /// Listen and serve until the process is stopped. `ready` is called once the socket is bound,
 /// with the actual address (useful with port 0).
 pub fn serve(s: ServeSettings, ready: impl FnOnce(SocketAddr)) -> Result<()> {
-    read_authorized_keys(&s.authorized_keys)?;
+    s.admitted.check()?;
     if !s.root.is_dir() {
         return Err(Error::Transport(format!(
             "root {} is not a directory",
@@ -84,7 +84,7 @@ pub fn serve(s: ServeSettings, ready: impl FnOnce(SocketAddr)) -> Result<()> {
         .build()
         .map_err(|e| Error::Transport(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async move {
-        let endpoint = server_endpoint(s.listen, &s.identity, s.authorized_keys.clone(), &s.net)?;
+        let endpoint = server_endpoint(s.listen, &s.identity, s.admitted.clone(), &s.net)?;
         let addr = endpoint
             .local_addr()
             .map_err(|e| Error::Transport(format!("local address: {e}")))?;

@@ -49,7 +49,7 @@ fn start() -> Fixture {
         listen: "127.0.0.1:0".parse().unwrap(),
         root: root.clone(),
         identity: server_id,
-        authorized_keys: ak,
+        admitted: crate::net::trust::Admitted::file(ak),
         net: NetOptions::default(),
         max_sessions: 4,
         source_cache: false,

@@ -300,12 +300,65 @@ impl ServerCertVerifier for PinnedServer {
     }
 }
 
-/// Server side: accept a client only if its key is in the authorized-keys file, read afresh
-/// at every handshake (so editing the file takes effect without a restart).
+/// The client keys a server admits: those in an authorized-keys file, read afresh at every
+/// handshake (so editing the file takes effect without a restart), and those given when the
+/// server started (kept in memory, so a server needs no file of its own for them).
+#[derive(Debug, Clone, Default)]
+pub struct Admitted {
+    /// The authorized-keys file, if any.
+    pub file: Option<PathBuf>,
+    /// Fingerprints admitted besides the file's.
+    pub also: HashSet<String>,
+}
+
+impl Admitted {
+    /// Admit the keys in `file`.
+    pub fn file(file: PathBuf) -> Admitted {
+        Admitted {
+            file: Some(file),
+            also: HashSet::new(),
+        }
+    }
+
+    /// Whether `fp` is admitted now. An unreadable or malformed file is an error.
+    pub fn admits(&self, fp: &str) -> Result<bool> {
+        if self.also.contains(fp) {
+            return Ok(true);
+        }
+        match &self.file {
+            Some(path) => Ok(read_authorized_keys(path)?.contains(fp)),
+            None => Ok(false),
+        }
+    }
+
+    /// Check that the file (if any) reads, and that there is a file or a key given.
+    pub fn check(&self) -> Result<()> {
+        match &self.file {
+            Some(path) => read_authorized_keys(path).map(|_| ()),
+            None if self.also.is_empty() => Err(Error::Trust("no client key is admitted".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for Admitted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.file {
+            Some(path) => write!(f, "authorized keys: {}", path.display())?,
+            None => write!(f, "no authorized-keys file")?,
+        }
+        if !self.also.is_empty() {
+            write!(f, ", and {} key(s) given on the command line", self.also.len())?;
+        }
+        Ok(())
+    }
+}
+
+/// Server side: accept a client only if its key is [`Admitted`].
 #[derive(Debug)]
 pub struct AuthorizedClients {
-    /// The authorized-keys file.
-    pub path: PathBuf,
+    /// Who is admitted.
+    pub admitted: Admitted,
     /// Signature algorithms.
     pub provider: Arc<CryptoProvider>,
 }
@@ -323,10 +376,10 @@ impl ClientCertVerifier for AuthorizedClients {
     ) -> std::result::Result<ClientCertVerified, rustls::Error> {
         let fp = fingerprint_of_cert(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        match read_authorized_keys(&self.path) {
-            Ok(keys) if keys.contains(&fp) => Ok(ClientCertVerified::assertion()),
-            Ok(_) => {
-                tracing::warn!("refused client key {fp}: not in {}", self.path.display());
+        match self.admitted.admits(&fp) {
+            Ok(true) => Ok(ClientCertVerified::assertion()),
+            Ok(false) => {
+                tracing::warn!("refused client key {fp}: not admitted ({})", self.admitted);
                 Err(untrusted())
             }
             Err(e) => {
@@ -362,6 +415,35 @@ impl ClientCertVerifier for AuthorizedClients {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admitted_keys_come_from_the_file_read_afresh_and_from_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let (alice, bob) = (
+            format!("sha256:{}", "ab".repeat(32)),
+            format!("sha256:{}", "cd".repeat(32)),
+        );
+        let none = Admitted::default();
+        assert!(none.check().unwrap_err().to_string().contains("no client key"));
+        let mut memory = Admitted::default();
+        memory.also.insert(bob.clone());
+        memory.check().unwrap();
+        assert!(memory.admits(&bob).unwrap());
+        assert!(!memory.admits(&alice).unwrap());
+
+        let ak = d.path().join("ak");
+        let mut both = Admitted::file(ak.clone());
+        both.also.insert(bob.clone());
+        assert!(both.check().is_err(), "a named file that is missing is an error");
+        std::fs::write(&ak, format!("{alice}\n")).unwrap();
+        both.check().unwrap();
+        assert!(both.admits(&alice).unwrap() && both.admits(&bob).unwrap());
+        std::fs::write(&ak, "# nobody\n").unwrap();
+        assert!(!both.admits(&alice).unwrap(), "the file is read afresh");
+        assert!(both.admits(&bob).unwrap());
+        std::fs::write(&ak, "garbage\n").unwrap();
+        assert!(both.admits(&alice).is_err());
+    }
 
     #[test]
     fn authorized_keys_and_known_hosts_files() {
