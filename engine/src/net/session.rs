@@ -27,6 +27,75 @@ pub struct Control2 {
 /// Manifest entries are written in batches of about this many bytes.
 const MANIFEST_BATCH: usize = 256 << 10;
 
+/// The sender's manifest batches as [`Frame::ManifestPiece`]s of one zstd stream.
+struct ManifestPacker {
+    /// `None` once zstd failed (batches then go as they are).
+    stream: Option<crate::zstd_ctx::StreamCompressor>,
+}
+
+impl ManifestPacker {
+    fn new() -> Self {
+        ManifestPacker {
+            stream: crate::zstd_ctx::StreamCompressor::new(MANIFEST_LEVEL),
+        }
+    }
+
+    /// A batch of encoded frames as one piece; `None` when the batch goes as it is (too large
+    /// for a piece, or zstd failed).
+    fn pack(&mut self, batch: &[u8]) -> Result<Option<Vec<u8>>> {
+        if batch.is_empty() || batch.len() > protocol::MANIFEST_PIECE_MAX {
+            return Ok(None);
+        }
+        let Some(stream) = &mut self.stream else {
+            return Ok(None);
+        };
+        let Some(bytes) = stream.compress(batch) else {
+            // Out of step: the receiver's stream has seen nothing of this piece, so raw frames
+            // from here on keep both ends right.
+            self.stream = None;
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(bytes.len() + 16);
+        protocol::encode(
+            &Frame::ManifestPiece {
+                len: batch.len() as u32,
+                bytes,
+            },
+            &mut out,
+        )?;
+        Ok(Some(out))
+    }
+}
+
+/// The receiver's reading of the manifest: frames as they come, and those of each
+/// [`Frame::ManifestPiece`] in its place.
+#[derive(Default)]
+struct ManifestReader {
+    /// Frames of the last piece not handed out yet.
+    pending: std::collections::VecDeque<Frame>,
+    stream: crate::zstd_ctx::StreamDecompressor,
+}
+
+impl ManifestReader {
+    /// The next manifest frame (an error when the stream ends).
+    async fn next(&mut self, recv: &mut quinn::RecvStream) -> Result<Frame> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Ok(frame);
+            }
+            match expect_msg::<Frame>(recv, "end of the manifest").await? {
+                Frame::ManifestPiece { len, bytes } => {
+                    self.pending = protocol::manifest_frames(len, &bytes, &mut self.stream)?.into();
+                }
+                frame => return Ok(frame),
+            }
+        }
+    }
+}
+
+/// zstd level of the manifest's stream: it is a few MB at most, so the CPU is negligible.
+const MANIFEST_LEVEL: i32 = 3;
+
 /// Sender role: scan and chunk the tree while streaming its manifest, serve the receiver's
 /// want-lists from the first entry on, and return the receiver's summary.
 pub async fn send_tree(
@@ -98,6 +167,7 @@ pub(crate) async fn send_tree_after(
     });
     let r = async {
         let mut buf = Vec::with_capacity(MANIFEST_BATCH + 4096);
+        let mut pieces = ManifestPacker::new();
         let mut count = 0u32;
         let mut to_push = Vec::new();
         // An entry, announced by the chunks of it that are pushed (if any); or frames of an
@@ -139,10 +209,13 @@ pub(crate) async fn send_tree_after(
                     Err(_) => break,
                 }
             }
-            let written = super::wire::write_raw(&mut ctl.send, &buf).await;
+            let piece = pieces.pack(&buf)?;
+            let written =
+                super::wire::write_raw(&mut ctl.send, piece.as_deref().unwrap_or(&buf)).await;
             tracing::debug!(
-                "manifest: {count} entries sent ({} bytes in this write)",
-                buf.len()
+                "manifest: {count} entries sent ({} bytes of frames in {} bytes)",
+                buf.len(),
+                piece.as_ref().map_or(buf.len(), Vec::len)
             );
             if let Some(p) = &push {
                 // The entries are announced: their chunks may follow.
@@ -341,8 +414,9 @@ async fn receive_with(
     // Files the sender sends while it reads them are handed on part by part, to be written as
     // their lists arrive.
     let mut assembler = crate::chunklist::Assembler::growing();
+    let mut manifest = ManifestReader::default();
     loop {
-        let item = match expect_msg::<Frame>(&mut ctl.recv, "end of the manifest").await {
+        let item = match manifest.next(&mut ctl.recv).await {
             Ok(Frame::ManifestEnd) if !assembler.in_file() => {
                 complete = true;
                 Ok(None)
@@ -420,4 +494,42 @@ async fn receive_with(
     )
     .await;
     Ok((report, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch goes as one piece that decodes to it; one too large for a piece goes as it is.
+    #[test]
+    fn manifest_batches_go_as_pieces_unless_too_large() {
+        let mut packer = ManifestPacker::new();
+        let mut stream = crate::zstd_ctx::StreamDecompressor::default();
+        let frames: Vec<Frame> = (0..200).map(|_| Frame::ManifestEnd).collect();
+        let mut batch = Vec::new();
+        for f in &frames {
+            protocol::encode(f, &mut batch).unwrap();
+        }
+        let piece = packer.pack(&batch).unwrap().expect("a piece");
+        assert!(
+            piece.len() < batch.len() / 4,
+            "{} of {}",
+            piece.len(),
+            batch.len()
+        );
+        let Some((Frame::ManifestPiece { len, bytes }, used)) = protocol::decode(&piece).unwrap()
+        else {
+            panic!("not a piece");
+        };
+        assert_eq!(used, piece.len());
+        assert_eq!(
+            protocol::manifest_frames(len, &bytes, &mut stream).unwrap(),
+            frames
+        );
+        assert!(packer
+            .pack(&vec![0u8; protocol::MANIFEST_PIECE_MAX + 1])
+            .unwrap()
+            .is_none());
+        assert!(packer.pack(&[]).unwrap().is_none());
+    }
 }

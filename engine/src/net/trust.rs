@@ -348,7 +348,11 @@ impl std::fmt::Display for Admitted {
             None => write!(f, "no authorized-keys file")?,
         }
         if !self.also.is_empty() {
-            write!(f, ", and {} key(s) given on the command line", self.also.len())?;
+            write!(
+                f,
+                ", and {} key(s) given on the command line",
+                self.also.len()
+            )?;
         }
         Ok(())
     }
@@ -424,7 +428,11 @@ mod tests {
             format!("sha256:{}", "cd".repeat(32)),
         );
         let none = Admitted::default();
-        assert!(none.check().unwrap_err().to_string().contains("no client key"));
+        assert!(none
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("no client key"));
         let mut memory = Admitted::default();
         memory.also.insert(bob.clone());
         memory.check().unwrap();
@@ -434,7 +442,10 @@ mod tests {
         let ak = d.path().join("ak");
         let mut both = Admitted::file(ak.clone());
         both.also.insert(bob.clone());
-        assert!(both.check().is_err(), "a named file that is missing is an error");
+        assert!(
+            both.check().is_err(),
+            "a named file that is missing is an error"
+        );
         std::fs::write(&ak, format!("{alice}\n")).unwrap();
         both.check().unwrap();
         assert!(both.admits(&alice).unwrap() && both.admits(&bob).unwrap());
