@@ -12,6 +12,7 @@ mod config;
 mod identity;
 mod migrate;
 mod progress;
+mod units;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;

@@ -29,7 +29,7 @@ pub struct RemoteArgs {
     /// Remote side: QUIC flow-control window of a lane in bytes, spread over streams of 2 MiB
     /// (the connection's is four times this). Must exceed the link's bandwidth x round-trip
     /// time for full speed.
-    #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = crate::units::parse_size)]
     pub window: u64,
     /// Remote side: congestion controller for the data this side sends: cubic, bbr or newreno.
     #[arg(long, value_name = "ALGO", default_value_t = NetOptions::default().congestion)]

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     /// QUIC flow-control window of a lane in bytes, spread over streams of 2 MiB (the
     /// connection's is four times this). Must exceed the link's bandwidth x round-trip time
     /// for full speed.
-    #[arg(long, value_name = "BYTES", default_value_t = NetOptions::default().window)]
+    #[arg(long, value_name = "BYTES", default_value = "16M", value_parser = crate::units::parse_size)]
     pub window: u64,
     /// Congestion controller for the data this side sends (pulls, and fetches for pushes
     /// are the client's): cubic, bbr or newreno.

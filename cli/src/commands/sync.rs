@@ -49,14 +49,15 @@ pub struct SyncArgs {
     /// Also take chunks from the files under DIR (like rsync --copy-dest). Repeatable.
     #[arg(long, value_name = "DIR")]
     pub basis: Vec<PathBuf>,
-    /// Average chunk size in bytes (min = avg/2, max = avg*8 unless given).
-    #[arg(long, value_name = "BYTES")]
+    /// Average chunk size in bytes, or with a unit: 64K, 1M (min = avg/2, max = avg*8 unless
+    /// given).
+    #[arg(long, value_name = "BYTES", value_parser = crate::units::parse_size_u32)]
     pub chunk_avg: Option<u32>,
     /// Minimum chunk size in bytes.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = crate::units::parse_size_u32)]
     pub chunk_min: Option<u32>,
     /// Maximum chunk size in bytes.
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = crate::units::parse_size_u32)]
     pub chunk_max: Option<u32>,
     /// Exclude paths matching PATTERN (rsync's rules: no `/` matches a name at any depth,
     /// leading `/` anchors at the root, trailing `/` matches directories, `**` crosses `/`).
