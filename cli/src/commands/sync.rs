@@ -94,6 +94,9 @@ pub struct SyncArgs {
     /// images go in groups of pages); data that does not shrink soon goes raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
+    /// Compress, like rsync -z: the same as --compress zstd (a --compress given too wins).
+    #[arg(short = 'z')]
+    pub z: bool,
     /// Update changed files in place instead of building a new copy beside them, when little of
     /// them changed (as rsync --inplace): much less I/O for large files; but an interrupted sync
     /// leaves such a file half-updated (it is rebuilt whole by the next run).
@@ -368,6 +371,9 @@ pub fn run(mut a: SyncArgs, m: Option<&clap::ArgMatches>, out: Output) -> Result
     crate::config::apply(&mut a, m)?;
     let rules = rules_in_order(&a, m)?;
     let params = chunk_params(&a)?;
+    if a.z && a.compress.is_none() {
+        a.compress = Some("zstd".into());
+    }
     let compress = a.compress.as_deref().map(parse_compress).transpose()?;
     let sides = sides(&a)?;
     if !matches!(sides, Sides::Local) {
