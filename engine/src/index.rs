@@ -9,9 +9,10 @@ use crate::rechunk::{Fingerprint, Prior};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -205,7 +206,9 @@ const CACHE_MAGIC: [u8; 8] = *b"HOPIDX05";
 #[derive(Clone, Debug, Default)]
 pub struct IndexCache {
     params: Option<ChunkParams>,
-    entries: HashMap<PathBuf, Cached>,
+    /// By path bytes: hashing an `OsString` hashes its bytes, a `PathBuf` its parsed components
+    /// (which took a tenth of a no-change sync's CPU over 45,701 files).
+    entries: HashMap<OsString, Cached>,
 }
 
 /// A cached chunk list.
@@ -243,9 +246,8 @@ impl IndexCache {
             return c;
         }
         for e in file.entries {
-            let p = PathBuf::from(std::ffi::OsStr::from_bytes(&e.path));
             c.entries.insert(
-                p,
+                OsString::from_vec(e.path),
                 Cached {
                     stat: e.stat,
                     chunks: e.chunks,
@@ -268,14 +270,14 @@ impl IndexCache {
 
     /// [`IndexCache::lookup_key`], with the fingerprints of the chunks (empty when not kept).
     pub fn lookup_fps(&self, path: &Path, key: &StatKey) -> Option<(&FileChunks, &[Fingerprint])> {
-        let e = self.entries.get(path)?;
+        let e = self.entries.get(path.as_os_str())?;
         (e.stat == *key).then_some((&e.chunks, &e.fps[..]))
     }
 
     /// The cached chunk list of `path` with its fingerprints, whatever the file's stat is now:
     /// what [`crate::rechunk`] starts from when the file changed. `None` without fingerprints.
     pub fn prior(&self, path: &Path) -> Option<Prior<'_>> {
-        let e = self.entries.get(path)?;
+        let e = self.entries.get(path.as_os_str())?;
         (!e.fps.is_empty() && e.fps.len() == e.chunks.chunks.len()).then_some(Prior {
             chunks: &e.chunks.chunks,
             fps: &e.fps,
@@ -288,7 +290,7 @@ impl IndexCache {
     pub fn record_known(&mut self, path: PathBuf, key: StatKey, chunks: FileChunks) {
         if key.size == chunks.size {
             self.entries
-                .insert(path, Cached::new(key, chunks, Vec::new()));
+                .insert(path.into_os_string(), Cached::new(key, chunks, Vec::new()));
         }
     }
 
@@ -297,7 +299,7 @@ impl IndexCache {
         if let Ok(md) = std::fs::symlink_metadata(path) {
             if md.is_file() && md.len() == chunks.size {
                 self.entries.insert(
-                    path.to_path_buf(),
+                    path.as_os_str().to_owned(),
                     Cached::new(StatKey::of(&md), chunks, Vec::new()),
                 );
             }
@@ -321,20 +323,22 @@ impl IndexCache {
     ) {
         if let Ok(after) = std::fs::symlink_metadata(path) {
             if StatKey::of(&after) == before && before.size == chunks.size {
-                self.entries
-                    .insert(path.to_path_buf(), Cached::new(before, chunks, fps));
+                self.entries.insert(
+                    path.as_os_str().to_owned(),
+                    Cached::new(before, chunks, fps),
+                );
             }
         }
     }
 
-    /// The entries of `paths` only.
-    pub fn subset(&self, paths: &std::collections::HashSet<PathBuf>) -> IndexCache {
+    /// The entries of `paths` (path bytes, see [`std::ffi::OsStr`]) only.
+    pub fn subset(&self, paths: &std::collections::HashSet<OsString>) -> IndexCache {
         IndexCache {
             params: self.params,
             entries: self
                 .entries
                 .iter()
-                .filter(|(p, _)| paths.contains(*p))
+                .filter(|(p, _)| paths.contains(p.as_os_str()))
                 .map(|(p, v)| (p.clone(), v.clone()))
                 .collect(),
         }
@@ -368,7 +372,7 @@ impl IndexCache {
                 .entries
                 .iter()
                 .map(|(p, e)| CacheEntry {
-                    path: p.as_os_str().as_bytes().to_vec(),
+                    path: p.as_bytes().to_vec(),
                     stat: e.stat,
                     chunks: e.chunks.clone(),
                     fps: e.fps.clone(),

@@ -328,13 +328,14 @@ impl Sender {
             fingerprints: opts.cache.is_some(),
         };
         // The files of this tree now: what the cache keeps when it is saved (if it is).
-        let files_now: Option<std::collections::HashSet<PathBuf>> = opts.cache.as_ref().map(|_| {
-            s.entries
-                .iter()
-                .filter(|e| matches!(e.kind, ScanKind::File { .. }))
-                .map(|e| e.path.under(root))
-                .collect()
-        });
+        let files_now: Option<std::collections::HashSet<std::ffi::OsString>> =
+            opts.cache.as_ref().map(|_| {
+                s.entries
+                    .iter()
+                    .filter(|e| matches!(e.kind, ScanKind::File { .. }))
+                    .map(|e| e.path.under(root).into_os_string())
+                    .collect()
+            });
         let mut entries = s.entries.into_iter().peekable();
         let mut window = Vec::new();
         while entries.peek().is_some() {
