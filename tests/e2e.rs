@@ -209,6 +209,72 @@ fn compression_gives_identical_trees_and_fewer_wire_bytes() {
     }
 }
 
+/// Both caches (the destination's index beside it, the source's chunk cache) are written
+/// when something changed and left as they are by a sync that changed nothing; a change after
+/// that is still found.
+#[test]
+fn caches_are_rewritten_only_when_something_changed() {
+    let d = Dir::new();
+    for i in 0..20 {
+        d.write(&format!("src/f{i}"), &noise(i, 50_000));
+    }
+    let (src, dst) = (d.path("src"), d.path("dst"));
+    let sync = || {
+        let mut c = hop_cmd!("sync", "-a", "--stats-json", "-", d.path("src/"), &dst);
+        c.env("XDG_CACHE_HOME", d.path("cache"));
+        let out = ok(c);
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()
+    };
+    let source_cache = || {
+        let dir = d.path("cache/hop");
+        let found: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("src-"))
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        found[0].clone()
+    };
+    // A rewrite renames a new file over the old one: a new inode.
+    let inodes = || {
+        (
+            fs::metadata(d.path(".dst.hopidx")).unwrap().ino(),
+            fs::metadata(source_cache()).unwrap().ino(),
+        )
+    };
+    sync();
+    let first = inodes();
+    let st = sync();
+    assert_eq!(st["files_unchanged"], 20);
+    assert_eq!(
+        inodes(),
+        first,
+        "a sync that changed nothing rewrote a cache"
+    );
+
+    fs::write(src.join("f3"), noise(99, 50_000)).unwrap();
+    let st = sync();
+    assert_eq!(st["files_written"], 1);
+    assert_same_tree(&src, &dst);
+    let second = inodes();
+    assert!(
+        second.0 != first.0 && second.1 != first.1,
+        "{first:?} {second:?}"
+    );
+    // Deleting at the destination changes its index too.
+    fs::remove_file(src.join("f4")).unwrap();
+    let mut c = hop_cmd!("sync", "-a", "--delete", d.path("src/"), &dst);
+    c.env("XDG_CACHE_HOME", d.path("cache"));
+    ok(c);
+    assert!(!dst.join("f4").exists());
+    assert!(inodes().0 != second.0 && inodes().1 != second.1);
+    let st = sync();
+    assert_eq!(
+        (st["files_unchanged"].as_u64(), st["bytes_literal"].as_u64()),
+        (Some(19), Some(0))
+    );
+}
+
 #[test]
 fn index_cache_is_written_beside_dest_and_reused() {
     let d = Dir::new();

@@ -66,6 +66,8 @@ pub struct ChunkIndex {
     /// The indexed files.
     pub files: Vec<IndexedFile>,
     map: IdMap<Location>,
+    /// Files [`ChunkIndex::add_scanned`] could not take from its cache (chunked, or unreadable).
+    pub cache_misses: usize,
 }
 
 impl ChunkIndex {
@@ -124,24 +126,28 @@ impl ChunkIndex {
         params: ChunkParams,
         cache: &IndexCache,
     ) -> (Vec<Option<u32>>, Vec<Error>) {
-        let results: Vec<Result<(FileChunks, StatKey)>> = paths
+        let results: Vec<Result<(FileChunks, StatKey, bool)>> = paths
             .par_iter()
             .zip(keys.par_iter())
             .map(|(p, key)| {
                 let stat = StatKey::known_or_stat(*key, p)?;
                 if let Some(hit) = cache.lookup_key(p, &stat) {
-                    return Ok((hit.clone(), stat));
+                    return Ok((hit.clone(), stat, true));
                 }
                 // Stat before the read: a change while it is read changes the ctime.
-                Ok((chunk_file(p, params)?, stat))
+                Ok((chunk_file(p, params)?, stat, false))
             })
             .collect();
         let mut ids = Vec::with_capacity(paths.len());
         let mut errors = Vec::new();
         for (p, r) in paths.iter().zip(results) {
             match r {
-                Ok((fc, stat)) => ids.push(Some(self.add_with_stat(p.clone(), fc, Some(stat)))),
+                Ok((fc, stat, hit)) => {
+                    self.cache_misses += usize::from(!hit);
+                    ids.push(Some(self.add_with_stat(p.clone(), fc, Some(stat))))
+                }
                 Err(e) => {
+                    self.cache_misses += 1;
                     ids.push(None);
                     errors.push(e);
                 }

@@ -180,6 +180,8 @@ pub struct Receiver {
     /// Index file numbers of destination files, by path.
     dest_files: HashMap<RelPath, u32>,
     first_basis_file: u32,
+    /// The index is the one its cache held, file for file (see [`Receiver::save_cache`]).
+    index_as_cached: bool,
     errors: Vec<Error>,
     /// A reflink clone failed here once (the destination's file system has none): not tried
     /// again.
@@ -393,6 +395,9 @@ impl Receiver {
             index.len(),
             t0.elapsed()
         );
+        // Every file known to the cache and the cache knows no other: saved again after a sync
+        // that changed no file, it would be the same.
+        let index_as_cached = index.cache_misses == 0 && index.files.len() == cache.len();
         Ok(Receiver {
             dest: dest.to_path_buf(),
             opts,
@@ -400,6 +405,7 @@ impl Receiver {
             state,
             dest_files,
             first_basis_file,
+            index_as_cached,
             errors,
             no_clones: Default::default(),
             dirs: crate::beneath::Dirs::new(dest),
@@ -782,6 +788,7 @@ impl Receiver {
             Ok(())
         });
         dispatched?;
+        let t_written = std::time::Instant::now();
         let delete = if self.opts.delete {
             let mut d = crate::plan::deletions(&manifest, &self.state);
             if let Some(rules) = &self.opts.rules {
@@ -869,6 +876,11 @@ impl Receiver {
             }
         }
 
+        tracing::debug!(
+            "kept entries' metadata and links set in {:?}",
+            t_written.elapsed()
+        );
+        let t = std::time::Instant::now();
         // 5. Deletions, deepest first.
         if !plan.delete.is_empty() {
             // Never delete below a directory that failed: its contents were not replaced.
@@ -911,6 +923,8 @@ impl Receiver {
             }
         }
 
+        tracing::debug!("{} deletions in {:?}", plan.delete.len(), t.elapsed());
+        let t = std::time::Instant::now();
         // 6. Directory metadata, deepest first (after their contents were written).
         for (e, a) in manifest.iter().zip(&plan.actions).rev() {
             if *a != Action::Dir || dry || failed_dirs.contains(&e.path) {
@@ -942,9 +956,12 @@ impl Receiver {
             .bytes_total
             .saturating_sub(report.stats.bytes_literal);
         report.stats.errors = report.errors.len() as u64;
+        tracing::debug!("directories' metadata set in {:?}", t.elapsed());
+        let t = std::time::Instant::now();
         if !dry && !self.opts.no_index_cache {
             self.save_cache(manifest, plan, &written, &touched);
         }
+        tracing::debug!("index saved in {:?}", t.elapsed());
         Ok(report)
     }
 
@@ -1431,6 +1448,14 @@ impl Receiver {
         written: &HashSet<usize>,
         touched: &HashSet<&RelPath>,
     ) {
+        if self.index_as_cached
+            && written.is_empty()
+            && plan.delete.is_empty()
+            && touched.is_empty()
+        {
+            // No file changed: the cache on disk already holds this index.
+            return;
+        }
         let path = Self::cache_path(&self.dest, &self.opts);
         let mut cache = IndexCache::new(self.opts.params);
         let keep = |cache: &mut IndexCache, f: &crate::index::IndexedFile, stale: bool| match f.stat
