@@ -5,6 +5,7 @@
 use crate::chunk::{chunk_file, ChunkParams, FileChunks};
 use crate::error::{Error, IoContext, Result};
 use crate::id::ChunkId;
+use crate::manifest::ChunkSpec;
 use crate::rechunk::{Fingerprint, Prior};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -178,6 +179,11 @@ impl StatKey {
         }
     }
 
+    /// The file size the key was taken with.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// `known` (a key a scan took) or, without one, the key of `path` stat'ed now.
     pub fn known_or_stat(known: Option<StatKey>, path: &Path) -> Result<Self> {
         match known {
@@ -206,6 +212,84 @@ struct CacheFile {
 }
 
 const CACHE_MAGIC: [u8; 8] = *b"HOPIDX05";
+
+/// A chunk list to be written into a cache, borrowed (encoded as a [`FileChunks`] is).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct ChunksRef<'a> {
+    /// Total length.
+    pub size: u64,
+    /// The file hash.
+    pub hash: ChunkId,
+    /// The chunks in order.
+    pub chunks: &'a [ChunkSpec],
+}
+
+impl<'a> ChunksRef<'a> {
+    /// Borrow `fc`.
+    pub fn of(fc: &'a FileChunks) -> Self {
+        ChunksRef {
+            size: fc.size,
+            hash: fc.hash,
+            chunks: &fc.chunks,
+        }
+    }
+}
+
+/// A cache entry to be written, borrowing what it holds (encoded as a stored entry is): what
+/// [`save_entries`] takes, so that a cache is written without copying every chunk list first.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct EntryRef<'a> {
+    path: &'a [u8],
+    stat: StatKey,
+    chunks: ChunksRef<'a>,
+    fps: &'a [Fingerprint],
+}
+
+impl<'a> EntryRef<'a> {
+    /// The entry of the file at `path` (absolute), whose stat key is `stat`.
+    pub fn new(path: &'a Path, stat: StatKey, chunks: ChunksRef<'a>) -> Self {
+        EntryRef {
+            path: path.as_os_str().as_bytes(),
+            stat,
+            chunks,
+            fps: &[],
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct CacheFileRef<'a> {
+    magic: [u8; 8],
+    params: ChunkParams,
+    entries: &'a [EntryRef<'a>],
+}
+
+/// Write a cache of `entries` atomically to `path` (a later entry for a path wins when it is
+/// loaded).
+pub fn save_entries(path: &Path, params: ChunkParams, entries: &[EntryRef<'_>]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).ctx("create cache directory", dir)?;
+    }
+    let file = CacheFileRef {
+        magic: CACHE_MAGIC,
+        params,
+        entries,
+    };
+    let bytes = postcard::to_allocvec(&file).map_err(|e| Error::Protocol(e.to_string()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".hopidx.")
+        .tempfile_in(dir)
+        .ctx("create index cache in", dir)?;
+    tmp.write_all(&bytes)
+        .ctx("write", tmp.path().to_path_buf())?;
+    tmp.persist(path).map_err(|e| Error::Io {
+        op: "rename index cache to",
+        path: path.into(),
+        source: e.error,
+    })?;
+    Ok(())
+}
 
 /// Chunk lists of local files from an earlier run, keyed by absolute path and valid while the
 /// file's size, mtime, ctime and inode are unchanged.
@@ -368,37 +452,17 @@ impl IndexCache {
         let Some(params) = self.params else {
             return Ok(());
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).ctx("create cache directory", dir)?;
-        }
-        let file = CacheFile {
-            magic: CACHE_MAGIC,
-            params,
-            entries: self
-                .entries
-                .iter()
-                .map(|(p, e)| CacheEntry {
-                    path: p.as_bytes().to_vec(),
-                    stat: e.stat,
-                    chunks: e.chunks.clone(),
-                    fps: e.fps.clone(),
-                })
-                .collect(),
-        };
-        let bytes = postcard::to_allocvec(&file).map_err(|e| Error::Protocol(e.to_string()))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".hopidx.")
-            .tempfile_in(dir)
-            .ctx("create index cache in", dir)?;
-        tmp.write_all(&bytes)
-            .ctx("write", tmp.path().to_path_buf())?;
-        tmp.persist(path).map_err(|e| Error::Io {
-            op: "rename index cache to",
-            path: path.into(),
-            source: e.error,
-        })?;
-        Ok(())
+        let entries: Vec<EntryRef<'_>> = self
+            .entries
+            .iter()
+            .map(|(p, e)| EntryRef {
+                path: p.as_bytes(),
+                stat: e.stat,
+                chunks: ChunksRef::of(&e.chunks),
+                fps: &e.fps,
+            })
+            .collect();
+        save_entries(path, params, &entries)
     }
 }
 
@@ -482,6 +546,35 @@ mod tests {
         std::fs::write(&f, vec![8u8; 100_000]).unwrap();
         let md = std::fs::symlink_metadata(&f).unwrap();
         assert_eq!(c2.lookup(&f, &md), None);
+    }
+
+    /// Entries written borrowed ([`save_entries`], [`IndexCache::save`]) load back as they were,
+    /// fingerprints included.
+    #[test]
+    fn borrowed_entries_load_back_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let p = ChunkParams::default();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::write(&a, crate::chunk::tests_support::noise(3, 300_000)).unwrap();
+        std::fs::write(&b, vec![5u8; 70_000]).unwrap();
+        let (fa, fb) = (chunk_file(&a, p).unwrap(), chunk_file(&b, p).unwrap());
+        let key = |f: &Path| StatKey::of(&std::fs::symlink_metadata(f).unwrap());
+        let fps: Vec<Fingerprint> = (0..fa.chunks.len() as u128).map(|i| i * 77 + 1).collect();
+        let mut c = IndexCache::new(p);
+        c.record_read_key(&a, key(&a), fa.clone(), fps.clone());
+        c.save(&d.path().join("owned")).unwrap();
+        let back = IndexCache::load(&d.path().join("owned"), p);
+        assert_eq!(back.lookup_fps(&a, &key(&a)), Some((&fa, &fps[..])));
+
+        let entries = [
+            EntryRef::new(&a, key(&a), ChunksRef::of(&fa)),
+            EntryRef::new(&b, key(&b), ChunksRef::of(&fb)),
+        ];
+        save_entries(&d.path().join("refs"), p, &entries).unwrap();
+        let back = IndexCache::load(&d.path().join("refs"), p);
+        assert_eq!(back.len(), 2);
+        assert_eq!(back.lookup_fps(&a, &key(&a)), Some((&fa, &[][..])));
+        assert_eq!(back.lookup_key(&b, &key(&b)), Some(&fb));
     }
 
     #[test]

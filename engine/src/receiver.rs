@@ -5,10 +5,10 @@
 
 use crate::assemble::{assemble, AssembleOptions, Fetched, FileTable};
 use crate::beneath::Parent;
-use crate::chunk::{ChunkParams, FileChunks};
+use crate::chunk::ChunkParams;
 pub use crate::chunklist::Incoming;
 use crate::error::{Error, IoContext, Result};
-use crate::index::{cache_path_for, ChunkIndex, IndexCache};
+use crate::index::{cache_path_for, ChunkIndex, ChunksRef, EntryRef, IndexCache, StatKey};
 use crate::manifest::{Entry, EntryKind, Meta};
 use crate::meta::{self, Apply};
 use crate::path::RelPath;
@@ -1457,39 +1457,59 @@ impl Receiver {
             return;
         }
         let path = Self::cache_path(&self.dest, &self.opts);
-        let mut cache = IndexCache::new(self.opts.params);
-        let keep = |cache: &mut IndexCache, f: &crate::index::IndexedFile, stale: bool| match f.stat
-        {
-            Some(key) if !stale => cache.record_known(f.path.clone(), key, f.chunks.clone()),
-            _ => cache.record(&f.path, f.chunks.clone()),
+        // The stat key of a file as it is now, if it is still the file of `size` bytes listed.
+        let stat_now = |p: &Path, size: u64| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .filter(|md| md.is_file() && md.len() == size)
+                .map(|md| StatKey::of(&md))
         };
-        for f in &self.index.files[self.first_basis_file as usize..] {
-            keep(&mut cache, f, false);
-        }
+        // Written files: their lists are the manifest's, their keys taken now.
+        let written_now: Vec<(PathBuf, StatKey, usize)> = manifest
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| written.contains(i))
+            .filter_map(|(i, e)| {
+                let abs = e.path.under(&self.dest);
+                let key = stat_now(&abs, e.size())?;
+                Some((abs, key, i))
+            })
+            .collect();
+        let replaced: HashSet<&RelPath> = written.iter().map(|&i| &manifest[i].path).collect();
         let deleted: HashSet<&RelPath> = plan.delete.iter().collect();
-        let mut replaced: HashSet<&RelPath> = HashSet::new();
-        for (i, e) in manifest.iter().enumerate() {
-            if let (true, EntryKind::File { size, hash, chunks }) = (written.contains(&i), &e.kind)
-            {
-                replaced.insert(&e.path);
-                let fc = FileChunks {
+        // An indexed file under the key it was indexed with, or (metadata changed here) now.
+        let keep = |f: &'_ crate::index::IndexedFile, stale: bool| -> Option<StatKey> {
+            match f.stat {
+                Some(key) if !stale => (key.size() == f.chunks.size).then_some(key),
+                _ => stat_now(&f.path, f.chunks.size),
+            }
+        };
+        let mut entries: Vec<EntryRef<'_>> = Vec::with_capacity(self.index.files.len() + 1);
+        for f in &self.index.files[self.first_basis_file as usize..] {
+            if let Some(key) = keep(f, false) {
+                entries.push(EntryRef::new(&f.path, key, ChunksRef::of(&f.chunks)));
+            }
+        }
+        for (abs, key, i) in &written_now {
+            if let EntryKind::File { size, hash, chunks } = &manifest[*i].kind {
+                let chunks = ChunksRef {
                     size: *size,
                     hash: *hash,
-                    chunks: chunks.clone(),
+                    chunks,
                 };
-                cache.record(&e.path.under(&self.dest), fc);
+                entries.push(EntryRef::new(abs, *key, chunks));
             }
         }
         for (rel, &n) in &self.dest_files {
-            if !replaced.contains(rel) && !deleted.contains(rel) {
-                keep(
-                    &mut cache,
-                    &self.index.files[n as usize],
-                    touched.contains(rel),
-                );
+            if replaced.contains(rel) || deleted.contains(rel) {
+                continue;
+            }
+            let f = &self.index.files[n as usize];
+            if let Some(key) = keep(f, touched.contains(rel)) {
+                entries.push(EntryRef::new(&f.path, key, ChunksRef::of(&f.chunks)));
             }
         }
-        if let Err(e) = cache.save(&path) {
+        if let Err(e) = crate::index::save_entries(&path, self.opts.params, &entries) {
             tracing::warn!("could not save the index cache: {e}");
         }
     }
