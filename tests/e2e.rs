@@ -442,6 +442,56 @@ fn keygen_prints_only_the_fingerprint_and_protects_the_key() {
     assert_ne!(out2.trim(), fp);
 }
 
+/// Directory times end as the source's: those of directories whose entries were written,
+/// linked, created or deleted are set again after their contents changed; the others are left
+/// alone, and one changed at the destination alone is put back.
+#[test]
+fn directory_times_match_the_source_after_writes_and_deletions() {
+    let d = Dir::new();
+    for p in [
+        "src/a/b/f",
+        "src/a/g",
+        "src/c/x",
+        "src/c/y",
+        "src/e/z",
+        "src/keep/k",
+    ] {
+        d.write(p, p.as_bytes());
+    }
+    let (src, dst) = (d.path("src"), d.path("dst"));
+    // Every source directory at a time long past, so that a time set by this run shows.
+    let age = |root: &std::path::Path| {
+        for (i, dir) in ["a/b", "a", "c", "e", "keep", "new", ""].iter().enumerate() {
+            if let Ok(f) = fs::File::open(root.join(dir)) {
+                let t =
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i as u64);
+                f.set_modified(t).unwrap();
+            }
+        }
+    };
+    age(&src);
+    let sync = || ok(hop_cmd!("sync", "-a", "--delete", d.path("src/"), &dst));
+    sync();
+    assert_same_tree(&src, &dst);
+    // A file written two levels down, a symlink added, a file and a directory removed, a new
+    // directory; `keep` untouched at the source but its time changed at the destination.
+    d.write("src/a/b/f", b"new content");
+    std::os::unix::fs::symlink("b/f", src.join("a/link")).unwrap();
+    fs::remove_file(src.join("c/x")).unwrap();
+    fs::remove_dir_all(src.join("e")).unwrap();
+    d.write("src/new/n", b"n");
+    age(&src);
+    fs::File::open(dst.join("keep"))
+        .unwrap()
+        .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(42))
+        .unwrap();
+    sync();
+    assert_same_tree(&src, &dst);
+    // Nothing changed: nothing moves.
+    sync();
+    assert_same_tree(&src, &dst);
+}
+
 #[test]
 fn same_size_same_mtime_edit_is_still_detected() {
     // rsync's quick check (size + mtime) misses this edit; hop's caches also key on ctime and

@@ -925,7 +925,23 @@ impl Receiver {
 
         tracing::debug!("{} deletions in {:?}", plan.delete.len(), t.elapsed());
         let t = std::time::Instant::now();
-        // 6. Directory metadata, deepest first (after their contents were written).
+        // 6. Directory metadata, deepest first (after their contents were written). A directory
+        // whose entries were all left alone and whose metadata is already right keeps it (its
+        // mtime moves only when an entry in it is created, replaced or removed).
+        let mut changed_dirs: HashSet<RelPath> = plan.delete.iter().map(RelPath::parent).collect();
+        for (e, a) in manifest.iter().zip(&plan.actions) {
+            let changes_parent = match a {
+                Action::Write(_) | Action::Symlink => true,
+                Action::Dir => !matches!(
+                    self.state.get(&e.path).map(|h| &h.kind),
+                    Some(DestKind::Dir)
+                ),
+                _ => false,
+            };
+            if changes_parent && !e.path.is_root() {
+                changed_dirs.insert(e.path.parent());
+            }
+        }
         for (e, a) in manifest.iter().zip(&plan.actions).rev() {
             if *a != Action::Dir || dry || failed_dirs.contains(&e.path) {
                 continue;
@@ -943,7 +959,9 @@ impl Receiver {
                     });
                 }
             }
-            // A directory's mtime changes whenever an entry in it changes: always set it.
+            if have == Some(e.meta) && !changed_dirs.contains(&e.path) {
+                continue;
+            }
             if let Err(err) = through(&self.dirs, &e.path, |abs| {
                 meta::apply(abs, &e.meta, None, false, owner)
             }) {
