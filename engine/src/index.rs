@@ -255,6 +255,16 @@ impl<'a> EntryRef<'a> {
             fps: &[],
         }
     }
+
+    /// The file's path.
+    pub fn path(&self) -> &'a std::ffi::OsStr {
+        std::ffi::OsStr::from_bytes(self.path)
+    }
+
+    /// The same entry with its chunks' fingerprints (one per chunk; see [`crate::rechunk`]).
+    pub fn with_fps(self, fps: &'a [Fingerprint]) -> Self {
+        EntryRef { fps, ..self }
+    }
 }
 
 #[derive(Serialize)]
@@ -421,17 +431,19 @@ impl IndexCache {
         }
     }
 
-    /// The entries of `paths` (path bytes, see [`std::ffi::OsStr`]) only.
-    pub fn subset(&self, paths: &std::collections::HashSet<OsString>) -> IndexCache {
-        IndexCache {
-            params: self.params,
-            entries: self
-                .entries
-                .iter()
-                .filter(|(p, _)| paths.contains(p.as_os_str()))
-                .map(|(p, v)| (p.clone(), v.clone()))
-                .collect(),
-        }
+    /// The entries of `paths` (path bytes, see [`std::ffi::OsStr`]), borrowed: to be written
+    /// with [`save_entries`] (without a copy of every chunk list first).
+    pub fn entries_of(&self, paths: &std::collections::HashSet<OsString>) -> Vec<EntryRef<'_>> {
+        self.entries
+            .iter()
+            .filter(|(p, _)| paths.contains(p.as_os_str()))
+            .map(|(p, e)| EntryRef {
+                path: p.as_bytes(),
+                stat: e.stat,
+                chunks: ChunksRef::of(&e.chunks),
+                fps: &e.fps,
+            })
+            .collect()
     }
 
     /// Number of cached files.

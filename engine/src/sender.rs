@@ -505,16 +505,29 @@ impl Sender {
         if let (Some(p), Some(files_now)) = (&opts.cache, &files_now) {
             // Files of this tree only (no stat of every cached file to find those still there),
             // the ones read in this run under the stat they were read with.
-            let mut kept = cache.subset(files_now);
+            let mut entries = cache.entries_of(files_now);
             let fresh = fresh.into_inner().unwrap_or_else(|e| e.into_inner());
             // Nothing read and nothing gone: the file on disk already says all this (a 14 MB
             // cache for a tree of 45,701 files is not written again for nothing).
-            let unchanged = fresh.is_empty() && kept.len() == cache.len();
-            for (path, before, fc, fps) in fresh {
-                kept.record_read_key(&path, before, fc, fps);
-            }
-            if !unchanged {
-                if let Err(e) = kept.save(p) {
+            if !(fresh.is_empty() && entries.len() == cache.len()) {
+                // A file read in this run is kept (instead of its cached entry) only if it is
+                // still as it was when read.
+                let still: Vec<_> = fresh
+                    .iter()
+                    .filter(|(path, before, fc, _)| {
+                        before.size() == fc.size
+                            && std::fs::symlink_metadata(path)
+                                .is_ok_and(|md| crate::index::StatKey::of(&md) == *before)
+                    })
+                    .collect();
+                let read: std::collections::HashSet<&std::ffi::OsStr> =
+                    still.iter().map(|(path, ..)| path.as_os_str()).collect();
+                entries.retain(|e| !read.contains(e.path()));
+                entries.extend(still.iter().map(|(path, before, fc, fps)| {
+                    crate::index::EntryRef::new(path, *before, crate::index::ChunksRef::of(fc))
+                        .with_fps(fps)
+                }));
+                if let Err(e) = crate::index::save_entries(p, opts.params, &entries) {
                     tracing::warn!("could not save the source chunk cache: {e}");
                 }
             }

@@ -93,8 +93,9 @@ impl ManifestReader {
     }
 }
 
-/// zstd level of the manifest's stream: it is a few MB at most, so the CPU is negligible.
-const MANIFEST_LEVEL: i32 = 3;
+/// zstd level of the manifest's stream: level 3 saved 66 KB of 5.5 MB for a 45,701-file tree,
+/// for twice the CPU time (a sixth of the client's in a delta of that tree).
+const MANIFEST_LEVEL: i32 = 1;
 
 /// Sender role: scan and chunk the tree while streaming its manifest, serve the receiver's
 /// want-lists from the first entry on, and return the receiver's summary.
