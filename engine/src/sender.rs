@@ -314,8 +314,8 @@ impl Sender {
             opts.rules.as_ref().is_none_or(|r| !r.excluded(p, is_dir))
                 && filter.is_none_or(|f| f(p, is_dir))
         };
-        // The tree is walked while the chunk cache is read (each took about a quarter of a
-        // second for a container root file system of 45,701 files).
+        // The tree is walked while the chunk cache is read: two independent reads (together
+        // about 0.2 s for a container root file system of 45,701 files).
         let t = std::time::Instant::now();
         let (s, cache) = std::thread::scope(|scope| {
             let cache = scope.spawn(|| self.own_cache());
