@@ -179,6 +179,14 @@ impl StatKey {
         }
     }
 
+    /// Whether the file at `path` is still as it was when this key was taken before reading
+    /// it, and `size` (the length of what was read) is its size: what a chunk list made from
+    /// that read may be recorded under.
+    pub fn still_as_read(&self, path: &Path, size: u64) -> bool {
+        self.size == size
+            && std::fs::symlink_metadata(path).is_ok_and(|md| StatKey::of(&md) == *self)
+    }
+
     /// The file size the key was taken with.
     pub fn size(&self) -> u64 {
         self.size
@@ -195,7 +203,7 @@ impl StatKey {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 struct CacheEntry {
     path: Vec<u8>,
     stat: StatKey,
@@ -204,7 +212,7 @@ struct CacheEntry {
     fps: Vec<Fingerprint>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct CacheFile {
     magic: [u8; 8],
     params: ChunkParams,
@@ -384,28 +392,6 @@ impl IndexCache {
         })
     }
 
-    /// Record the chunk list of a file whose stat key is known to be `key` (taken before its
-    /// chunks were listed, and nothing written to it since by this process): no stat. A file
-    /// changed meanwhile by someone else has another key now, so the entry is never used.
-    pub fn record_known(&mut self, path: PathBuf, key: StatKey, chunks: FileChunks) {
-        if key.size == chunks.size {
-            self.entries
-                .insert(path.into_os_string(), Cached::new(key, chunks, Vec::new()));
-        }
-    }
-
-    /// Record the chunk list of a file as it is on disk now.
-    pub fn record(&mut self, path: &Path, chunks: FileChunks) {
-        if let Ok(md) = std::fs::symlink_metadata(path) {
-            if md.is_file() && md.len() == chunks.size {
-                self.entries.insert(
-                    path.as_os_str().to_owned(),
-                    Cached::new(StatKey::of(&md), chunks, Vec::new()),
-                );
-            }
-        }
-    }
-
     /// Record a chunk list computed from the file as `md` described it before it was read; if
     /// the file's stat changed meanwhile, nothing is recorded.
     pub fn record_read(&mut self, path: &Path, before: &std::fs::Metadata, chunks: FileChunks) {
@@ -421,13 +407,11 @@ impl IndexCache {
         chunks: FileChunks,
         fps: Vec<Fingerprint>,
     ) {
-        if let Ok(after) = std::fs::symlink_metadata(path) {
-            if StatKey::of(&after) == before && before.size == chunks.size {
-                self.entries.insert(
-                    path.as_os_str().to_owned(),
-                    Cached::new(before, chunks, fps),
-                );
-            }
+        if before.still_as_read(path, chunks.size) {
+            self.entries.insert(
+                path.as_os_str().to_owned(),
+                Cached::new(before, chunks, fps),
+            );
         }
     }
 
@@ -437,12 +421,7 @@ impl IndexCache {
         self.entries
             .iter()
             .filter(|(p, _)| paths.contains(p.as_os_str()))
-            .map(|(p, e)| EntryRef {
-                path: p.as_bytes(),
-                stat: e.stat,
-                chunks: ChunksRef::of(&e.chunks),
-                fps: &e.fps,
-            })
+            .map(|(p, e)| e.entry_ref(p))
             .collect()
     }
 
@@ -464,16 +443,7 @@ impl IndexCache {
         let Some(params) = self.params else {
             return Ok(());
         };
-        let entries: Vec<EntryRef<'_>> = self
-            .entries
-            .iter()
-            .map(|(p, e)| EntryRef {
-                path: p.as_bytes(),
-                stat: e.stat,
-                chunks: ChunksRef::of(&e.chunks),
-                fps: &e.fps,
-            })
-            .collect();
+        let entries: Vec<EntryRef<'_>> = self.entries.iter().map(|(p, e)| e.entry_ref(p)).collect();
         save_entries(path, params, &entries)
     }
 }
@@ -484,6 +454,16 @@ impl Cached {
             fps = Vec::new();
         }
         Cached { stat, chunks, fps }
+    }
+
+    /// This entry, of the file at `path`, as it is written.
+    fn entry_ref<'a>(&'a self, path: &'a OsString) -> EntryRef<'a> {
+        EntryRef {
+            path: path.as_bytes(),
+            stat: self.stat,
+            chunks: ChunksRef::of(&self.chunks),
+            fps: &self.fps,
+        }
     }
 }
 
@@ -543,7 +523,7 @@ mod tests {
         let p = ChunkParams::default();
         let fc = chunk_file(&f, p).unwrap();
         let mut c = IndexCache::load(&d.path().join("cache"), p);
-        c.record(&f, fc.clone());
+        c.record_read(&f, &std::fs::symlink_metadata(&f).unwrap(), fc.clone());
         c.save(&d.path().join("cache")).unwrap();
         let c2 = IndexCache::load(&d.path().join("cache"), p);
         let md = std::fs::symlink_metadata(&f).unwrap();

@@ -248,7 +248,6 @@ pub fn manifest_frames(
 }
 
 /// Longest chunk a [`Frame::DataStream`] may carry alone (the largest chunk size).
-/// Longest chunk a [`Frame::DataStream`] may carry alone (the largest chunk size).
 pub const STREAM_CHUNK_MAX: usize = 16 << 20;
 
 /// Most uncompressed bytes a [`Frame::DataGroup`] may carry.

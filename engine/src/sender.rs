@@ -514,11 +514,7 @@ impl Sender {
                 // still as it was when read.
                 let still: Vec<_> = fresh
                     .iter()
-                    .filter(|(path, before, fc, _)| {
-                        before.size() == fc.size
-                            && std::fs::symlink_metadata(path)
-                                .is_ok_and(|md| crate::index::StatKey::of(&md) == *before)
-                    })
+                    .filter(|(path, before, fc, _)| before.still_as_read(path, fc.size))
                     .collect();
                 let read: std::collections::HashSet<&std::ffi::OsStr> =
                     still.iter().map(|(path, ..)| path.as_os_str()).collect();
