@@ -66,11 +66,13 @@ impl ChunkSource for LocalSource<'_> {
             runs,
             hints,
             no_refs,
+            ..
         } = self.wire.pass(&Frame::Want {
             entry: req.entry,
             runs: protocol::to_runs(&req.want),
             hints: req.hints.clone(),
             no_refs: req.no_refs,
+            turn: None,
         })?
         else {
             return Err(Error::Protocol("want frame changed in transit".into()));

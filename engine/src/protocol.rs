@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in the handshake.
-pub const VERSION: u32 = 7;
+pub const VERSION: u32 = 8;
 
 /// Largest encoded frame accepted: one maximum-size chunk (16 MiB) plus headers.
 pub const MAX_FRAME: usize = (16 << 20) + 4096;
@@ -22,6 +22,21 @@ pub struct Run {
     pub start: u32,
     /// How many.
     pub count: u32,
+}
+
+/// A want-list's place in its lane's zstd stream: the sender compresses the parts of lane
+/// `lane` (over all the streams that carry them) as one zstd stream, in the order of `seq`
+/// (0, 1, 2, ... with no gap), and the receiver decodes them in that order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Turn {
+    /// The receiver's lane, numbered from 0 within one request.
+    pub lane: u32,
+    /// The part's place in the lane's order.
+    pub seq: u64,
+    /// Log2 of the zstd window the receiver decodes the lane's stream with (the same in every
+    /// part of a lane; [`crate::zstd_ctx::STREAM_WINDOW_LOG`] to
+    /// [`crate::zstd_ctx::LANE_WINDOW_LOG_MAX`]).
+    pub window_log: u8,
 }
 
 /// Turn ascending chunk numbers into runs (the want-list of a file is mostly runs).
@@ -88,6 +103,9 @@ pub enum Frame {
         hints: Vec<Vec<crate::delta::BlockHash>>,
         /// Do not answer with [`Codec::Ref`] (a retry after a base was missing).
         no_refs: bool,
+        /// With compression on, where this part stands in its lane's one zstd stream (`None`:
+        /// the stream's own zstd stream, as on a stream opened for one request).
+        turn: Option<Turn>,
     },
     /// One chunk's payload.
     Data {
@@ -178,9 +196,10 @@ pub enum Frame {
         bytes: Vec<u8>,
     },
     /// The payloads of the next `lens.len()` (1 to [`GROUP_CHUNKS`]) wanted chunks, from chunk
-    /// `first` on, compressed as the next piece of the zstd stream of the chunk stream they
-    /// travel on (see [`crate::zstd_ctx::StreamCompressor`]): decoded in the order the frames
-    /// came, each with what came before it on that stream. Several chunks add up to at most
+    /// `first` on, compressed as the next piece of a zstd stream (see
+    /// [`crate::zstd_ctx::StreamCompressor`]): the lane's, in the order of the want-lists'
+    /// [`Turn`]s, or, for a want-list without one, the chunk stream's own, in the order the
+    /// frames came; each piece is decoded with what came before it in that stream. Several chunks add up to at most
     /// [`GROUP_MAX`] bytes; one chunk may be as long as a chunk may be.
     DataStream {
         /// Manifest entry number.
@@ -618,6 +637,11 @@ mod tests {
                 runs: to_runs(&[1, 2, 3, 7]),
                 hints: vec![vec![[1, 2, 3, 4]], vec![], vec![], vec![]],
                 no_refs: false,
+                turn: Some(Turn {
+                    lane: 1,
+                    seq: 40_000,
+                    window_log: 26,
+                }),
             },
             Frame::Data {
                 entry: 1,

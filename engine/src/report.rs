@@ -37,6 +37,10 @@ pub struct Stats {
     /// the wire as it read them): their data crossed before the sender had read them whole.
     #[serde(default)]
     pub files_streamed: u64,
+    /// Requests fetched over a stream of their own instead of their lane's streams: retries,
+    /// and what a lane still had to fetch after one of its streams failed.
+    #[serde(default)]
+    pub fetches_alone: u64,
 }
 
 /// What happened (or, in a dry run, would happen) to one path.

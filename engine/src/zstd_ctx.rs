@@ -5,19 +5,40 @@
 //! each side in `ZSTD_createCCtx` / `ZSTD_createDCtx`). Chunks are compressed one by one on the
 //! sender's and receiver's worker threads, so a context per thread is reused for all of them.
 //!
-//! A chunk stream compresses its data as one zstd stream instead ([`StreamCompressor`] at the
-//! sender, [`StreamDecompressor`] at the receiver, one of each per QUIC stream): every frame is
-//! flushed, so it decodes as soon as it arrives, and later frames refer back to earlier ones.
-//! Files of a tree share much (headers, licences, the same library in two packages): a 1.2 GB
-//! container root file system of 45,701 files took 515 MB as zstd 1 frames of a file (or 1 MiB)
-//! each, 494 MB as zstd 1 streams (16 of them, frames of 2 MiB of input) in the same CPU time,
-//! and 464 MB at level 2 (rsync -z, zstd 3 over one stream: 461 MB).
+//! Chunk streams compress their data as zstd streams instead ([`StreamCompressor`] at the
+//! sender, [`StreamDecompressor`] at the receiver): every piece is flushed, so it decodes as soon
+//! as it arrives, and later pieces refer back to earlier ones. Files of a tree share much
+//! (headers, licences, the same library in two packages). Each receiver lane has one zstd stream
+//! over all its QUIC streams, with a large window and long-distance matching
+//! ([`lane_window_log`], [`StreamCompressor::for_lane`]): a 1.2 GB container root file system of
+//! 45,701 files took 516 MB on the wire as 16 zstd 1 streams of 2 MiB windows (one per QUIC
+//! stream), 512 MB as 2 (one per lane), and 447 MB as 2 with 64 MiB windows and long-distance
+//! matching (rsync -z, one zstd 3 stream: 463 MB).
 
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter, InBuffer, OutBuffer};
 
-/// Window of a chunk stream's zstd stream: 2 MiB, so 16 streams at a receiver (2 lanes of 8)
-/// hold 32 MiB of history; level 1's own window is 512 KiB.
+/// Window of the zstd stream of a chunk stream opened for one request: 2 MiB (level 1's own
+/// window is 512 KiB). Also the smallest window of a lane's stream.
 pub const STREAM_WINDOW_LOG: u32 = 21;
+
+/// Largest window of a lane's zstd stream: 64 MiB, the memory each end spends on it.
+pub const LANE_WINDOW_LOG_MAX: u32 = 26;
+
+/// What the windows of all of a receiver's lanes add up to at most: 128 MiB.
+pub const LANE_WINDOWS_BUDGET: u64 = 128 << 20;
+
+/// Long-distance matching adds a match candidate every 2^this bytes: zstd's own choice for a
+/// 64 MiB window (2^7) found 65 MB more in a 1.2 GB tree than none, for 1.3 CPU-s more on this
+/// machine; 2^10 found 53 MB for 0.6 CPU-s.
+pub const LDM_HASH_RATE_LOG: u32 = 8;
+
+/// Log2 of the window of each lane's zstd stream when a receiver has `lanes` lanes: their share
+/// of [`LANE_WINDOWS_BUDGET`], between [`STREAM_WINDOW_LOG`] and [`LANE_WINDOW_LOG_MAX`].
+pub fn lane_window_log(lanes: usize) -> u8 {
+    let share = LANE_WINDOWS_BUDGET / lanes.max(1) as u64;
+    let log = 63 - share.max(1).leading_zeros();
+    log.clamp(STREAM_WINDOW_LOG, LANE_WINDOW_LOG_MAX) as u8
+}
 
 thread_local! {
     static CCTX: std::cell::RefCell<zstd::zstd_safe::CCtx<'static>> =
@@ -47,7 +68,7 @@ pub fn decompress(frame: &[u8], cap: usize) -> Result<Vec<u8>, String> {
     })
 }
 
-/// The compressing end of a chunk stream's zstd stream.
+/// The compressing end of a zstd stream of chunk data.
 ///
 /// The stream is a run of zstd frames, each ended before its input would wrap zstd's input
 /// buffer (the window plus a block): past that point zstd matches against a split window, which
@@ -57,17 +78,44 @@ pub struct StreamCompressor {
     cctx: CCtx<'static>,
     /// Input given to the current frame.
     in_frame: usize,
+    /// The window: input a frame holds at most.
+    window: usize,
 }
 
 impl StreamCompressor {
-    /// A stream compressing at `level`; `None` if zstd refuses the settings.
+    /// A stream compressing at `level` with a 2 MiB window ([`STREAM_WINDOW_LOG`]); `None` if
+    /// zstd refuses the settings.
     pub fn new(level: i32) -> Option<Self> {
+        Self::with_window(level, STREAM_WINDOW_LOG, false)
+    }
+
+    /// A lane's stream: compressing at `level` with a window of 2^`window_log` bytes (between
+    /// [`STREAM_WINDOW_LOG`] and [`LANE_WINDOW_LOG_MAX`]) and, when that is larger than 2 MiB,
+    /// long-distance matching, which finds what repeats far back (the same library in two
+    /// packages) for little CPU. `None` if the window is out of range or zstd refuses.
+    pub fn for_lane(level: i32, window_log: u32) -> Option<Self> {
+        if !(STREAM_WINDOW_LOG..=LANE_WINDOW_LOG_MAX).contains(&window_log) {
+            return None;
+        }
+        Self::with_window(level, window_log, window_log > STREAM_WINDOW_LOG)
+    }
+
+    fn with_window(level: i32, window_log: u32, long: bool) -> Option<Self> {
         let mut cctx = CCtx::try_create()?;
         cctx.set_parameter(CParameter::CompressionLevel(level))
             .ok()?;
-        cctx.set_parameter(CParameter::WindowLog(STREAM_WINDOW_LOG))
-            .ok()?;
-        Some(StreamCompressor { cctx, in_frame: 0 })
+        cctx.set_parameter(CParameter::WindowLog(window_log)).ok()?;
+        if long {
+            cctx.set_parameter(CParameter::EnableLongDistanceMatching(true))
+                .ok()?;
+            cctx.set_parameter(CParameter::LdmHashRateLog(LDM_HASH_RATE_LOG))
+                .ok()?;
+        }
+        Some(StreamCompressor {
+            cctx,
+            in_frame: 0,
+            window: 1 << window_log,
+        })
     }
 
     /// `data` as the next piece of the stream, flushed: the receiver decodes it with what came
@@ -75,7 +123,7 @@ impl StreamCompressor {
     pub fn compress(&mut self, data: &[u8]) -> Option<Vec<u8>> {
         use zstd_safe::zstd_sys::ZSTD_EndDirective::{ZSTD_e_end, ZSTD_e_flush};
         let mut out: Vec<u8> = Vec::with_capacity(zstd_safe::compress_bound(data.len()) + 64);
-        if self.in_frame > 0 && self.in_frame + data.len() > 1 << STREAM_WINDOW_LOG {
+        if self.in_frame > 0 && self.in_frame + data.len() > self.window {
             // End the frame (its last block, a few bytes) before this piece, which starts the
             // next one: the decoder reads both from this piece's bytes.
             self.run(&[], &mut out, ZSTD_e_end)?;
@@ -109,13 +157,32 @@ impl StreamCompressor {
     }
 }
 
-/// The decompressing end of a chunk stream's zstd stream; its context is made on first use.
-#[derive(Default)]
+/// The decompressing end of a zstd stream of chunk data; its context is made on first use.
 pub struct StreamDecompressor {
     dctx: Option<DCtx<'static>>,
+    /// Log2 of the largest window accepted.
+    window_log: u32,
+}
+
+impl Default for StreamDecompressor {
+    /// The end of a stream with a window of at most 2 MiB ([`STREAM_WINDOW_LOG`]).
+    fn default() -> Self {
+        StreamDecompressor {
+            dctx: None,
+            window_log: STREAM_WINDOW_LOG,
+        }
+    }
 }
 
 impl StreamDecompressor {
+    /// The end of a lane's stream, whose window is at most 2^`window_log` bytes.
+    pub fn with_window_log(window_log: u32) -> Self {
+        StreamDecompressor {
+            dctx: None,
+            window_log,
+        }
+    }
+
     /// Decode the next piece of the stream, `frame`, which must give exactly `len` bytes:
     /// nothing beyond `len` is ever written, and a window larger than the sender's is refused,
     /// so a hostile peer cannot make it allocate more.
@@ -124,7 +191,7 @@ impl StreamDecompressor {
             Some(d) => d,
             None => {
                 let mut d = DCtx::try_create().ok_or("no zstd context")?;
-                d.set_parameter(DParameter::WindowLogMax(STREAM_WINDOW_LOG))
+                d.set_parameter(DParameter::WindowLogMax(self.window_log))
                     .map_err(|e| zstd_safe::get_error_name(e).to_string())?;
                 self.dctx.insert(d)
             }
@@ -242,10 +309,66 @@ mod tests {
         let mut wide = StreamCompressor {
             cctx: big,
             in_frame: 0,
+            window: 1 << (STREAM_WINDOW_LOG + 2),
         };
         let z = wide.compress(&data).unwrap();
         assert!(StreamDecompressor::default()
             .decompress(&z, data.len())
+            .is_err());
+    }
+
+    #[test]
+    fn a_lane_stream_finds_repeats_far_back_within_its_window() {
+        // The lanes' windows share the budget: 64 MiB for 2 lanes, 16 MiB for 8, never below
+        // the 2 MiB of a stream's own.
+        assert_eq!(lane_window_log(1), LANE_WINDOW_LOG_MAX as u8);
+        assert_eq!(lane_window_log(2), 26);
+        assert_eq!(lane_window_log(8), 24);
+        assert_eq!(lane_window_log(1000), STREAM_WINDOW_LOG as u8);
+        assert!(StreamCompressor::for_lane(1, LANE_WINDOW_LOG_MAX + 1).is_none());
+        assert!(StreamCompressor::for_lane(1, STREAM_WINDOW_LOG - 1).is_none());
+        // 1 MiB of noise, 6 MiB of other noise, then the first MiB again: the repeat lies
+        // beyond a 2 MiB window but within 8 MiB.
+        let noise = |seed: u64, len: usize| -> Vec<u8> {
+            let mut x = seed | 1;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let first = noise(1, 1 << 20);
+        let pieces = [first.clone(), noise(2, 6 << 20), first];
+        let sizes = |c: &mut StreamCompressor, d: &mut StreamDecompressor| -> Vec<usize> {
+            pieces
+                .iter()
+                .map(|p| {
+                    let z = c.compress(p).unwrap();
+                    assert_eq!(d.decompress(&z, p.len()).unwrap(), *p);
+                    z.len()
+                })
+                .collect()
+        };
+        let mut lane = StreamCompressor::for_lane(1, 23).unwrap();
+        let far = sizes(&mut lane, &mut StreamDecompressor::with_window_log(23));
+        assert!(far[2] < 64 << 10, "the repeat cost {} bytes", far[2]);
+        let near = sizes(
+            &mut StreamCompressor::new(1).unwrap(),
+            &mut StreamDecompressor::default(),
+        );
+        assert!(
+            near[2] > 1 << 20,
+            "a 2 MiB window cannot reach it: {}",
+            near[2]
+        );
+        // A receiver that agreed on a smaller window refuses the lane's stream.
+        let mut lane = StreamCompressor::for_lane(1, 23).unwrap();
+        let z = lane.compress(&pieces[0]).unwrap();
+        assert!(StreamDecompressor::with_window_log(22)
+            .decompress(&z, pieces[0].len())
             .is_err());
     }
 

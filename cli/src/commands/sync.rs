@@ -500,6 +500,13 @@ fn print_report(r: &Report, a: &SyncArgs, quiet_stdout: bool, out: Output) -> Re
             "Number of files written while the sender read them: {}",
             s.files_streamed
         )?;
+        if s.fetches_alone > 0 {
+            writeln!(
+                o,
+                "Requests fetched apart from their lane: {}",
+                s.fetches_alone
+            )?;
+        }
         writeln!(o, "Number of files unchanged: {}", s.files_unchanged)?;
         writeln!(o, "Number of entries deleted: {}", s.entries_deleted)?;
         writeln!(o, "Total file size: {} bytes", s.bytes_total)?;

@@ -1,16 +1,150 @@
 //! The sender's side of chunk transfer: every stream the receiver opens carries want-lists one
-//! way and chunk data the other. Reading and compressing run on a blocking thread per stream
-//! while the async side reads want-lists and writes data, so disk, CPU and network overlap;
-//! bounded channels keep memory bounded. With compression on, a stream's data is one zstd
-//! stream ([`Frame::DataStream`]), so each file compresses with those sent before it.
+//! way and chunk data the other. Reading and compressing run on blocking threads while the async
+//! side reads want-lists and writes data, so disk, CPU and network overlap; bounded channels
+//! keep memory bounded.
+//!
+//! With compression on, the want-lists of one receiver lane (which come over several streams,
+//! each marked with its [`Turn`]) are served by one thread per lane, in the order of their turns,
+//! as one zstd stream ([`Frame::DataStream`], [`StreamCompressor::for_lane`]): each file
+//! compresses with everything the lane carried before it. A want-list without a turn (a retry
+//! on a stream of its own) is served by its stream's own thread and zstd stream.
 
 use super::wire::{read_msg, write_chunks};
 use crate::error::{Error, Result};
-use crate::protocol::{self, Frame};
+use crate::protocol::{self, Frame, Turn};
 use crate::sender::{Packing, Sender};
 use crate::zstd_ctx::StreamCompressor;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
+
+/// Lanes one request's receiver may use at most.
+const MAX_LANES: usize = 64;
+
+/// Want-lists a lane may hold waiting for an earlier turn: a receiver that skips a turn cannot
+/// make the sender store more.
+const MAX_WAITING: usize = 1 << 16;
+
+/// What a stream's writer is given: buffers to write, or the error that ends the stream.
+type Out = Result<[bytes::Bytes; 2]>;
+
+/// A want-list checked against the manifest.
+struct Want {
+    entry: u32,
+    want: Vec<u32>,
+    hints: Vec<Vec<crate::delta::BlockHash>>,
+    no_refs: bool,
+}
+
+/// A want-list of a lane, with the stream its answer goes to.
+struct LaneWant {
+    seq: u64,
+    want: Want,
+    out: mpsc::Sender<Out>,
+}
+
+/// The lanes of one request: where each lane's want-lists go, and its window.
+#[derive(Default)]
+struct Lanes(Mutex<HashMap<u32, (u8, mpsc::Sender<LaneWant>)>>);
+
+impl Lanes {
+    /// Where the want-lists of `turn`'s lane go; its thread is started by the first of them.
+    fn of(&self, turn: &Turn, sender: &Arc<Sender>, level: i32) -> Result<mpsc::Sender<LaneWant>> {
+        let mut lanes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((log, tx)) = lanes.get(&turn.lane) {
+            if *log != turn.window_log {
+                return Err(Error::Protocol(format!(
+                    "lane {} changed its window from 2^{log} to 2^{}",
+                    turn.lane, turn.window_log
+                )));
+            }
+            return Ok(tx.clone());
+        }
+        if lanes.len() >= MAX_LANES {
+            return Err(Error::Protocol(format!("more than {MAX_LANES} lanes")));
+        }
+        let stream =
+            StreamCompressor::for_lane(level, u32::from(turn.window_log)).ok_or_else(|| {
+                Error::Protocol(format!(
+                    "a lane window of 2^{} at zstd level {level}",
+                    turn.window_log
+                ))
+            })?;
+        let (tx, rx) = mpsc::channel(1024);
+        let (sender, rt) = (sender.clone(), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || serve_lane(rx, &sender, stream, &rt));
+        lanes.insert(turn.lane, (turn.window_log, tx.clone()));
+        Ok(tx)
+    }
+}
+
+/// A lane's thread: serve its want-lists in the order of their turns as one zstd stream. When
+/// one fails (or a turn comes twice or too late), every stream that carries the lane is ended
+/// with the error: the receiver cannot decode the lane's later pieces.
+fn serve_lane(
+    mut wants: mpsc::Receiver<LaneWant>,
+    sender: &Sender,
+    mut stream: StreamCompressor,
+    rt: &tokio::runtime::Handle,
+) {
+    let mut waiting: BTreeMap<u64, LaneWant> = BTreeMap::new();
+    let mut next = 0u64;
+    let mut failed: Option<String> = None;
+    // Ends `out`'s stream with `reason`, without waiting on a writer that may be stuck.
+    let fail = |out: mpsc::Sender<Out>, reason: &str| {
+        let e = Error::Transport(format!("lane stream failed: {reason}"));
+        if let Err(mpsc::error::TrySendError::Full(e)) = out.try_send(Err(e)) {
+            rt.spawn(async move {
+                let _ = out.send(e).await;
+            });
+        }
+    };
+    while let Some(w) = wants.blocking_recv() {
+        if let Some(reason) = &failed {
+            fail(w.out, reason);
+            continue;
+        }
+        let mut problem = if w.seq < next || waiting.contains_key(&w.seq) {
+            Some(format!("turn {} came twice", w.seq))
+        } else if waiting.len() >= MAX_WAITING {
+            Some(format!(
+                "more than {MAX_WAITING} want-lists wait for turn {next}"
+            ))
+        } else {
+            waiting.insert(w.seq, w);
+            None
+        };
+        while problem.is_none() {
+            let Some(w) = waiting.remove(&next) else {
+                break;
+            };
+            next += 1;
+            let out = w.out.clone();
+            let r = sender.serve(
+                w.want.entry,
+                &w.want.want,
+                &w.want.hints,
+                w.want.no_refs,
+                Packing::Stream(&mut stream),
+                &mut |frame| {
+                    out.blocking_send(Ok(frame_parts(frame)?))
+                        .map_err(|_| Error::Transport("chunk stream closed".into()))
+                },
+            );
+            if let Err(e) = r {
+                fail(w.out, &e.to_string());
+                problem = Some(e.to_string());
+            }
+        }
+        if let Some(reason) = problem {
+            tracing::debug!("lane stream failed: {reason}");
+            for (_, w) in std::mem::take(&mut waiting) {
+                fail(w.out, &reason);
+            }
+            failed = Some(reason);
+        }
+    }
+}
 
 /// A frame as buffers for the stream: a data payload goes as it is, behind its header, so
 /// it is never copied.
@@ -31,28 +165,68 @@ pub(crate) fn frame_parts(frame: Frame) -> Result<[bytes::Bytes; 2]> {
 
 /// Answer the receiver's want-list streams on `conn` until the connection ends.
 pub async fn serve_wants(conn: quinn::Connection, sender: Arc<Sender>) {
+    let lanes = Arc::new(Lanes::default());
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let sender = sender.clone();
+        let (sender, lanes) = (sender.clone(), lanes.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve_stream(send, recv, sender).await {
+            if let Err(e) = serve_stream(send, recv, sender, &lanes).await {
                 tracing::debug!("chunk stream ended: {e}");
             }
         });
     }
 }
 
+/// `frame`, a want-list, checked against the manifest: entry a file sent so far, chunk numbers
+/// in range, hints none or one per wanted chunk and no longer than its blocks.
+fn checked(
+    sender: &Sender,
+    entry: u32,
+    runs: &[protocol::Run],
+    hints: Vec<Vec<crate::delta::BlockHash>>,
+    no_refs: bool,
+) -> Result<Want> {
+    let Some(chunks) = sender.chunks_of(entry) else {
+        return Err(Error::Protocol(format!(
+            "want-list for entry {entry}, not a file sent so far"
+        )));
+    };
+    let want = protocol::from_runs(runs, chunks.len())?;
+    if want.iter().any(|&c| chunks.get(c).is_none()) {
+        return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
+    }
+    let hints_fit = hints.is_empty()
+        || (hints.len() == want.len()
+            && want.iter().zip(&hints).all(|(&c, h)| {
+                chunks
+                    .get(c)
+                    .is_some_and(|s| h.len() <= (s.len as usize).div_ceil(crate::delta::BLOCK))
+            }));
+    if !hints_fit {
+        return Err(Error::Protocol(format!(
+            "bad delta hints for entry {entry}"
+        )));
+    }
+    Ok(Want {
+        entry,
+        want,
+        hints,
+        no_refs,
+    })
+}
+
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     sender: Arc<Sender>,
+    lanes: &Lanes,
 ) -> Result<()> {
-    type Want = (u32, Vec<u32>, Vec<Vec<crate::delta::BlockHash>>, bool);
     let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
-    let (out_tx, mut out_rx) = mpsc::channel::<[bytes::Bytes; 2]>(16);
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(16);
     let lists = out_tx.clone();
+    let worker_out = out_tx.clone();
     let worker_sender = sender.clone();
+    // Want-lists without a turn: served here, as this stream's own zstd stream.
     let worker = tokio::task::spawn_blocking(move || -> Result<()> {
-        // The stream's zstd stream: what it carries compresses with what it carried before.
         let mut stream = worker_sender
             .compress_level()
             .map(|level| {
@@ -60,80 +234,89 @@ async fn serve_stream(
                     .ok_or_else(|| Error::Compression(format!("zstd level {level} refused")))
             })
             .transpose()?;
-        while let Some((entry, want, hints, no_refs)) = want_rx.blocking_recv() {
+        while let Some(w) = want_rx.blocking_recv() {
             let packing = match &mut stream {
                 Some(s) => Packing::Stream(s),
                 None => Packing::Groups,
             };
-            worker_sender.serve(entry, &want, &hints, no_refs, packing, &mut |frame| {
-                out_tx
-                    .blocking_send(frame_parts(frame)?)
-                    .map_err(|_| Error::Transport("chunk stream closed".into()))
-            })?;
+            worker_sender.serve(
+                w.entry,
+                &w.want,
+                &w.hints,
+                w.no_refs,
+                packing,
+                &mut |frame| {
+                    worker_out
+                        .blocking_send(Ok(frame_parts(frame)?))
+                        .map_err(|_| Error::Transport("chunk stream closed".into()))
+                },
+            )?;
         }
         Ok(())
     });
     let reader = async move {
         while let Some(frame) = read_msg::<Frame>(&mut recv).await? {
-            if let Frame::ListWant { entry } = frame {
-                // The receiver could not rebuild this file's list from its copy: send it whole.
-                let list = match sender.chunk_list(entry) {
-                    Some(l) => l,
-                    None => {
-                        return Err(Error::Protocol(format!(
-                            "list wanted for entry {entry}, not a file sent so far"
-                        )))
+            let (entry, runs, hints, no_refs, turn) = match frame {
+                Frame::ListWant { entry } => {
+                    // The receiver could not rebuild this file's list from its copy: send it
+                    // whole.
+                    let list = match sender.chunk_list(entry) {
+                        Some(l) => l,
+                        None => {
+                            return Err(Error::Protocol(format!(
+                                "list wanted for entry {entry}, not a file sent so far"
+                            )))
+                        }
+                    };
+                    for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
+                        if lists.send(Ok(frame_parts(f)?)).await.is_err() {
+                            break;
+                        }
                     }
-                };
-                for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
-                    if lists.send(frame_parts(f)?).await.is_err() {
-                        break;
-                    }
+                    continue;
                 }
-                continue;
-            }
-            let Frame::Want {
-                entry,
-                runs,
-                hints,
-                no_refs,
-            } = frame
-            else {
-                return Err(Error::Protocol(format!(
-                    "expected a want-list, got {frame:?}"
-                )));
+                Frame::Want {
+                    entry,
+                    runs,
+                    hints,
+                    no_refs,
+                    turn,
+                } => (entry, runs, hints, no_refs, turn),
+                frame => {
+                    return Err(Error::Protocol(format!(
+                        "expected a want-list, got {frame:?}"
+                    )))
+                }
             };
-            let Some(chunks) = sender.chunks_of(entry) else {
-                return Err(Error::Protocol(format!(
-                    "want-list for entry {entry}, not a file sent so far"
-                )));
+            let want = checked(&sender, entry, &runs, hints, no_refs)?;
+            // Without compression there is no stream to keep in order: the turn is not needed.
+            let lane = match (turn, sender.compress_level()) {
+                (Some(turn), Some(level)) => Some((turn.seq, lanes.of(&turn, &sender, level)?)),
+                _ => None,
             };
-            let want = protocol::from_runs(&runs, chunks.len())?;
-            if want.iter().any(|&c| chunks.get(c).is_none()) {
-                return Err(Error::Protocol(format!("entry {entry} has no such chunk")));
-            }
-            // Hints: none, or one per wanted chunk, each no longer than the chunk's blocks.
-            let hints_fit = hints.is_empty()
-                || (hints.len() == want.len()
-                    && want.iter().zip(&hints).all(|(&c, h)| {
-                        chunks.get(c).is_some_and(|s| {
-                            h.len() <= (s.len as usize).div_ceil(crate::delta::BLOCK)
-                        })
-                    }));
-            if !hints_fit {
-                return Err(Error::Protocol(format!(
-                    "bad delta hints for entry {entry}"
-                )));
-            }
-            if want_tx.send((entry, want, hints, no_refs)).await.is_err() {
+            let sent = match lane {
+                Some((seq, lane)) => {
+                    let out = out_tx.clone();
+                    lane.send(LaneWant { seq, want, out }).await.is_ok()
+                }
+                None => want_tx.send(want).await.is_ok(),
+            };
+            if !sent {
                 break;
             }
         }
         Ok(())
     };
     let writer = async move {
-        while let Some(mut parts) = out_rx.recv().await {
-            write_chunks(&mut send, &mut parts).await?;
+        while let Some(parts) = out_rx.recv().await {
+            match parts {
+                Ok(mut parts) => write_chunks(&mut send, &mut parts).await?,
+                Err(e) => {
+                    // The lane's stream failed: the receiver must not wait for the rest.
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                    return Err(e);
+                }
+            }
         }
         let _ = send.finish();
         Ok::<(), Error>(())

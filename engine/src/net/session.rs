@@ -408,6 +408,7 @@ async fn receive_with(
         };
         let mut report = receiver.apply(&mut next, &source, &progress)?;
         report.stats.chunks_pushed = source.taken_from_push();
+        report.stats.fetches_alone = source.fetched_alone();
         Ok(report)
     });
     let mut count = 0usize;

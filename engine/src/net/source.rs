@@ -5,17 +5,19 @@
 //! once, split into parts of at most [`PART_CHUNKS`] chunks; parts go to one strand until it
 //! was given [`STRAND_RUN`] bytes, then to the next, so the sender answers while earlier files
 //! are still being assembled and while the manifest is still arriving, one large file is in
-//! flight on every strand, and small files that follow each other share a strand (and its zstd
-//! stream, see [`crate::zstd_ctx`]). The strands' flow-control windows (and a small bounded
-//! queue each) are the only buffering; the lane reads the parts back in order, decoding each
-//! strand's stream as it goes. A fetch that was not announced (a retry) gets a stream of its
-//! own.
+//! flight on every strand. Each part carries its [`Turn`] in the lane: with compression on, the
+//! sender compresses all of a lane's parts as one zstd stream in that order (see
+//! [`crate::zstd_ctx`]), and the lane reads the parts back, and decodes them, in the same order
+//! (the answers to parts it skips are read and decoded too, since later pieces refer to them).
+//! The strands' flow-control windows (and a small bounded queue each) are the only buffering. A
+//! strand that fails or loses step fails its lane: the rest of the lane's fetches go alone. A
+//! fetch that was not announced (a retry) gets a stream of its own.
 
 use super::pushed::Pushed;
 use super::wire::{read_msg, write_msg};
 use crate::assemble::Fetched;
 use crate::error::{Error, Result};
-use crate::protocol::{self, Frame};
+use crate::protocol::{self, Frame, Turn};
 use crate::receiver::{ChunkSource, Request};
 use crate::zstd_ctx::StreamDecompressor;
 use std::collections::{HashMap, VecDeque};
@@ -37,16 +39,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// One stream of a lane: parts go out through `more`, answers come back in `frames`.
-struct Strand {
-    /// Announced parts (entry, chunk numbers) whose answers were not read yet, in order.
-    pending: Mutex<VecDeque<(u32, Vec<u32>)>>,
-    more: mpsc::UnboundedSender<Request>,
-    /// The answers; `None` once the stream failed or lost step.
-    frames: Mutex<Option<Answers>>,
-}
+/// A part for a stream to ask for, with its turn in the lane (none on a stream of its own).
+type Part = (Request, Option<Turn>);
 
-/// The frames that come back on a stream, and the state of its zstd stream.
+/// The frames that come back on a stream opened for one request, and its own zstd stream.
 struct Answers {
     frames: mpsc::Receiver<Result<Frame>>,
     unstream: StreamDecompressor,
@@ -61,10 +57,34 @@ impl Answers {
     }
 }
 
-/// One lane: its strands, and where the parts of each announced request went.
+/// What a lane reads from: each strand's answers, and the lane's zstd stream.
+struct Reading {
+    /// Each strand's answers, by strand; empty once the lane failed.
+    frames: Vec<mpsc::Receiver<Result<Frame>>>,
+    unstream: StreamDecompressor,
+}
+
+/// One lane: its strands, where the parts of each announced request went, and the parts
+/// whose answers were not read yet.
 struct Lane {
-    strands: Vec<Strand>,
+    /// Each strand's way to the sender: parts written as they are announced.
+    strands: Vec<mpsc::UnboundedSender<Part>>,
     announced: Mutex<Announced>,
+    /// Announced parts whose answers were not read yet, in turn order: (strand, entry, chunk
+    /// numbers).
+    pending: Mutex<VecDeque<(usize, u32, Vec<u32>)>>,
+    reading: Mutex<Reading>,
+    /// A strand failed or lost step: nothing more is announced on the lane.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Lane {
+    /// Stop reading the lane: its streams end, and its fetches go alone from now on.
+    fn fail(&self, reading: &mut Reading) {
+        reading.frames.clear();
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The parts of one announced request: (strand, chunk numbers), in order.
@@ -75,6 +95,8 @@ type StrandParts = Vec<(usize, Vec<u32>)>;
 struct Announced {
     /// The strand the next part goes to.
     next: usize,
+    /// The next part's turn.
+    seq: u64,
     /// Bytes of the parts given to that strand in its current run.
     run: u64,
     /// Entry -> the parts of each request announced for it (one, or one per list part of a
@@ -126,11 +148,15 @@ pub struct StreamSource {
     lanes: Vec<Mutex<Option<Arc<Lane>>>>,
     /// Streams per lane.
     strands: usize,
+    /// Log2 of the window of each lane's zstd stream.
+    window_log: u8,
     /// Chunks the sender pushes unasked: a file all of whose wanted chunks are pushed is taken
     /// from there, without a want-list.
     pushed: Option<Arc<Pushed>>,
     /// Chunks taken from the push.
     taken: std::sync::atomic::AtomicU64,
+    /// Requests (or parts) fetched over a stream of their own.
+    alone: std::sync::atomic::AtomicU64,
 }
 
 impl StreamSource {
@@ -149,9 +175,17 @@ impl StreamSource {
             rt,
             lanes: (0..lanes.max(1)).map(|_| Mutex::new(None)).collect(),
             strands: strands.max(1),
+            window_log: crate::zstd_ctx::lane_window_log(lanes.max(1)),
             pushed,
             taken: Default::default(),
+            alone: Default::default(),
         }
+    }
+
+    /// Requests (or parts of one) fetched over a stream of their own so far: retries, and
+    /// the rest of a lane whose streams failed.
+    pub fn fetched_alone(&self) -> u64 {
+        self.alone.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Chunks taken from those the sender pushed, so far.
@@ -169,7 +203,7 @@ impl StreamSource {
 
     /// Open a stream that writes every request `reqs` yields, and forward the frames that come
     /// back.
-    fn open(&self, mut reqs: mpsc::UnboundedReceiver<Request>) -> mpsc::Receiver<Result<Frame>> {
+    fn open(&self, mut reqs: mpsc::UnboundedReceiver<Part>) -> mpsc::Receiver<Result<Frame>> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let conn = self.conn.clone();
         self.rt.spawn(async move {
@@ -181,12 +215,13 @@ impl StreamSource {
                 }
             };
             let writer = async move {
-                while let Some(r) = reqs.recv().await {
+                while let Some((r, turn)) = reqs.recv().await {
                     let want = Frame::Want {
                         entry: r.entry,
                         runs: protocol::to_runs(&r.want),
                         hints: r.hints,
                         no_refs: r.no_refs,
+                        turn,
                     };
                     write_msg(&mut send, &want).await?;
                 }
@@ -218,10 +253,12 @@ impl StreamSource {
         rx
     }
 
-    /// Read the frames answering one request, passing chunks to `sink` until it fails. Also
-    /// returns whether the stream is still in step afterwards.
+    /// Read the frames answering one request from `frames`, decoding stream pieces with
+    /// `unstream` and passing chunks to `sink` until it fails. Also returns whether the stream is
+    /// still in step afterwards.
     fn consume(
-        answers: &mut Answers,
+        frames: &mut mpsc::Receiver<Result<Frame>>,
+        unstream: &mut StreamDecompressor,
         entry: u32,
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
@@ -230,7 +267,7 @@ impl StreamSource {
         let mut i = 0usize;
         while let Some(&n) = want.get(i) {
             i += 1;
-            let frame = match answers.frames.blocking_recv() {
+            let frame = match frames.blocking_recv() {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => return (Err(e), false),
                 None => {
@@ -278,7 +315,7 @@ impl StreamSource {
                     && !lens.is_empty()
                     && i - 1 + lens.len() <= want.len() =>
                 {
-                    let pieces = protocol::split_stream(&mut answers.unstream, &lens, &bytes);
+                    let pieces = protocol::split_stream(unstream, &lens, &bytes);
                     (lens.len(), pieces)
                 }
                 Frame::Failed { entry: e, reason } if e == entry => {
@@ -336,17 +373,16 @@ impl StreamSource {
             parts?
         };
         for (s, want) in parts {
-            let r =
-                Self::fetch_part(&lane.strands[s], req.entry, &want, sink).unwrap_or_else(|| {
-                    let part = Request {
-                        entry: req.entry,
-                        bytes: req.bytes * want.len() as u64 / req.want.len().max(1) as u64,
-                        want,
-                        hints: Vec::new(),
-                        no_refs: req.no_refs,
-                    };
-                    self.fetch_alone(&part, sink)
-                });
+            let r = Self::fetch_part(lane, s, req.entry, &want, sink).unwrap_or_else(|| {
+                let part = Request {
+                    entry: req.entry,
+                    bytes: req.bytes * want.len() as u64 / req.want.len().max(1) as u64,
+                    want,
+                    hints: Vec::new(),
+                    no_refs: req.no_refs,
+                };
+                self.fetch_alone(&part, sink)
+            });
             if r.is_err() {
                 return Some(r);
             }
@@ -354,42 +390,43 @@ impl StreamSource {
         Some(Ok(()))
     }
 
-    /// Read the answer to part `want` of `entry` from its strand, after the answers to parts
-    /// announced before it that were skipped: returns `None` if the part is not pending there
-    /// or the strand failed.
+    /// Read the answer to part `want` of `entry` from strand `s` of `lane`, after the answers
+    /// to parts announced before it that were skipped (in turn order, on whichever strands they
+    /// went): returns `None` if the part is not pending or the lane failed.
     fn fetch_part(
-        strand: &Strand,
+        lane: &Lane,
+        s: usize,
         entry: u32,
         want: &[u32],
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Option<Result<()>> {
-        let mut frames = lock(&strand.frames);
-        let rx = frames.as_mut()?;
+        let mut reading = lock(&lane.reading);
         loop {
-            let head = {
-                let mut pending = lock(&strand.pending);
-                let pos = pending
-                    .iter()
-                    .position(|(e, w)| *e == entry && w.as_slice() == want)?;
-                if pos == 0 {
-                    pending.pop_front();
-                    None
-                } else {
-                    pending.pop_front()
-                }
-            };
-            let Some((e, w)) = head else { break };
-            let (_, in_step) = Self::consume(rx, e, &w, &mut |_| Ok(()));
-            if !in_step {
-                *frames = None;
+            if reading.frames.is_empty() {
                 return None;
             }
+            let (at, mine) = {
+                let mut pending = lock(&lane.pending);
+                let pos = pending
+                    .iter()
+                    .position(|(t, e, w)| (*t, *e, w.as_slice()) == (s, entry, want))?;
+                (pending.pop_front()?, pos == 0)
+            };
+            let (t, e, w) = at;
+            let Reading { frames, unstream } = &mut *reading;
+            let frames = frames.get_mut(t)?;
+            let (r, in_step) = if mine {
+                Self::consume(frames, unstream, entry, want, sink)
+            } else {
+                Self::consume(frames, unstream, e, &w, &mut |_| Ok(()))
+            };
+            if !in_step {
+                lane.fail(&mut reading);
+            }
+            if mine {
+                return Some(r);
+            }
         }
-        let (r, in_step) = Self::consume(rx, entry, want, sink);
-        if !in_step {
-            *frames = None;
-        }
-        Some(r)
     }
 }
 
@@ -471,20 +508,27 @@ impl ChunkSource for StreamSource {
         };
         let l = lock(slot)
             .get_or_insert_with(|| {
-                let strand = || {
-                    let (more, reqs) = mpsc::unbounded_channel();
-                    Strand {
-                        pending: Mutex::new(VecDeque::new()),
-                        more,
-                        frames: Mutex::new(Some(Answers::new(self.open(reqs)))),
-                    }
-                };
+                let (strands, frames) = (0..self.strands)
+                    .map(|_| {
+                        let (more, reqs) = mpsc::unbounded_channel();
+                        (more, self.open(reqs))
+                    })
+                    .unzip();
                 Arc::new(Lane {
-                    strands: (0..self.strands).map(|_| strand()).collect(),
+                    strands,
                     announced: Mutex::default(),
+                    pending: Mutex::default(),
+                    reading: Mutex::new(Reading {
+                        frames,
+                        unstream: StreamDecompressor::with_window_log(u32::from(self.window_log)),
+                    }),
+                    failed: Default::default(),
                 })
             })
             .clone();
+        if l.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return; // fetched alone
+        }
         let mut announced = lock(&l.announced);
         for r in reqs {
             if self.push_for(&r).is_some() {
@@ -497,11 +541,16 @@ impl ChunkSource for StreamSource {
             let mut parts = Vec::new();
             for part in split(r) {
                 let s = announced.assign(part.bytes, l.strands.len());
-                let strand = &l.strands[s];
-                lock(&strand.pending).push_back((part.entry, part.want.clone()));
+                let turn = Turn {
+                    lane: lane as u32,
+                    seq: announced.seq,
+                    window_log: self.window_log,
+                };
+                announced.seq += 1;
+                lock(&l.pending).push_back((s, part.entry, part.want.clone()));
                 parts.push((s, part.want.clone()));
                 // A closed channel means the stream failed; fetches will find out and go alone.
-                let _ = strand.more.send(part);
+                let _ = l.strands[s].send((part, Some(turn)));
             }
             announced.parts.entry(entry).or_default().push_back(parts);
         }
@@ -538,11 +587,13 @@ impl ChunkSource for StreamSource {
         req: &Request,
         sink: &mut dyn FnMut(Fetched) -> Result<()>,
     ) -> Result<()> {
+        self.alone
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (more, reqs) = mpsc::unbounded_channel();
-        let _ = more.send(req.clone());
+        let _ = more.send((req.clone(), None));
         drop(more);
-        let mut answers = Answers::new(self.open(reqs));
-        Self::consume(&mut answers, req.entry, &req.want, sink).0
+        let mut a = Answers::new(self.open(reqs));
+        Self::consume(&mut a.frames, &mut a.unstream, req.entry, &req.want, sink).0
     }
 }
 

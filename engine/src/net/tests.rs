@@ -411,6 +411,58 @@ fn a_sender_that_knows_the_receivers_tree_pushes_what_it_lacks() {
     link.close();
 }
 
+/// With compression on, a lane's parts travel on all its streams but compress as one zstd
+/// stream with a large window: what repeats between files far apart in the lane is sent once per
+/// lane, and every part decodes on its lane (none is fetched apart).
+#[test]
+fn a_lane_compresses_as_one_stream_over_its_streams() {
+    let f = start();
+    let remote = RemotePath::parse(&format!("quic://127.0.0.1:{}/", f.port))
+        .unwrap()
+        .unwrap();
+    let src = f._dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // 64 files of 320 KiB: the same 256 KiB of noise, one byte in every 4 KiB changed per file
+    // (so no chunk repeats), then 64 KiB of each file's own noise. 20 MiB in all, 4 MiB unique:
+    // the lanes' 16 streams each get runs of 1 MiB in turn.
+    let shared = pages(1, 64);
+    let mut total = 0usize;
+    for i in 0..64u64 {
+        let mut data = shared.clone();
+        for k in (0..data.len()).step_by(4096) {
+            data[k] ^= (i + 1) as u8;
+        }
+        data.extend_from_slice(&pages(1000 + i, 16));
+        total += data.len();
+        std::fs::write(src.join(format!("f{i:02}")), &data).unwrap();
+    }
+    let mut link = super::client::Link::connect(&remote, &f.client).unwrap();
+    let s = SyncSettings {
+        compress: Some(1),
+        ..settings()
+    };
+    let r = link.push(&src, "lanes", s, None, None).unwrap();
+    link.close();
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    for i in 0..64 {
+        let name = format!("f{i:02}");
+        assert_eq!(
+            std::fs::read(f.root.join("lanes").join(&name)).unwrap(),
+            std::fs::read(src.join(&name)).unwrap(),
+            "{name}"
+        );
+    }
+    assert_eq!(r.stats.fetches_alone, 0, "{:?}", r.stats);
+    // 4 MiB unique plus the shared part once per lane (2 lanes), and overhead; a stream per
+    // QUIC stream would send the shared part once per stream (16 of them): 8 MiB.
+    let unique = 64 * 64 * 1024;
+    assert!(
+        r.stats.bytes_wire < unique + 6 * shared.len() as u64,
+        "{} bytes on the wire for {total} ({unique} unique)",
+        r.stats.bytes_wire
+    );
+}
+
 /// A file with more chunks than one frame can list goes in parts, both ways.
 #[test]
 fn a_chunk_list_longer_than_a_frame_goes_in_parts_both_ways() {
