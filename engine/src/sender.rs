@@ -780,12 +780,24 @@ impl Sender {
         };
         // Whole chunks in a row waiting to be compressed together (grouped serving).
         let mut group = Group::default();
+        // Handing a batch to the thread pool and waiting for it costs two thread wake-ups: worth
+        // it for encoding against a basis or hints, or many chunks; not for reading a small
+        // file's chunk or two from the page cache (most of a tree's files).
+        let parallel = basis_file.is_some() || !hints.is_empty();
         for (g, batch) in want.chunks(SERVE_BATCH).enumerate() {
-            let prepared: Vec<_> = batch
-                .par_iter()
-                .enumerate()
-                .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
-                .collect();
+            let prepared: Vec<_> = if parallel || batch.len() >= PARALLEL_BATCH {
+                batch
+                    .par_iter()
+                    .enumerate()
+                    .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
+                    .collect()
+            } else {
+                batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
+                    .collect()
+            };
             for p in prepared {
                 let Prepared {
                     n,
@@ -961,6 +973,9 @@ impl Group {
 
 /// Chunks read and encoded at once, in parallel, when serving a want-list.
 const SERVE_BATCH: usize = 64;
+
+/// Fewer chunks than this, with no basis and no hints, are read on the serving thread itself.
+const PARALLEL_BATCH: usize = 8;
 
 /// A wanted chunk read and difference-encoded, before the choice of encoding.
 struct Prepared {
