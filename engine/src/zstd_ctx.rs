@@ -12,7 +12,7 @@
 //! over all its QUIC streams, with a large window and long-distance matching
 //! ([`lane_window_log`], [`StreamCompressor::for_lane`]): a 1.2 GB container root file system of
 //! 45,701 files took 516 MB on the wire as 16 zstd 1 streams of 2 MiB windows (one per QUIC
-//! stream), 512 MB as 2 (one per lane), and 447 MB as 2 with 64 MiB windows and long-distance
+//! stream), 512 MB as 2 (one per lane), and 451 MB as 2 with 64 MiB windows and long-distance
 //! matching (rsync -z, one zstd 3 stream: 463 MB).
 
 use zstd::zstd_safe::{self, CCtx, CParameter, DCtx, DParameter, InBuffer, OutBuffer};
@@ -27,9 +27,10 @@ pub const LANE_WINDOW_LOG_MAX: u32 = 26;
 /// What the windows of all of a receiver's lanes add up to at most: 128 MiB.
 pub const LANE_WINDOWS_BUDGET: u64 = 128 << 20;
 
-/// Long-distance matching adds a match candidate every 2^this bytes: zstd's own choice for a
-/// 64 MiB window (2^7) found 65 MB more in a 1.2 GB tree than none, for 1.3 CPU-s more on this
-/// machine; 2^10 found 53 MB for 0.6 CPU-s.
+/// Long-distance matching adds a match candidate every 2^this bytes. Fresh copy of a 1.2 GB
+/// tree, one stream per lane with a 64 MiB window (dev rig, 1 Gbit/s): none 511.6 MB on the
+/// wire; zstd's own choice for the window, 2^7, 446.8 MB for 1.6 more client CPU-s; 2^10 459.0 MB
+/// for 0.8 more; 2^8 450.6 MB.
 pub const LDM_HASH_RATE_LOG: u32 = 8;
 
 /// Log2 of the window of each lane's zstd stream when a receiver has `lanes` lanes: their share

@@ -90,8 +90,9 @@ pub struct SyncArgs {
     #[arg(long, requires = "sender_basis")]
     pub no_push: bool,
     /// Compress chunk data: "zstd" or "zstd:LEVEL" (-7 to 19; default level 1). Over QUIC each
-    /// stream is one zstd stream, so a file compresses with those sent before it (memory page
-    /// images go in groups of pages); data that does not shrink soon goes raw.
+    /// lane is one zstd stream with a window of up to 64 MiB, so a file compresses with those
+    /// sent before it (memory page images go in groups of pages); data that does not shrink
+    /// soon goes raw.
     #[arg(long, value_name = "ALGO[:LEVEL]")]
     pub compress: Option<String>,
     /// Compress, like rsync -z: the same as --compress zstd (a --compress given too wins).
