@@ -330,17 +330,7 @@ mod tests {
         assert!(StreamCompressor::for_lane(1, STREAM_WINDOW_LOG - 1).is_none());
         // 1 MiB of noise, 6 MiB of other noise, then the first MiB again: the repeat lies
         // beyond a 2 MiB window but within 8 MiB.
-        let noise = |seed: u64, len: usize| -> Vec<u8> {
-            let mut x = seed | 1;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect()
-        };
+        let noise = crate::chunk::tests_support::noise;
         let first = noise(1, 1 << 20);
         let pieces = [first.clone(), noise(2, 6 << 20), first];
         let sizes = |c: &mut StreamCompressor, d: &mut StreamDecompressor| -> Vec<usize> {

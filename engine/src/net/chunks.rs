@@ -43,13 +43,20 @@ struct LaneWant {
     out: mpsc::Sender<Out>,
 }
 
+/// What a lane's thread is told: a want-list, or that a stream carrying the lane broke off
+/// (its later turns will never come).
+enum LaneMsg {
+    Want(LaneWant),
+    Broken(String),
+}
+
 /// The lanes of one request: where each lane's want-lists go, and its window.
 #[derive(Default)]
-struct Lanes(Mutex<HashMap<u32, (u8, mpsc::Sender<LaneWant>)>>);
+struct Lanes(Mutex<HashMap<u32, (u8, mpsc::Sender<LaneMsg>)>>);
 
 impl Lanes {
     /// Where the want-lists of `turn`'s lane go; its thread is started by the first of them.
-    fn of(&self, turn: &Turn, sender: &Arc<Sender>, level: i32) -> Result<mpsc::Sender<LaneWant>> {
+    fn of(&self, turn: &Turn, sender: &Arc<Sender>, level: i32) -> Result<mpsc::Sender<LaneMsg>> {
         let mut lanes = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((log, tx)) = lanes.get(&turn.lane) {
             if *log != turn.window_log {
@@ -82,7 +89,7 @@ impl Lanes {
 /// one fails (or a turn comes twice or too late), every stream that carries the lane is ended
 /// with the error: the receiver cannot decode the lane's later pieces.
 fn serve_lane(
-    mut wants: mpsc::Receiver<LaneWant>,
+    mut wants: mpsc::Receiver<LaneMsg>,
     sender: &Sender,
     mut stream: StreamCompressor,
     rt: &tokio::runtime::Handle,
@@ -99,20 +106,43 @@ fn serve_lane(
             });
         }
     };
-    while let Some(w) = wants.blocking_recv() {
+    while let Some(msg) = wants.blocking_recv() {
+        let w = match msg {
+            LaneMsg::Want(w) => w,
+            LaneMsg::Broken(reason) => {
+                if failed.is_none() {
+                    tracing::debug!("lane stream failed: {reason}");
+                    for (_, w) in std::mem::take(&mut waiting) {
+                        fail(w.out, &reason);
+                    }
+                    failed = Some(reason);
+                }
+                continue;
+            }
+        };
         if let Some(reason) = &failed {
             fail(w.out, reason);
             continue;
         }
-        let mut problem = if w.seq < next || waiting.contains_key(&w.seq) {
+        // A want-list that breaks the order is answered with the failure too.
+        let refused = if w.seq < next || waiting.contains_key(&w.seq) {
             Some(format!("turn {} came twice", w.seq))
         } else if waiting.len() >= MAX_WAITING {
             Some(format!(
                 "more than {MAX_WAITING} want-lists wait for turn {next}"
             ))
         } else {
-            waiting.insert(w.seq, w);
             None
+        };
+        let mut problem = match refused {
+            Some(reason) => {
+                fail(w.out, &reason);
+                Some(reason)
+            }
+            None => {
+                waiting.insert(w.seq, w);
+                None
+            }
         };
         while problem.is_none() {
             let Some(w) = waiting.remove(&next) else {
@@ -255,57 +285,28 @@ async fn serve_stream(
         Ok(())
     });
     let reader = async move {
-        while let Some(frame) = read_msg::<Frame>(&mut recv).await? {
-            let (entry, runs, hints, no_refs, turn) = match frame {
-                Frame::ListWant { entry } => {
-                    // The receiver could not rebuild this file's list from its copy: send it
-                    // whole.
-                    let list = match sender.chunk_list(entry) {
-                        Some(l) => l,
-                        None => {
-                            return Err(Error::Protocol(format!(
-                                "list wanted for entry {entry}, not a file sent so far"
-                            )))
-                        }
-                    };
-                    for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
-                        if lists.send(Ok(frame_parts(f)?)).await.is_err() {
-                            break;
-                        }
-                    }
-                    continue;
-                }
-                Frame::Want {
-                    entry,
-                    runs,
-                    hints,
-                    no_refs,
-                    turn,
-                } => (entry, runs, hints, no_refs, turn),
-                frame => {
-                    return Err(Error::Protocol(format!(
-                        "expected a want-list, got {frame:?}"
-                    )))
-                }
-            };
-            let want = checked(&sender, entry, &runs, hints, no_refs)?;
-            // Without compression there is no stream to keep in order: the turn is not needed.
-            let lane = match (turn, sender.compress_level()) {
-                (Some(turn), Some(level)) => Some((turn.seq, lanes.of(&turn, &sender, level)?)),
-                _ => None,
-            };
-            let sent = match lane {
-                Some((seq, lane)) => {
-                    let out = out_tx.clone();
-                    lane.send(LaneWant { seq, want, out }).await.is_ok()
-                }
-                None => want_tx.send(want).await.is_ok(),
-            };
-            if !sent {
-                break;
+        // The lanes this stream carried: told when it breaks off, since their later turns
+        // that came this way never will.
+        let mut carried: HashMap<u32, mpsc::Sender<LaneMsg>> = HashMap::new();
+        let r = read_wants(
+            &mut recv,
+            &sender,
+            lanes,
+            &want_tx,
+            &out_tx,
+            &lists,
+            &mut carried,
+        )
+        .await;
+        if let Err(e) = &r {
+            for (_, lane) in carried {
+                let reason = format!("a stream of the lane: {e}");
+                tokio::spawn(async move {
+                    let _ = lane.send(LaneMsg::Broken(reason)).await;
+                });
             }
         }
-        Ok(())
+        r
     };
     let writer = async move {
         while let Some(parts) = out_rx.recv().await {
@@ -326,4 +327,224 @@ async fn serve_stream(
         .await
         .map_err(|e| Error::Transport(format!("chunk reader: {e}")))?;
     r.and(w).and(done)
+}
+
+/// Read a stream's want-lists and hand each to its lane's thread (`carried` gathers those
+/// lanes) or to the stream's own (`want_tx`); answer chunk-list requests through `lists`.
+async fn read_wants(
+    recv: &mut quinn::RecvStream,
+    sender: &Arc<Sender>,
+    lanes: &Lanes,
+    want_tx: &mpsc::Sender<Want>,
+    out_tx: &mpsc::Sender<Out>,
+    lists: &mpsc::Sender<Out>,
+    carried: &mut HashMap<u32, mpsc::Sender<LaneMsg>>,
+) -> Result<()> {
+    while let Some(frame) = read_msg::<Frame>(recv).await? {
+        let (entry, runs, hints, no_refs, turn) = match frame {
+            Frame::ListWant { entry } => {
+                // The receiver could not rebuild this file's list from its copy: send it
+                // whole.
+                let list = match sender.chunk_list(entry) {
+                    Some(l) => l,
+                    None => {
+                        return Err(Error::Protocol(format!(
+                            "list wanted for entry {entry}, not a file sent so far"
+                        )))
+                    }
+                };
+                for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
+                    if lists.send(Ok(frame_parts(f)?)).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+            Frame::Want {
+                entry,
+                runs,
+                hints,
+                no_refs,
+                turn,
+            } => (entry, runs, hints, no_refs, turn),
+            frame => {
+                return Err(Error::Protocol(format!(
+                    "expected a want-list, got {frame:?}"
+                )))
+            }
+        };
+        let want = checked(sender, entry, &runs, hints, no_refs)?;
+        // Without compression there is no stream to keep in order: the turn is not needed.
+        let lane = match (turn, sender.compress_level()) {
+            (Some(turn), Some(level)) => {
+                Some((turn.seq, lane_of(&turn, lanes, sender, level, carried)?))
+            }
+            _ => None,
+        };
+        let sent = match lane {
+            Some((seq, lane)) => {
+                let out = out_tx.clone();
+                lane.send(LaneMsg::Want(LaneWant { seq, want, out }))
+                    .await
+                    .is_ok()
+            }
+            None => want_tx.send(want).await.is_ok(),
+        };
+        if !sent {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The thread of `turn`'s lane, noted in `carried`.
+fn lane_of(
+    turn: &Turn,
+    lanes: &Lanes,
+    sender: &Arc<Sender>,
+    level: i32,
+    carried: &mut HashMap<u32, mpsc::Sender<LaneMsg>>,
+) -> Result<mpsc::Sender<LaneMsg>> {
+    let lane = lanes.of(turn, sender, level)?;
+    carried.entry(turn.lane).or_insert_with(|| lane.clone());
+    Ok(lane)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::EntryKind;
+    use crate::sender::SenderOptions;
+    use crate::zstd_ctx::StreamDecompressor;
+    use std::time::Duration;
+
+    /// The bytes of the next `n` chunks answered on `rx`, decoding stream pieces with `dec`;
+    /// `Err` if the stream was ended with an error first.
+    fn answer(
+        rx: &mut mpsc::Receiver<Out>,
+        dec: &mut StreamDecompressor,
+        n: usize,
+    ) -> Result<Vec<u8>> {
+        let mut data = Vec::new();
+        let mut got = 0;
+        while got < n {
+            let [head, payload] = rx.blocking_recv().expect("the lane hung up")?;
+            let buf = [head.as_ref(), payload.as_ref()].concat();
+            let (frame, _) = protocol::decode(&buf)?.expect("a whole frame");
+            let Frame::DataStream { lens, bytes, .. } = frame else {
+                panic!("expected a stream piece, got {frame:?}");
+            };
+            for piece in protocol::split_stream(dec, &lens, &bytes)? {
+                data.extend_from_slice(&piece);
+                got += 1;
+            }
+        }
+        Ok(data)
+    }
+
+    #[test]
+    fn a_lane_serves_in_turn_order_and_fails_whole() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        // Two files of the same 1.6 MB of noise in 16 byte values (it halves, but has nothing
+        // to match), one byte apart: the second costs little after the first, but only when
+        // decoded after it.
+        let a: Vec<u8> = crate::chunk::tests_support::noise(3, 1_600_000)
+            .iter()
+            .map(|x| x & 15)
+            .collect();
+        let mut b = a.clone();
+        b[800_000] ^= 1;
+        std::fs::write(dir.path().join("a"), &a).unwrap();
+        std::fs::write(dir.path().join("b"), &b).unwrap();
+        let sender = Arc::new(Sender::new(
+            dir.path(),
+            SenderOptions {
+                compress: Some(1),
+                ..SenderOptions::default()
+            },
+        ));
+        let (manifest, _) = sender.manifest_of(None).unwrap();
+        let count = |e: u32| match &manifest[e as usize].kind {
+            EntryKind::File { chunks, .. } => chunks.len(),
+            other => panic!("{other:?}"),
+        };
+        let want = |e: u32| Want {
+            entry: e,
+            want: (0..count(e) as u32).collect(),
+            hints: Vec::new(),
+            no_refs: false,
+        };
+        let lane = |seq: u64, e: u32, out: &mpsc::Sender<Out>| {
+            LaneMsg::Want(LaneWant {
+                seq,
+                want: want(e),
+                out: out.clone(),
+            })
+        };
+        let start = |tx_rx: (mpsc::Sender<LaneMsg>, mpsc::Receiver<LaneMsg>)| {
+            let (s, h) = (sender.clone(), rt.handle().clone());
+            let (tx, rx) = tx_rx;
+            let t = std::thread::spawn(move || {
+                serve_lane(rx, &s, StreamCompressor::for_lane(1, 23).unwrap(), &h)
+            });
+            (tx, t)
+        };
+        let (a_out, mut a_rx) = mpsc::channel::<Out>(1024);
+        let (b_out, mut b_rx) = mpsc::channel::<Out>(1024);
+
+        // Turn 1 (entry 2, on stream B) comes first: nothing is served until turn 0 (entry 1,
+        // on stream A) has come and been served.
+        let (tx, worker) = start(mpsc::channel(16));
+        tx.blocking_send(lane(1, 2, &b_out)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(b_rx.try_recv().is_err(), "turn 1 served before turn 0");
+        tx.blocking_send(lane(0, 1, &a_out)).unwrap();
+        let mut dec = StreamDecompressor::with_window_log(23);
+        assert_eq!(answer(&mut a_rx, &mut dec, count(1)).unwrap(), a);
+        let before = dec_input(&mut b_rx, &mut dec, count(2));
+        assert_eq!(before.0, b);
+        assert!(before.1 < 100_000, "b took {} bytes after a", before.1);
+
+        // A turn that comes twice fails the lane: its stream is ended with the error, and so
+        // is every later one.
+        tx.blocking_send(lane(1, 2, &a_out)).unwrap();
+        assert!(answer(&mut a_rx, &mut dec, 1).is_err());
+        tx.blocking_send(lane(2, 1, &b_out)).unwrap();
+        assert!(answer(&mut b_rx, &mut dec, 1).is_err());
+        drop(tx);
+        worker.join().unwrap();
+
+        // A stream of the lane broke off (its turn 0 will never come): the want-list waiting
+        // for it is ended with the error instead of waiting for ever.
+        let (tx, worker) = start(mpsc::channel(16));
+        tx.blocking_send(lane(1, 2, &b_out)).unwrap();
+        tx.blocking_send(LaneMsg::Broken("reset".into())).unwrap();
+        let mut dec = StreamDecompressor::with_window_log(23);
+        assert!(answer(&mut b_rx, &mut dec, 1).is_err());
+        drop(tx);
+        worker.join().unwrap();
+    }
+
+    /// [`answer`], with the bytes of the frames' payloads it read.
+    fn dec_input(
+        rx: &mut mpsc::Receiver<Out>,
+        dec: &mut StreamDecompressor,
+        n: usize,
+    ) -> (Vec<u8>, usize) {
+        let (tx, mut counted) = mpsc::channel::<Out>(1024);
+        let mut wire = 0;
+        let mut chunks = 0;
+        while chunks < n {
+            let parts = rx.blocking_recv().expect("the lane hung up").unwrap();
+            let buf = [parts[0].as_ref(), parts[1].as_ref()].concat();
+            if let Ok(Some((Frame::DataStream { lens, bytes, .. }, _))) = protocol::decode(&buf) {
+                chunks += lens.len();
+                wire += bytes.len();
+            }
+            tx.try_send(Ok(parts)).unwrap();
+        }
+        drop(tx);
+        (answer(&mut counted, dec, n).unwrap(), wire)
+    }
 }
