@@ -785,18 +785,11 @@ impl Sender {
         // file's chunk or two from the page cache (most of a tree's files).
         let parallel = basis_file.is_some() || !hints.is_empty();
         for (g, batch) in want.chunks(SERVE_BATCH).enumerate() {
+            let at = |(i, &n): (usize, &u32)| prepare(g * SERVE_BATCH + i, n);
             let prepared: Vec<_> = if parallel || batch.len() >= PARALLEL_BATCH {
-                batch
-                    .par_iter()
-                    .enumerate()
-                    .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
-                    .collect()
+                batch.par_iter().enumerate().map(at).collect()
             } else {
-                batch
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &n)| prepare(g * SERVE_BATCH + i, n))
-                    .collect()
+                batch.iter().enumerate().map(at).collect()
             };
             for p in prepared {
                 let Prepared {

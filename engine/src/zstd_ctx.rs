@@ -168,10 +168,7 @@ pub struct StreamDecompressor {
 impl Default for StreamDecompressor {
     /// The end of a stream with a window of at most 2 MiB ([`STREAM_WINDOW_LOG`]).
     fn default() -> Self {
-        StreamDecompressor {
-            dctx: None,
-            window_log: STREAM_WINDOW_LOG,
-        }
+        Self::with_window_log(STREAM_WINDOW_LOG)
     }
 }
 

@@ -155,72 +155,71 @@ fn serve_lane(
         }
     };
     while let Some(msg) = wants.blocking_recv() {
-        let w = match msg {
-            LaneMsg::Want(w) => w,
-            LaneMsg::Broken(reason) => {
-                if failed.is_none() {
-                    tracing::debug!("lane stream failed: {reason}");
-                    for (_, w) in std::mem::take(&mut waiting) {
-                        fail(w.out, &reason);
-                    }
-                    failed = Some(reason);
-                }
+        let problem = match msg {
+            LaneMsg::Want(w) if failed.is_some() => {
+                fail(w.out, failed.as_deref().unwrap_or_default());
                 continue;
             }
+            LaneMsg::Broken(_) if failed.is_some() => continue,
+            LaneMsg::Broken(reason) => reason,
+            LaneMsg::Want(w) => {
+                // A want-list that breaks the order is answered with the failure too.
+                let refused = if w.seq < next || waiting.contains_key(&w.seq) {
+                    Some(format!("turn {} came twice", w.seq))
+                } else if waiting.len() >= MAX_WAITING {
+                    Some(format!(
+                        "more than {MAX_WAITING} want-lists wait for turn {next}"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(reason) = refused {
+                    fail(w.out, &reason);
+                    reason
+                } else {
+                    waiting.insert(w.seq, w);
+                    match serve_turns(&mut waiting, &mut next, sender, &mut stream) {
+                        Ok(()) => continue,
+                        Err((out, reason)) => {
+                            fail(out, &reason);
+                            reason
+                        }
+                    }
+                }
+            }
         };
-        if let Some(reason) = &failed {
-            fail(w.out, reason);
-            continue;
+        tracing::debug!("lane stream failed: {problem}");
+        for (_, w) in std::mem::take(&mut waiting) {
+            fail(w.out, &problem);
         }
-        // A want-list that breaks the order is answered with the failure too.
-        let refused = if w.seq < next || waiting.contains_key(&w.seq) {
-            Some(format!("turn {} came twice", w.seq))
-        } else if waiting.len() >= MAX_WAITING {
-            Some(format!(
-                "more than {MAX_WAITING} want-lists wait for turn {next}"
-            ))
-        } else {
-            None
-        };
-        let mut problem = match refused {
-            Some(reason) => {
-                fail(w.out, &reason);
-                Some(reason)
-            }
-            None => {
-                waiting.insert(w.seq, w);
-                None
-            }
-        };
-        while problem.is_none() {
-            let Some(w) = waiting.remove(&next) else {
-                break;
-            };
-            next += 1;
-            let mut batch = Batch::new(&w.out);
-            let r = sender
-                .serve(
-                    w.want.entry,
-                    &w.want.want,
-                    &w.want.hints,
-                    w.want.no_refs,
-                    Packing::Stream(&mut stream),
-                    &mut |frame| batch.push(frame),
-                )
-                .and_then(|()| batch.flush());
-            if let Err(e) = r {
-                fail(w.out, &e.to_string());
-                problem = Some(e.to_string());
-            }
-        }
-        if let Some(reason) = problem {
-            tracing::debug!("lane stream failed: {reason}");
-            for (_, w) in std::mem::take(&mut waiting) {
-                fail(w.out, &reason);
-            }
-            failed = Some(reason);
-        }
+        failed = Some(problem);
     }
+}
+
+/// Serve the want-lists of `waiting` whose turn has come, from turn `next` on, as pieces of
+/// `stream`; on a failure, the stream that was being answered and why.
+fn serve_turns(
+    waiting: &mut BTreeMap<u64, LaneWant>,
+    next: &mut u64,
+    sender: &Sender,
+    stream: &mut StreamCompressor,
+) -> std::result::Result<(), (mpsc::Sender<Out>, String)> {
+    while let Some(w) = waiting.remove(next) {
+        *next += 1;
+        let mut batch = Batch::new(&w.out);
+        sender
+            .serve(
+                w.want.entry,
+                &w.want.want,
+                &w.want.hints,
+                w.want.no_refs,
+                Packing::Stream(stream),
+                &mut |frame| batch.push(frame),
+            )
+            .and_then(|()| batch.flush())
+            .map_err(|e| (w.out.clone(), e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// A frame as buffers for the stream: a data payload goes as it is, behind its header, so
@@ -253,8 +252,8 @@ pub async fn serve_wants(conn: quinn::Connection, sender: Arc<Sender>) {
     }
 }
 
-/// `frame`, a want-list, checked against the manifest: entry a file sent so far, chunk numbers
-/// in range, hints none or one per wanted chunk and no longer than its blocks.
+/// A want-list for `entry` checked against the manifest: entry a file sent so far, chunk
+/// numbers (`runs`) in range, hints none or one per wanted chunk and no longer than its blocks.
 fn checked(
     sender: &Sender,
     entry: u32,
@@ -299,7 +298,6 @@ async fn serve_stream(
 ) -> Result<()> {
     let (want_tx, mut want_rx) = mpsc::channel::<Want>(256);
     let (out_tx, mut out_rx) = mpsc::channel::<Out>(16);
-    let lists = out_tx.clone();
     let worker_out = out_tx.clone();
     let worker_sender = sender.clone();
     // Want-lists without a turn: served here, as this stream's own zstd stream.
@@ -333,16 +331,7 @@ async fn serve_stream(
         // The lanes this stream carried: told when it breaks off, since their later turns
         // that came this way never will.
         let mut carried: HashMap<u32, mpsc::Sender<LaneMsg>> = HashMap::new();
-        let r = read_wants(
-            &mut recv,
-            &sender,
-            lanes,
-            &want_tx,
-            &out_tx,
-            &lists,
-            &mut carried,
-        )
-        .await;
+        let r = read_wants(&mut recv, &sender, lanes, &want_tx, &out_tx, &mut carried).await;
         if let Err(e) = &r {
             for (_, lane) in carried {
                 let reason = format!("a stream of the lane: {e}");
@@ -375,14 +364,13 @@ async fn serve_stream(
 }
 
 /// Read a stream's want-lists and hand each to its lane's thread (`carried` gathers those
-/// lanes) or to the stream's own (`want_tx`); answer chunk-list requests through `lists`.
+/// lanes) or to the stream's own (`want_tx`); answer chunk-list requests through `out_tx`.
 async fn read_wants(
     recv: &mut quinn::RecvStream,
     sender: &Arc<Sender>,
     lanes: &Lanes,
     want_tx: &mpsc::Sender<Want>,
     out_tx: &mpsc::Sender<Out>,
-    lists: &mpsc::Sender<Out>,
     carried: &mut HashMap<u32, mpsc::Sender<LaneMsg>>,
 ) -> Result<()> {
     while let Some(frame) = read_msg::<Frame>(recv).await? {
@@ -399,7 +387,7 @@ async fn read_wants(
                     }
                 };
                 for f in crate::chunklist::parts(list, crate::chunklist::ListPart::Chunks) {
-                    if lists.send(Ok(frame_parts(f)?.to_vec())).await.is_err() {
+                    if out_tx.send(Ok(frame_parts(f)?.to_vec())).await.is_err() {
                         break;
                     }
                 }
