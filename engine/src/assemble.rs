@@ -244,7 +244,8 @@ impl<'f> SparseWriter<'f> {
             file,
             path,
             pos: 0,
-            buf: Vec::with_capacity(WRITE_BUF),
+            // Allocated as data comes: a small file's buffer is its size, not WRITE_BUF.
+            buf: Vec::new(),
             buf_start: 0,
             sparse,
             written_end: 0,
@@ -253,16 +254,33 @@ impl<'f> SparseWriter<'f> {
 
     fn flush(&mut self) -> Result<()> {
         if !self.buf.is_empty() {
-            self.file
-                .write_all_at(&self.buf, self.buf_start)
-                .ctx("write", self.path)?;
-            self.written_end = self.written_end.max(self.buf_start + self.buf.len() as u64);
+            let (buf, at) = (std::mem::take(&mut self.buf), self.buf_start);
+            let r = self.write_at(&buf, at);
+            self.buf = buf;
             self.buf.clear();
+            r?;
         }
         Ok(())
     }
 
-    fn push(&mut self, data: &[u8]) -> Result<()> {
+    fn write_at(&mut self, data: &[u8], at: u64) -> Result<()> {
+        self.file.write_all_at(data, at).ctx("write", self.path)?;
+        self.written_end = self.written_end.max(at + data.len() as u64);
+        Ok(())
+    }
+
+    fn push(&mut self, mut data: &[u8]) -> Result<()> {
+        // Whole buffers' worth go from `data` to the file as they are, WRITE_BUF at a time:
+        // a large chunk is not copied into the buffer first.
+        while self.buf.is_empty() && data.len() >= WRITE_BUF {
+            let (now, rest) = data.split_at(WRITE_BUF);
+            self.write_at(now, self.pos)?;
+            self.pos += WRITE_BUF as u64;
+            data = rest;
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
         if self.buf.is_empty() {
             self.buf_start = self.pos;
         }
@@ -279,16 +297,25 @@ impl<'f> SparseWriter<'f> {
             return self.push(data);
         }
         while !data.is_empty() {
-            let to_boundary = (BLOCK - self.pos % BLOCK) as usize;
-            let n = to_boundary.min(data.len());
-            let (block, rest) = data.split_at(n);
-            if n as u64 == BLOCK && is_zero(block) {
+            // The bytes up to the next aligned all-zero block go on as one piece; that block
+            // is skipped (a hole).
+            let mut n = 0usize;
+            while n < data.len() {
+                let to_boundary = (BLOCK - (self.pos + n as u64) % BLOCK) as usize;
+                let k = to_boundary.min(data.len() - n);
+                if k as u64 == BLOCK && is_zero(&data[n..n + k]) {
+                    break;
+                }
+                n += k;
+            }
+            if n > 0 {
+                self.push(&data[..n])?;
+                data = &data[n..];
+            } else {
                 self.flush()?;
                 self.pos += BLOCK;
-            } else {
-                self.push(block)?;
+                data = &data[BLOCK as usize..];
             }
-            data = rest;
         }
         Ok(())
     }
@@ -1052,6 +1079,43 @@ mod tests {
             "file not sparse: {} blocks",
             md.blocks()
         );
+    }
+
+    #[test]
+    fn the_writer_writes_any_cut_of_the_data_as_it_is_with_its_zero_blocks_as_holes() {
+        use std::os::unix::fs::MetadataExt;
+        // Noise, a zero run of 1 MiB that starts and ends off a block boundary, noise, more
+        // than WRITE_BUF of noise in one piece, and a zero tail.
+        let mut data = noise(7, 10_000);
+        data.extend(vec![0u8; 1 << 20]);
+        data.extend(noise(8, 3 * WRITE_BUF + 123));
+        data.extend(vec![0u8; 50_000]);
+        let d = tempfile::tempdir().unwrap();
+        for sparse in [true, false] {
+            for cuts in [
+                vec![data.len()],
+                vec![1, 4095, 4097, 700_000, WRITE_BUF, 1],
+                vec![9_999, 2, 1 << 20, 5, WRITE_BUF * 2, 77],
+            ] {
+                let path = d.path().join("f");
+                let file = File::create(&path).unwrap();
+                let mut w = SparseWriter::new(&file, &path, sparse);
+                let mut at = 0;
+                for len in cuts.iter().copied().chain(std::iter::once(usize::MAX)) {
+                    let end = at + len.min(data.len() - at);
+                    w.write(&data[at..end]).unwrap();
+                    at = end;
+                }
+                assert_eq!(w.finish().unwrap(), data.len() as u64);
+                assert_eq!(std::fs::read(&path).unwrap(), data, "cuts {cuts:?}");
+                let on_disk = std::fs::metadata(&path).unwrap().blocks() * 512;
+                if sparse {
+                    assert!(on_disk < data.len() as u64 - (900 << 10), "{on_disk} bytes");
+                } else {
+                    assert!(on_disk >= data.len() as u64 - 4096, "{on_disk} bytes");
+                }
+            }
+        }
     }
 
     #[test]

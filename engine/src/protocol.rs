@@ -295,7 +295,7 @@ pub fn split_group(lens: &[u32], frame: &[u8]) -> Result<Vec<Vec<u8>>> {
             all.len()
         )));
     }
-    Ok(cut(&all, lens))
+    Ok(cut(all, lens))
 }
 
 /// The chunks of a [`Frame::DataStream`]: the next piece of the stream decoded by `stream`
@@ -322,11 +322,15 @@ pub fn split_stream(
     let all = stream
         .decompress(bytes, total as usize)
         .map_err(|e| Error::Compression(format!("chunk stream does not decompress: {e}")))?;
-    Ok(cut(&all, lens))
+    Ok(cut(all, lens))
 }
 
-/// `all` cut into pieces of `lens` (which add up to its length).
-fn cut(all: &[u8], lens: &[u32]) -> Vec<Vec<u8>> {
+/// `all` cut into pieces of `lens` (which add up to its length). A frame of one chunk (most of
+/// a tree's files) is its piece as it is, not a copy.
+fn cut(all: Vec<u8>, lens: &[u32]) -> Vec<Vec<u8>> {
+    if lens.len() == 1 {
+        return vec![all];
+    }
     let mut out = Vec::with_capacity(lens.len());
     let mut at = 0usize;
     for &l in lens {

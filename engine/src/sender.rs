@@ -894,7 +894,12 @@ impl Group {
         }
         self.numbers.push(n);
         self.lens.push(buf.len() as u32);
-        self.bytes.extend_from_slice(&buf);
+        // A group's first chunk is its buffer (a small file's one chunk is not copied).
+        if self.bytes.is_empty() {
+            self.bytes = buf;
+        } else {
+            self.bytes.extend_from_slice(&buf);
+        }
     }
 
     /// Send what is waiting: as the next piece of the stream; else one chunk as a `Data`
