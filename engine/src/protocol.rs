@@ -10,7 +10,7 @@ use crate::manifest::Entry;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version carried in the handshake.
-pub const VERSION: u32 = 8;
+pub const VERSION: u32 = 9;
 
 /// Largest encoded frame accepted: one maximum-size chunk (16 MiB) plus headers.
 pub const MAX_FRAME: usize = (16 << 20) + 4096;
@@ -200,7 +200,9 @@ pub enum Frame {
     /// [`crate::zstd_ctx::StreamCompressor`]): the lane's, in the order of the want-lists'
     /// [`Turn`]s, or, for a want-list without one, the chunk stream's own, in the order the
     /// frames came; each piece is decoded with what came before it in that stream. Several chunks add up to at most
-    /// [`GROUP_MAX`] bytes; one chunk may be as long as a chunk may be.
+    /// [`GROUP_MAX`] bytes; one chunk may be as long as a chunk may be. In a run of small
+    /// answers of a lane, the first piece carries the bytes of all and the others none (see
+    /// [`crate::protocol::split_stream`]).
     DataStream {
         /// Manifest entry number.
         entry: u32,
@@ -208,7 +210,7 @@ pub enum Frame {
         first: u32,
         /// Each chunk's length, in want order.
         lens: Vec<u32>,
-        /// The stream's next flushed piece.
+        /// The stream's next flushed piece (empty inside a run).
         #[serde(with = "serde_bytes_compat")]
         bytes: Vec<u8>,
     },
@@ -298,10 +300,13 @@ pub fn split_group(lens: &[u32], frame: &[u8]) -> Result<Vec<Vec<u8>>> {
     Ok(cut(all, lens))
 }
 
-/// The chunks of a [`Frame::DataStream`]: the next piece of the stream decoded by `stream`
-/// (never beyond the sum of `lens`) and cut at `lens`. Refused when the frame is out of bounds
-/// or does not decode to exactly that many bytes, after which the stream is out of step. Each
-/// chunk is still to be checked against its id by the receiver.
+/// The chunks of a [`Frame::DataStream`]: the next bytes of the stream decoded by `stream`, as
+/// many as `lens` add up to, cut at `lens`. The frame's own bytes may decode to more (the first
+/// piece of a run of small answers carries the bytes of all; the others are empty), which
+/// `stream` keeps for the frames after it, at most [`crate::zstd_ctx::STREAM_CARRY_MAX`].
+/// Refused when the frame is out of bounds, leaves fewer bytes than `lens` or more than that
+/// kept, after which the stream is out of step. Each chunk is still to be checked against its
+/// id by the receiver.
 pub fn split_stream(
     stream: &mut crate::zstd_ctx::StreamDecompressor,
     lens: &[u32],
@@ -320,7 +325,7 @@ pub fn split_stream(
         )));
     }
     let all = stream
-        .decompress(bytes, total as usize)
+        .decompress_ahead(bytes, total as usize)
         .map_err(|e| Error::Compression(format!("chunk stream does not decompress: {e}")))?;
     Ok(cut(all, lens))
 }

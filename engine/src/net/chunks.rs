@@ -6,14 +6,15 @@
 //! With compression on, the want-lists of one receiver lane (which come over several streams,
 //! each marked with its [`Turn`]) are served by one thread per lane, in the order of their turns,
 //! as one zstd stream ([`Frame::DataStream`], [`StreamCompressor::for_lane`]): each file
-//! compresses with everything the lane carried before it. A want-list without a turn (a retry
-//! on a stream of its own) is served by its stream's own thread and zstd stream.
+//! compresses with everything the lane carried before it. Small want-lists waiting in turn go
+//! as a run that shares zstd blocks (`serve_turns`). A want-list without a turn (a retry on a
+//! stream of its own) is served by its stream's own thread and zstd stream.
 
 use super::wire::{read_msg, write_chunks};
 use crate::error::{Error, Result};
 use crate::protocol::{self, Frame, Turn};
 use crate::sender::{Packing, Sender};
-use crate::zstd_ctx::StreamCompressor;
+use crate::zstd_ctx::{StreamCompressor, STREAM_CARRY_MAX};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -154,70 +155,182 @@ fn serve_lane(
             });
         }
     };
-    while let Some(msg) = wants.blocking_recv() {
-        let problem = match msg {
-            LaneMsg::Want(w) if failed.is_some() => {
-                fail(w.out, failed.as_deref().unwrap_or_default());
-                continue;
+    while let Some(first) = wants.blocking_recv() {
+        // The want-lists that came meanwhile are taken along: small answers waiting in turn
+        // can then share zstd blocks (serve_turns).
+        let mut msgs = vec![first];
+        while msgs.len() < PULL {
+            match wants.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
             }
-            LaneMsg::Broken(_) if failed.is_some() => continue,
-            LaneMsg::Broken(reason) => reason,
-            LaneMsg::Want(w) => {
-                // A want-list that breaks the order is answered with the failure too.
-                let refused = if w.seq < next || waiting.contains_key(&w.seq) {
-                    Some(format!("turn {} came twice", w.seq))
-                } else if waiting.len() >= MAX_WAITING {
-                    Some(format!(
-                        "more than {MAX_WAITING} want-lists wait for turn {next}"
-                    ))
-                } else {
-                    None
-                };
-                if let Some(reason) = refused {
-                    fail(w.out, &reason);
-                    reason
-                } else {
-                    waiting.insert(w.seq, w);
+        }
+        for msg in msgs {
+            let problem = match msg {
+                LaneMsg::Want(w) if failed.is_some() => {
+                    fail(w.out, failed.as_deref().unwrap_or_default());
+                    continue;
+                }
+                LaneMsg::Broken(_) if failed.is_some() => continue,
+                // The turns that have come are served before the lane ends.
+                LaneMsg::Broken(reason) => {
                     match serve_turns(&mut waiting, &mut next, sender, &mut stream) {
-                        Ok(()) => continue,
-                        Err((out, reason)) => {
-                            fail(out, &reason);
-                            reason
+                        Ok(()) => reason,
+                        Err((outs, why)) => {
+                            outs.into_iter().for_each(|out| fail(out, &why));
+                            why
                         }
                     }
                 }
+                LaneMsg::Want(w) => {
+                    // A want-list that breaks the order is answered with the failure too.
+                    let refused = if w.seq < next || waiting.contains_key(&w.seq) {
+                        Some(format!("turn {} came twice", w.seq))
+                    } else if waiting.len() >= MAX_WAITING {
+                        Some(format!(
+                            "more than {MAX_WAITING} want-lists wait for turn {next}"
+                        ))
+                    } else {
+                        None
+                    };
+                    match refused {
+                        Some(reason) => {
+                            fail(w.out, &reason);
+                            reason
+                        }
+                        None => {
+                            waiting.insert(w.seq, w);
+                            continue;
+                        }
+                    }
+                }
+            };
+            tracing::debug!("lane stream failed: {problem}");
+            for (_, w) in std::mem::take(&mut waiting) {
+                fail(w.out, &problem);
             }
-        };
-        tracing::debug!("lane stream failed: {problem}");
-        for (_, w) in std::mem::take(&mut waiting) {
-            fail(w.out, &problem);
+            failed = Some(problem);
         }
-        failed = Some(problem);
+        if failed.is_none() {
+            if let Err((outs, problem)) = serve_turns(&mut waiting, &mut next, sender, &mut stream)
+            {
+                tracing::debug!("lane stream failed: {problem}");
+                outs.into_iter().for_each(|out| fail(out, &problem));
+                for (_, w) in std::mem::take(&mut waiting) {
+                    fail(w.out, &problem);
+                }
+                failed = Some(problem);
+            }
+        }
     }
 }
 
+/// Messages a lane's thread takes from its queue at once.
+const PULL: usize = 256;
+
 /// Serve the want-lists of `waiting` whose turn has come, from turn `next` on, as pieces of
-/// `stream`; on a failure, the stream that was being answered and why.
+/// `stream`; on a failure, the streams that were being answered and why.
+///
+/// Small want-lists (at most [`protocol::GROUP_MAX`] bytes each) whose turns follow one
+/// another go as a run (protocol 9): the stream is held while they are served, so that they
+/// share zstd blocks instead of ending one each, and the bytes of all the run's pieces go in
+/// its first [`Frame::DataStream`], the others' empty. A run holds at most
+/// [`STREAM_CARRY_MAX`] bytes of input, what the receiver keeps decoded ahead.
 fn serve_turns(
     waiting: &mut BTreeMap<u64, LaneWant>,
     next: &mut u64,
     sender: &Sender,
     stream: &mut StreamCompressor,
-) -> std::result::Result<(), (mpsc::Sender<Out>, String)> {
+) -> std::result::Result<(), (Vec<mpsc::Sender<Out>>, String)> {
+    let bytes_of = |w: &LaneWant| {
+        sender.chunks_of(w.want.entry).map_or(u64::MAX, |c| {
+            w.want
+                .want
+                .iter()
+                .filter_map(|&n| c.get(n))
+                .map(|s| u64::from(s.len))
+                .sum()
+        })
+    };
+    let small = protocol::GROUP_MAX as u64;
     while let Some(w) = waiting.remove(next) {
         *next += 1;
-        let mut batch = Batch::new(&w.out);
-        sender
-            .serve(
+        let mut run = vec![w];
+        let mut held = bytes_of(&run[0]);
+        while held <= small {
+            let Some(b) = waiting.get(next).map(&bytes_of) else {
+                break;
+            };
+            if b > small || held + b > STREAM_CARRY_MAX as u64 {
+                break;
+            }
+            held += b;
+            run.extend(waiting.remove(next));
+            *next += 1;
+        }
+        let outs = |run: &[LaneWant]| run.iter().map(|w| w.out.clone()).collect::<Vec<_>>();
+        serve_run(&run, sender, stream).map_err(|e| (outs(&run), e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Serve `run`, want-lists whose turns follow one another, each answered on its stream; more
+/// than one with the stream held, the bytes of its pieces in its first.
+fn serve_run(run: &[LaneWant], sender: &Sender, stream: &mut StreamCompressor) -> Result<()> {
+    let serve =
+        |w: &LaneWant, stream: &mut StreamCompressor, emit: &mut dyn FnMut(Frame) -> Result<()>| {
+            sender.serve(
                 w.want.entry,
                 &w.want.want,
                 &w.want.hints,
                 w.want.no_refs,
                 Packing::Stream(stream),
-                &mut |frame| batch.push(frame),
+                emit,
             )
-            .and_then(|()| batch.flush())
-            .map_err(|e| (w.out.clone(), e.to_string()))?;
+        };
+    if let [w] = run {
+        let mut batch = Batch::new(&w.out);
+        return serve(w, stream, &mut |frame| batch.push(frame)).and_then(|()| batch.flush());
+    }
+    let broken = || Error::Compression("zstd stream failed".into());
+    stream.hold(true).ok_or_else(broken)?;
+    let mut answers = Vec::with_capacity(run.len());
+    for w in run {
+        let mut frames = Vec::new();
+        serve(w, stream, &mut |frame| {
+            frames.push(frame);
+            Ok(())
+        })?;
+        answers.push(frames);
+    }
+    let tail = stream.hold(false).ok_or_else(broken)?;
+    // The pieces' bytes, in order, all in the first piece.
+    let mut all = Vec::new();
+    let mut carrier = None;
+    for (i, frames) in answers.iter_mut().enumerate() {
+        for (j, frame) in frames.iter_mut().enumerate() {
+            if let Frame::DataStream { bytes, .. } = frame {
+                all.append(bytes);
+                carrier.get_or_insert((i, j));
+            }
+        }
+    }
+    all.extend_from_slice(&tail);
+    match carrier {
+        Some((i, j)) => {
+            if let Frame::DataStream { bytes, .. } = &mut answers[i][j] {
+                *bytes = all;
+            }
+        }
+        None if all.is_empty() => {}
+        None => return Err(broken()),
+    }
+    for (w, frames) in run.iter().zip(answers) {
+        let mut batch = Batch::new(&w.out);
+        for frame in frames {
+            batch.push(frame)?;
+        }
+        batch.flush()?;
     }
     Ok(())
 }
@@ -559,6 +672,82 @@ mod tests {
         tx.blocking_send(LaneMsg::Broken("reset".into())).unwrap();
         let mut dec = StreamDecompressor::with_window_log(23);
         assert!(answer(&mut b_rx, &mut dec, 1).is_err());
+        drop(tx);
+        worker.join().unwrap();
+    }
+
+    /// Small want-lists waiting in turn go as one run: the stream is held while they are
+    /// served, the first piece carries the bytes of all, the others none, and each answer
+    /// still decodes, in turn order, on whichever stream it went.
+    #[test]
+    fn small_answers_in_turn_go_as_one_run() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<Vec<u8>> = (0..20)
+            .map(|i| {
+                (0..300)
+                    .flat_map(|l| format!("file {i} line {l} of a config\n").into_bytes())
+                    .collect()
+            })
+            .collect();
+        for (i, f) in files.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("f{i:02}")), f).unwrap();
+        }
+        let sender = Arc::new(Sender::new(
+            dir.path(),
+            SenderOptions {
+                compress: Some(1),
+                ..SenderOptions::default()
+            },
+        ));
+        let (manifest, _) = sender.manifest_of(None).unwrap();
+        let entry = |i: usize| {
+            manifest
+                .iter()
+                .position(|e| e.path.as_bytes() == format!("f{i:02}").as_bytes())
+                .unwrap() as u32
+        };
+        let count = |e: u32| match &manifest[e as usize].kind {
+            EntryKind::File { chunks, .. } => chunks.len(),
+            other => panic!("{other:?}"),
+        };
+        let (a_out, mut a_rx) = mpsc::channel::<Out>(1024);
+        let (b_out, mut b_rx) = mpsc::channel::<Out>(1024);
+        // All 20 want-lists are queued before the lane's thread starts: it takes them at once.
+        let (tx, rx) = mpsc::channel(64);
+        for i in 0..20 {
+            let e = entry(i);
+            tx.blocking_send(LaneMsg::Want(LaneWant {
+                seq: i as u64,
+                want: Want {
+                    entry: e,
+                    want: (0..count(e) as u32).collect(),
+                    hints: Vec::new(),
+                    no_refs: false,
+                },
+                out: if i % 2 == 0 {
+                    a_out.clone()
+                } else {
+                    b_out.clone()
+                },
+            }))
+            .unwrap();
+        }
+        let (s, h) = (sender.clone(), rt.handle().clone());
+        let worker = std::thread::spawn(move || {
+            serve_lane(rx, &s, StreamCompressor::for_lane(1, 23).unwrap(), &h)
+        });
+        let mut dec = StreamDecompressor::with_window_log(23);
+        let mut wire = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            let rx = if i % 2 == 0 { &mut a_rx } else { &mut b_rx };
+            let (got, bytes) = dec_input(rx, &mut dec, count(entry(i)));
+            assert_eq!(&got, f, "file {i}");
+            wire.push(bytes);
+        }
+        assert!(wire[0] > 0 && wire[1..].iter().all(|&w| w == 0), "{wire:?}");
+        let all: usize = files.iter().map(Vec::len).sum();
+        assert!(wire[0] * 10 < all, "{} bytes for {all}", wire[0]);
         drop(tx);
         worker.join().unwrap();
     }
