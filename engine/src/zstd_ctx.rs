@@ -335,6 +335,9 @@ mod tests {
             .flat_map(|i| format!("b {i}\n").into_bytes())
             .collect();
         let mut c = StreamCompressor::for_lane(1, 23).unwrap();
+        // Held and let go with nothing given: nothing to send (a run of page groups).
+        assert_eq!(c.hold(true).unwrap(), Vec::<u8>::new());
+        assert_eq!(c.hold(false).unwrap(), Vec::<u8>::new());
         assert_eq!(c.hold(true).unwrap(), Vec::<u8>::new());
         let mut run = c.compress(&a).unwrap();
         run.extend(c.compress(&b).unwrap());
@@ -350,6 +353,8 @@ mod tests {
         // Let go, the stream flushes again: the next piece decodes alone.
         let z = c.compress(&a).unwrap();
         assert_eq!(d.decompress_ahead(&z, a.len()).unwrap(), a);
+        assert_eq!(c.hold(true).unwrap(), Vec::<u8>::new());
+        assert_eq!(c.hold(false).unwrap(), Vec::<u8>::new());
         // The exact decoder keeps nothing ahead.
         let mut exact = StreamDecompressor::with_window_log(23);
         assert!(exact
