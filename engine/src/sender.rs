@@ -619,6 +619,21 @@ impl Sender {
         self.served(entry).map(ServedChunks)
     }
 
+    /// The bytes of chunks `want` of entry `entry` if they would go as pieces of a zstd stream
+    /// (a file sent so far, not a memory page image, which goes in groups): `None` otherwise.
+    pub fn streamed_bytes(&self, entry: u32, want: &[u32]) -> Option<u64> {
+        let served = self.served(entry)?;
+        if self.opts.params.pages && crate::chunk::is_page_image(&served.path) {
+            return None;
+        }
+        Some(
+            want.iter()
+                .filter_map(|&n| served.get(n))
+                .map(|(c, _)| u64::from(c.len))
+                .sum(),
+        )
+    }
+
     /// The sender's chunk cache, loaded on first use (empty without one).
     fn own_cache(&self) -> std::sync::Arc<IndexCache> {
         self.own

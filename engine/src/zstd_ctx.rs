@@ -285,38 +285,44 @@ impl StreamDecompressor {
         };
         let mut out: Vec<u8> = Vec::with_capacity(want.max(1).min(cap));
         let mut input = InBuffer::around(frame);
+        let more = || format!("more than the {want} bytes announced");
         loop {
-            if out.len() == out.capacity() && out.len() < cap {
+            if out.len() == out.capacity() {
+                if out.len() >= cap {
+                    return Err(more());
+                }
                 out.reserve_exact((cap - out.len()).min(out.len().max(64 << 10)));
             }
             let (read, written) = (input.pos(), out.len());
-            let room = out.capacity().min(cap);
             let mut output = OutBuffer::around_pos(&mut out, written);
             dctx.decompress_stream(&mut output, &mut input)
                 .map_err(|e| zstd_safe::get_error_name(e).to_string())?;
             if out.len() > cap {
-                return Err(format!("more than the {want} bytes announced"));
+                return Err(more());
             }
-            let full = out.len() >= room;
-            if input.pos() == frame.len() && !full {
-                // All read, and room left: zstd gave all it could.
-                return Ok(out);
-            }
-            if input.pos() == frame.len() && out.len() >= cap {
-                // All read and all room used: anything the context still holds is more than
-                // may be kept.
+            let full = out.len() == out.capacity();
+            if input.pos() == frame.len() {
+                if !full {
+                    // All read, and room left: zstd gave all it could.
+                    return Ok(out);
+                }
+                // All read and all room used: whether the context still holds output is
+                // asked one byte at a time (most pieces end here, exactly as announced).
                 let mut probe = [0u8; 1];
                 let mut spill = OutBuffer::around(&mut probe);
                 let mut nothing = InBuffer::around(&[]);
                 dctx.decompress_stream(&mut spill, &mut nothing)
                     .map_err(|e| zstd_safe::get_error_name(e).to_string())?;
-                if spill.pos() > 0 {
-                    return Err(format!("more than the {want} bytes announced"));
+                if spill.pos() == 0 {
+                    return Ok(out);
                 }
-                return Ok(out);
-            }
-            if (input.pos(), out.len()) == (read, written) {
-                return Err(format!("more than the {want} bytes announced"));
+                if out.len() >= cap {
+                    return Err(more());
+                }
+                out.reserve_exact((cap - out.len()).min(out.len().max(64 << 10)));
+                out.push(probe[0]);
+            } else if !full && (input.pos(), out.len()) == (read, written) {
+                return Err(more());
             }
         }
     }

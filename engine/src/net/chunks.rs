@@ -231,8 +231,8 @@ const PULL: usize = 256;
 /// Serve the want-lists of `waiting` whose turn has come, from turn `next` on, as pieces of
 /// `stream`; on a failure, the streams that were being answered and why.
 ///
-/// Small want-lists (at most [`protocol::GROUP_MAX`] bytes each) whose turns follow one
-/// another go as a run (protocol 9): the stream is held while they are served, so that they
+/// Small want-lists (at most [`protocol::GROUP_MAX`] bytes each, not of memory page images)
+/// whose turns follow one another go as a run (protocol 9): the stream is held while they are served, so that they
 /// share zstd blocks instead of ending one each, and the bytes of all the run's pieces go in
 /// its first [`Frame::DataStream`], the others' empty. A run holds at most
 /// [`STREAM_CARRY_MAX`] bytes of input, what the receiver keeps decoded ahead.
@@ -242,15 +242,11 @@ fn serve_turns(
     sender: &Sender,
     stream: &mut StreamCompressor,
 ) -> std::result::Result<(), (Vec<mpsc::Sender<Out>>, String)> {
+    // Memory page images go in groups, not as stream pieces: held, they would only wait.
     let bytes_of = |w: &LaneWant| {
-        sender.chunks_of(w.want.entry).map_or(u64::MAX, |c| {
-            w.want
-                .want
-                .iter()
-                .filter_map(|&n| c.get(n))
-                .map(|s| u64::from(s.len))
-                .sum()
-        })
+        sender
+            .streamed_bytes(w.want.entry, &w.want.want)
+            .unwrap_or(u64::MAX)
     };
     let small = protocol::GROUP_MAX as u64;
     while let Some(w) = waiting.remove(next) {
