@@ -155,6 +155,22 @@ fn serve_lane(
             });
         }
     };
+    // Serves the turns that have come; on a failure, ends the streams being answered.
+    let serve = |waiting: &mut BTreeMap<u64, LaneWant>, next: &mut u64, stream: &mut _| {
+        serve_turns(waiting, next, sender, stream).map_err(|(outs, why)| {
+            outs.into_iter().for_each(|out| fail(out, &why));
+            why
+        })
+    };
+    // Ends the lane: every want-list waiting is answered with `problem`, and so are later ones.
+    let end =
+        |problem: String, waiting: &mut BTreeMap<u64, LaneWant>, failed: &mut Option<String>| {
+            tracing::debug!("lane stream failed: {problem}");
+            for (_, w) in std::mem::take(waiting) {
+                fail(w.out, &problem);
+            }
+            *failed = Some(problem);
+        };
     while let Some(first) = wants.blocking_recv() {
         // The want-lists that came meanwhile are taken along: small answers waiting in turn
         // can then share zstd blocks (serve_turns).
@@ -173,15 +189,9 @@ fn serve_lane(
                 }
                 LaneMsg::Broken(_) if failed.is_some() => continue,
                 // The turns that have come are served before the lane ends.
-                LaneMsg::Broken(reason) => {
-                    match serve_turns(&mut waiting, &mut next, sender, &mut stream) {
-                        Ok(()) => reason,
-                        Err((outs, why)) => {
-                            outs.into_iter().for_each(|out| fail(out, &why));
-                            why
-                        }
-                    }
-                }
+                LaneMsg::Broken(reason) => serve(&mut waiting, &mut next, &mut stream)
+                    .err()
+                    .unwrap_or(reason),
                 LaneMsg::Want(w) => {
                     // A want-list that breaks the order is answered with the failure too.
                     let refused = if w.seq < next || waiting.contains_key(&w.seq) {
@@ -205,21 +215,11 @@ fn serve_lane(
                     }
                 }
             };
-            tracing::debug!("lane stream failed: {problem}");
-            for (_, w) in std::mem::take(&mut waiting) {
-                fail(w.out, &problem);
-            }
-            failed = Some(problem);
+            end(problem, &mut waiting, &mut failed);
         }
         if failed.is_none() {
-            if let Err((outs, problem)) = serve_turns(&mut waiting, &mut next, sender, &mut stream)
-            {
-                tracing::debug!("lane stream failed: {problem}");
-                outs.into_iter().for_each(|out| fail(out, &problem));
-                for (_, w) in std::mem::take(&mut waiting) {
-                    fail(w.out, &problem);
-                }
-                failed = Some(problem);
+            if let Err(problem) = serve(&mut waiting, &mut next, &mut stream) {
+                end(problem, &mut waiting, &mut failed);
             }
         }
     }
@@ -603,13 +603,7 @@ mod tests {
         b[800_000] ^= 1;
         std::fs::write(dir.path().join("a"), &a).unwrap();
         std::fs::write(dir.path().join("b"), &b).unwrap();
-        let sender = Arc::new(Sender::new(
-            dir.path(),
-            SenderOptions {
-                compress: Some(1),
-                ..SenderOptions::default()
-            },
-        ));
+        let sender = zstd_sender(dir.path());
         let (manifest, _) = sender.manifest_of(None).unwrap();
         let count = |e: u32| match &manifest[e as usize].kind {
             EntryKind::File { chunks, .. } => chunks.len(),
@@ -689,13 +683,7 @@ mod tests {
         for (i, f) in files.iter().enumerate() {
             std::fs::write(dir.path().join(format!("f{i:02}")), f).unwrap();
         }
-        let sender = Arc::new(Sender::new(
-            dir.path(),
-            SenderOptions {
-                compress: Some(1),
-                ..SenderOptions::default()
-            },
-        ));
+        let sender = zstd_sender(dir.path());
         let (manifest, _) = sender.manifest_of(None).unwrap();
         let entry = |i: usize| {
             manifest
@@ -746,6 +734,17 @@ mod tests {
         assert!(wire[0] * 10 < all, "{} bytes for {all}", wire[0]);
         drop(tx);
         worker.join().unwrap();
+    }
+
+    /// A sender of the files under `dir`, compressing at zstd level 1.
+    fn zstd_sender(dir: &std::path::Path) -> Arc<Sender> {
+        Arc::new(Sender::new(
+            dir,
+            SenderOptions {
+                compress: Some(1),
+                ..SenderOptions::default()
+            },
+        ))
     }
 
     /// [`answer`], with the bytes of the frames' payloads it read.
